@@ -1,0 +1,41 @@
+"""ckptstore: a compressed, content-addressed checkpoint store for PyTorch.
+
+The torch-facing names (save, load, Writer, …) are imported lazily, so ``ckptstore.store``,
+``ckptstore.codecs`` and the CLI's ls/inspect/verify run without importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ckptstore.errors import *  # noqa: F403
+from ckptstore.errors import __all__ as _errors
+from ckptstore.version import __version__
+
+_LAZY = {
+    "save": "ckptstore.api",
+    "load": "ckptstore.api",
+    "load_full": "ckptstore.api",
+    "Store": "ckptstore.api",
+    "SaveInfo": "ckptstore.dcp.writer",
+    "LoadInfo": "ckptstore.dcp.reader",
+    "Writer": "ckptstore.dcp.writer",
+    "Reader": "ckptstore.dcp.reader",
+}
+
+__all__ = ["__version__", *_LAZY, *_errors]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptstore' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,276 @@
+"""The friendly functions: thin wrappers over ``torch.distributed.checkpoint`` with our
+Writer/Reader, plus ``load_full`` and :class:`Store` for working with a store directly."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from ckptstore.dcp.bridge import from_bytes, torch_dtype
+from ckptstore.dcp.reader import LoadInfo, Reader, load_object
+from ckptstore.dcp.writer import SaveInfo, Writer
+from ckptstore.errors import CkptStoreError, MismatchError
+from ckptstore.store import reports
+from ckptstore.store.blobs import BlobReader
+from ckptstore.store.repository import Repository
+
+StateDict = dict[str, Any]
+
+
+def _unwrap(exc: CheckpointException) -> BaseException:
+    """DCP wraps every rank's failure; surface ours as themselves, naming the rank(s)."""
+    failures = exc.failures
+    if not failures:
+        return exc
+    ranks = sorted(failures)
+    first = failures[ranks[0]][0]
+    if isinstance(first, CkptStoreError) and len(ranks) == 1 and not dist.is_initialized():
+        return first
+    if isinstance(first, CkptStoreError):
+        msg = f"failed on rank(s) {ranks}: " + "; ".join(
+            f"rank {r}: {failures[r][0]}" for r in ranks
+        )
+        try:
+            return type(first)(msg)
+        except TypeError:
+            return CkptStoreError(msg)
+    return exc
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    try:
+        with warnings.catch_warnings():
+            # single-process use is intended, not a misconfiguration: no warning for it
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            return fn()
+    except CheckpointException as exc:
+        err = _unwrap(exc)
+        if err is exc:
+            raise
+        raise err from exc
+
+
+def save(
+    state_dict: StateDict,
+    url: str,
+    *,
+    step: int | None = None,
+    name: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    process_group: Any = None,
+    planner: Any = None,
+    chunk_bytes: int | None = None,
+    threads: int | None = None,
+) -> SaveInfo:
+    """Save ``state_dict`` as checkpoint ``step``/``name`` of the store at ``url``.
+
+    Collective under torch.distributed (every rank calls it with its shards); plain
+    single-process use needs no process group. Returns the same :class:`SaveInfo` on every
+    rank. Raises CheckpointExistsError rather than overwrite a checkpoint.
+    """
+    writer = Writer(
+        url,
+        step=step,
+        name=name,
+        storage_options=storage_options,
+        chunk_bytes=chunk_bytes,
+        threads=threads,
+    )
+    _run(
+        lambda: dcp.save(
+            state_dict,
+            storage_writer=writer,
+            planner=planner,
+            process_group=process_group,
+            no_dist=not _distributed(),
+        )
+    )
+    info = writer.save_info
+    if _distributed():
+        box = [info]
+        dist.broadcast_object_list(box, src=0, group=process_group)
+        info = box[0]
+    assert info is not None
+    return info
+
+
+def load(
+    state_dict: StateDict,
+    url: str,
+    *,
+    step: int | None = None,
+    name: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    process_group: Any = None,
+    planner: Any = None,
+    allow_pickle: bool = False,
+    threads: int | None = None,
+) -> LoadInfo:
+    """Load a checkpoint into ``state_dict`` in place (any sharding; like ``dcp.load``).
+
+    With neither ``step`` nor ``name`` the latest committed checkpoint is loaded. Every
+    tensor in ``state_dict`` must be in the checkpoint with the same dtype and global shape.
+    Returns what this rank read.
+    """
+    reader = Reader(
+        url,
+        step=step,
+        name=name,
+        storage_options=storage_options,
+        allow_pickle=allow_pickle,
+        threads=threads,
+    )
+    _check_template(state_dict, reader)
+    _run(
+        lambda: dcp.load(
+            state_dict,
+            storage_reader=reader,
+            planner=planner,
+            process_group=process_group,
+            no_dist=not _distributed(),
+        )
+    )
+    assert reader.load_info is not None
+    return reader.load_info
+
+
+def _check_template(state_dict: StateDict, reader: Reader) -> None:
+    """Clear errors for keys/shapes that do not match, before DCP plans anything."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = _run(reader.read_metadata)
+    flat, _ = flatten_state_dict(state_dict)
+    ckpt = reader.manifest.name if reader.manifest else "?"
+    missing = sorted(k for k in flat if k not in md.state_dict_metadata)
+    if missing:
+        shown = ", ".join(repr(k) for k in missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise MismatchError(
+            f"{len(missing)} key(s) of the state dict are not in checkpoint {ckpt!r}: {shown}"
+        )
+    for fqn, value in flat.items():
+        saved = md.state_dict_metadata[fqn]
+        if isinstance(value, torch.Tensor):
+            if not isinstance(saved, TensorStorageMetadata):
+                raise MismatchError(f"{fqn!r} is a tensor here but not in checkpoint {ckpt!r}")
+            if tuple(value.shape) != tuple(saved.size):
+                raise MismatchError(
+                    f"shape mismatch for {fqn!r}: checkpoint {ckpt!r} holds "
+                    f"{list(saved.size)}, the state dict has {list(value.shape)}"
+                )
+            if value.dtype != saved.properties.dtype:
+                raise MismatchError(
+                    f"dtype mismatch for {fqn!r}: checkpoint {ckpt!r} holds "
+                    f"{str(saved.properties.dtype).replace('torch.', '')}, the state dict has "
+                    f"{str(value.dtype).replace('torch.', '')}"
+                )
+
+
+def load_full(
+    url: str,
+    *,
+    step: int | None = None,
+    name: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    allow_pickle: bool = False,
+    threads: int | None = None,
+) -> StateDict:
+    """The saved state as nested dicts/lists of whole CPU tensors and Python values.
+
+    Needs no template and no process group; reads every chunk of the checkpoint.
+    """
+    repo = Repository.open(url, storage_options)
+    m = repo.manifest(repo.resolve(step, name))
+    reader = BlobReader(repo, threads=threads)
+    flat: dict[str, Any] = {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckptstore import knobs
+
+    with ThreadPoolExecutor(knobs.get("THREADS", threads)) as pool:
+        for fqn, t in m.tensors.items():
+            dtype = torch_dtype(t.dtype)
+            full = torch.empty(t.shape, dtype=dtype)
+            where = f"{fqn!r} of checkpoint {m.name!r}"
+            for shard in t.shards:
+                raw = reader.read_rows(shard.blob, 0, shard.blob.rows, where, pool)
+                piece = from_bytes(raw, dtype, shard.sizes)
+                box = full
+                for dim, (off, size) in enumerate(zip(shard.offsets, shard.sizes, strict=True)):
+                    box = box.narrow(dim, off, size)
+                box.copy_(piece)
+            flat[fqn] = full
+    for fqn, blob in m.objects.items():
+        where = f"{fqn!r} of checkpoint {m.name!r}"
+        flat[fqn] = load_object(reader.read_rows(blob, 0, blob.rows, where).tobytes(), where, allow_pickle)
+    return _unflatten(flat, m.planner_data)
+
+
+def _unflatten(flat: dict[str, Any], mapping: dict[str, list[Any]] | None) -> StateDict:
+    """Rebuild nesting from DCP's flatten mapping (fqn → path of str keys / int indices)."""
+    if not mapping:
+        return flat
+    root: dict[str, Any] = {}
+    for fqn, value in flat.items():
+        path = mapping.get(fqn, [fqn])
+        node: Any = root
+        for key, nxt in zip(path[:-1], path[1:], strict=True):
+            empty: Any = [] if isinstance(nxt, int) else {}
+            if isinstance(node, list):
+                while len(node) <= key:
+                    node.append(None)
+                if node[key] is None:
+                    node[key] = empty
+                node = node[key]
+            else:
+                node = node.setdefault(key, empty)
+        last = path[-1]
+        if isinstance(node, list):
+            while len(node) <= last:
+                node.append(None)
+        node[last] = value
+    return root
+
+
+class Store:
+    """A store at ``url``: list, inspect and verify its checkpoints."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = url
+        self.repo = Repository.open(url, storage_options)
+
+    def list(self) -> list[reports.CheckpointSummary]:
+        """Committed checkpoints, oldest first."""
+        return [reports.CheckpointSummary.of(m) for m in self.repo.manifests()]
+
+    def latest(self) -> str:
+        return self.repo.resolve()
+
+    def resolve(self, step: int | None = None, name: str | None = None) -> str:
+        return self.repo.resolve(step, name)
+
+    def inspect(self, name: str | None = None, *, step: int | None = None) -> reports.InspectReport:
+        """Per-tensor dtype, shape, codec, logical/stored/shared bytes of one checkpoint."""
+        return reports.inspect(self.repo, self.repo.resolve(step, name))
+
+    def verify(self, name: str | None = None, *, step: int | None = None) -> reports.VerifyReport:
+        """Re-read every chunk of one checkpoint (or of all) and check it."""
+        target = None if name is None and step is None else self.repo.resolve(step, name)
+        return reports.verify(self.repo, target)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+
+__all__ = ["LoadInfo", "SaveInfo", "Store", "load", "load_full", "save"]
+

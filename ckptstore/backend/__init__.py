@@ -1,0 +1,5 @@
+"""Storage backend: the only layer that knows fsspec and its exceptions."""
+
+from ckptstore.backend.fsspec_backend import Backend, Capabilities, open_backend
+
+__all__ = ["Backend", "Capabilities", "open_backend"]

@@ -1,0 +1,44 @@
+"""The codec contract. A codec turns bytes into bytes and back; it is rebuilt from its
+config, and the config (with its stable id) is stored with the data it encoded."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Codec(abc.ABC):
+    """One reversible (or, for quantizers, approximately reversible) step on a byte buffer."""
+
+    codec_id: ClassVar[str]
+    """Stable identifier stored in manifests. Never reused for a different encoding."""
+    lossless: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def encode(self, data: Buffer) -> Buffer:
+        """Encode ``data``; the result may be a view and must not be mutated by callers."""
+
+    @abc.abstractmethod
+    def decode(self, data: Buffer) -> Buffer:
+        """Invert :meth:`encode`."""
+
+    @abc.abstractmethod
+    def get_config(self) -> dict[str, Any]:
+        """JSON/msgpack-able config including ``"id"``; enough to rebuild the codec."""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Codec:
+        cfg = {k: v for k, v in config.items() if k != "id"}
+        return cls(**cfg)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Codec) and self.get_config() == other.get_config()
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.get_config().items())))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "id")
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,57 @@
+"""Tensor ↔ byte buffer, and torch dtype ↔ the dtype names stored in manifests."""
+
+from __future__ import annotations
+
+import torch
+
+from ckptstore.errors import MismatchError
+
+_BY_NAME: dict[str, torch.dtype] = {}
+for _name in (
+    "float64 float32 float16 bfloat16 complex128 complex64 complex32 int64 int32 int16 int8 "
+    "uint64 uint32 uint16 uint8 bool float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz"
+).split():
+    _dt = getattr(torch, _name, None)
+    if isinstance(_dt, torch.dtype):
+        _BY_NAME[_name] = _dt
+_BY_DTYPE = {v: k for k, v in _BY_NAME.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _BY_DTYPE[dtype]
+    except KeyError:
+        raise MismatchError(f"ckptstore cannot store tensors of dtype {dtype}") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise MismatchError(f"checkpoint holds dtype {name!r}, unknown to this torch") from None
+
+
+def to_host_bytes(tensor: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
+    """The raw bytes of ``tensor`` on the host, row-major; also returns the tensor that owns
+    them (keep it alive while the view is used). Copies only when needed: device tensors,
+    non-contiguous views and conjugate/negative views."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    t = t.resolve_conj().resolve_neg().contiguous()
+    if t.numel() == 0:
+        return memoryview(b""), t
+    flat = t.reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B"), t
+
+
+def from_bytes(raw, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A CPU tensor viewing ``raw`` (a numpy uint8 array or bytes) as ``dtype``/``shape``."""
+    import numpy as np
+
+    arr = np.frombuffer(raw, dtype=np.uint8) if not isinstance(raw, np.ndarray) else raw
+    if arr.size == 0:
+        return torch.empty(shape, dtype=dtype)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return torch.from_numpy(arr).view(dtype).reshape(shape)

@@ -1,0 +1,110 @@
+"""Translate between a ckptstore Manifest and DCP's Metadata."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from ckptstore.dcp.bridge import dtype_name, torch_dtype
+from ckptstore.errors import ManifestError
+from ckptstore.store.manifest import Blob, Manifest, Shard, TensorEntry
+
+
+def _plain(value: Any) -> Any:
+    """planner_data (DCP's flatten mapping: fqn → tuple path) as msgpack-able lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"unsupported planner_data value {value!r}")
+
+
+def manifest_from_metadata(
+    metadata: Metadata,
+    blobs: dict[tuple[str, tuple[int, ...] | None], Blob],
+    *,
+    name: str,
+    step: int | None,
+    created: float,
+    writer: str,
+    seconds: float,
+) -> Manifest:
+    """Build the manifest of a save from DCP's global metadata and every rank's blobs."""
+    tensors: dict[str, TensorEntry] = {}
+    objects: dict[str, Blob] = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            shards = []
+            for chunk in md.chunks:
+                key = (fqn, tuple(int(x) for x in chunk.offsets))
+                if key not in blobs:
+                    raise ManifestError(f"no data was written for shard {key} of {fqn!r}")
+                shards.append(Shard(list(key[1]), [int(x) for x in chunk.sizes], blobs[key]))
+            tensors[fqn] = TensorEntry(
+                dtype=dtype_name(md.properties.dtype),
+                shape=[int(x) for x in md.size],
+                shards=shards,
+                requires_grad=bool(md.properties.requires_grad),
+            )
+        elif isinstance(md, BytesStorageMetadata):
+            if (fqn, None) not in blobs:
+                raise ManifestError(f"no data was written for object {fqn!r}")
+            objects[fqn] = blobs[(fqn, None)]
+    try:
+        planner_data = _plain(metadata.planner_data) if metadata.planner_data else None
+    except TypeError:
+        planner_data = None  # a custom planner's data we cannot store without pickle
+    return Manifest(
+        name=name,
+        step=step,
+        created=created,
+        tensors=tensors,
+        objects=objects,
+        planner_data=planner_data,
+        dcp_version=metadata.version,
+        writer=writer,
+        seconds=seconds,
+    )
+
+
+def metadata_from_manifest(manifest: Manifest, checkpoint_id: str) -> Metadata:
+    """DCP metadata for loading; ``storage_data`` maps each MetadataIndex to its record."""
+    sdm: dict[str, Any] = {}
+    storage: dict[MetadataIndex, tuple[str, Shard | Blob]] = {}
+    for fqn, t in manifest.tensors.items():
+        chunks = []
+        for shard in t.shards:
+            chunks.append(
+                ChunkStorageMetadata(torch.Size(shard.offsets), torch.Size(shard.sizes))
+            )
+            storage[MetadataIndex(fqn, shard.offsets)] = (fqn, shard)
+        sdm[fqn] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=torch_dtype(t.dtype), requires_grad=t.requires_grad),
+            size=torch.Size(t.shape),
+            chunks=chunks,
+        )
+    for fqn, blob in manifest.objects.items():
+        sdm[fqn] = BytesStorageMetadata()
+        storage[MetadataIndex(fqn)] = (fqn, blob)
+    planner_data = None
+    if manifest.planner_data is not None:
+        planner_data = {k: tuple(v) for k, v in manifest.planner_data.items()}
+    return Metadata(
+        state_dict_metadata=sdm,
+        planner_data=planner_data,
+        storage_data=storage,
+        storage_meta=StorageMeta(checkpoint_id=checkpoint_id),
+        version=manifest.dcp_version,
+    )

@@ -1,0 +1,257 @@
+"""``Reader``: a DCP StorageReader over a ckptstore store.
+
+DCP plans which boxes of which saved shards each rank needs (that is resharding); this
+reader fetches only the chunks whose rows overlap each box, checks and decodes them on a
+thread pool and copies the box into the destination tensor.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from ckptstore import knobs
+from ckptstore.codecs.pipeline import Pipeline
+from ckptstore.dcp.bridge import from_bytes, torch_dtype
+from ckptstore.dcp.metadata import metadata_from_manifest
+from ckptstore.errors import MismatchError, UnsafeObjectError
+from ckptstore.store.blobs import BlobReader
+from ckptstore.store.manifest import Blob, ChunkRef, Manifest, Shard
+from ckptstore.store.repository import Repository
+
+
+@dataclass
+class LoadInfo:
+    """What one load read (this rank)."""
+
+    name: str
+    bytes_read: int
+    objects_read: int
+    seconds: float
+
+
+def load_object(raw: bytes, where: str, allow_pickle: bool) -> Any:
+    """Deserialize a stored non-tensor value without running code from the store.
+
+    DCP's planners serialize objects with torch.save; we load them with
+    ``weights_only=True`` (plain containers, numbers, strings, tensors) unless the user
+    opted in to full pickle.
+    """
+    try:
+        return torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        if not allow_pickle:
+            raise UnsafeObjectError(
+                f"{where} needs full pickle to load (it is not a plain value): {exc}. "
+                "Pass allow_pickle=True only if you trust this store."
+            ) from exc
+    return torch.load(io.BytesIO(raw), weights_only=False, map_location="cpu")
+
+
+class Reader(StorageReader):
+    """Load DCP checkpoints from a ckptstore store at ``url``.
+
+    ``dcp.load(sd, storage_reader=ckptstore.Reader(url, step=3))``; with neither step nor
+    name, the latest committed checkpoint.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        step: int | None = None,
+        name: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        threads: int | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        super().__init__()
+        self.url = str(url)
+        self.step = step
+        self.name = name
+        self.storage_options = dict(storage_options or {})
+        self.threads = threads
+        self.allow_pickle = allow_pickle
+        self.manifest: Manifest | None = None
+        self.load_info: LoadInfo | None = None
+        self._repo: Repository | None = None
+        self._storage: dict[Any, tuple[str, Shard | Blob]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_repo"] = None
+        return state
+
+    def _repository(self) -> Repository:
+        if self._repo is None:
+            self._repo = Repository.open(self.url, self.storage_options)
+        return self._repo
+
+    # -- DCP protocol -------------------------------------------------------------------
+    def reset(self, checkpoint_id: str | Any | None = None) -> None:
+        """DCP calls this only when ``dcp.load`` got a checkpoint_id: use it as the name."""
+        if checkpoint_id is not None:
+            self.name, self.step = str(checkpoint_id), None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        # called on every load (on the coordinator): per-load state starts here
+        self.load_info = None
+        self._storage = {}
+        repo = self._repository()
+        name = repo.resolve(self.step, self.name)
+        self.manifest = repo.manifest(name)
+        return metadata_from_manifest(self.manifest, f"{self.url}#{name}")
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        self._storage = metadata.storage_data or {}
+        if self.manifest is None:  # another rank read the metadata
+            ckpt = (metadata.storage_meta.checkpoint_id or "") if metadata.storage_meta else ""
+            name = str(ckpt).rsplit("#", 1)[-1]
+            self.manifest = self._repository().manifest(name)
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        import time
+
+        t0 = time.monotonic()
+        repo = self._repository()
+        reader = BlobReader(repo, threads=self.threads)
+        ckpt = self.manifest.name if self.manifest else "?"
+
+        # 1. objects: small, read whole, deserialized safely, on this thread
+        # 2. tensors: resolve every destination first (the planner is not thread-safe),
+        #    then fetch each needed chunk once and copy its overlap into every box needing it
+        work: dict[tuple[int, bytes], tuple[Shard, ChunkRef | None, list]] = {}
+        targets: list[tuple[ReadItem, torch.Tensor]] = []
+        for req in plan.items:
+            fqn, rec = self._record(req)
+            where = f"{fqn!r} of checkpoint {ckpt!r}"
+            if req.type == LoadItemType.BYTE_IO:
+                blob = rec if isinstance(rec, Blob) else rec.blob
+                raw = reader.read_rows(blob, 0, blob.rows, where).tobytes()
+                load_object(raw, where, self.allow_pickle)  # refuses unsafe pickles
+                planner.load_bytes(req, io.BytesIO(raw))
+                continue
+            assert isinstance(rec, Shard)
+            target = planner.resolve_tensor(req).detach()
+            self._check(req, rec, target, fqn, ckpt)
+            targets.append((req, target))
+            r0, r1 = _row_span(req, rec)
+            refs: list[ChunkRef | None] = (
+                [None]
+                if rec.blob.inline is not None
+                else [c for c in rec.blob.chunks if c.row_start < r1 and c.row_stop > r0]
+            )
+            for ref in refs:
+                key = (id(rec), ref.key if ref is not None else b"")
+                work.setdefault(key, (rec, ref, []))[2].append((req, target, where))
+
+        def fetch(task: tuple[Shard, ChunkRef | None, list]) -> None:
+            shard, ref, users = task
+            blob = shard.blob
+            rows_total = blob.rows
+            row_bytes = blob.nbytes // rows_total if rows_total else 0
+            if ref is None:
+                raw = reader.read_rows(blob, 0, rows_total, users[0][2])
+                c0, c1 = 0, rows_total
+            else:
+                pipeline = Pipeline.from_config(blob.codec)
+                raw = reader.fetch_chunk(ref, pipeline, row_bytes, users[0][2])
+                c0, c1 = ref.row_start, ref.row_stop
+            for req, target, _ in users:
+                _copy_overlap(raw, c0, c1, shard, req, target)
+
+        threads = knobs.get("THREADS", self.threads)
+        tasks = list(work.values())
+        if threads > 1 and len(tasks) > 1:
+            with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-load") as pool:
+                for f in [pool.submit(fetch, t) for t in tasks]:
+                    f.result()
+        else:
+            for t in tasks:
+                fetch(t)
+        for req, target in targets:
+            planner.commit_tensor(req, target)
+        self.load_info = LoadInfo(
+            name=ckpt,
+            bytes_read=reader.bytes_fetched,
+            objects_read=reader.objects_fetched,
+            seconds=time.monotonic() - t0,
+        )
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    # -- helpers ------------------------------------------------------------------------
+    def _record(self, req: ReadItem) -> tuple[str, Shard | Blob]:
+        rec = self._storage.get(req.storage_index)
+        if rec is None:  # offsets compare by value; fall back to a search by fqn
+            for idx, value in self._storage.items():
+                if idx.fqn == req.storage_index.fqn and idx.offset == req.storage_index.offset:
+                    rec = value
+                    break
+        if rec is None:
+            raise MismatchError(f"{req.storage_index.fqn!r} has no saved data for {req.storage_index}")
+        return rec
+
+    def _check(self, req: ReadItem, shard: Shard, target: torch.Tensor, fqn: str, ckpt: str) -> None:
+        assert self.manifest is not None
+        saved = self.manifest.tensors[fqn].dtype
+        if torch_dtype(saved) != target.dtype:
+            raise MismatchError(
+                f"dtype mismatch for {fqn!r}: checkpoint {ckpt!r} holds {saved}, "
+                f"the state dict has {str(target.dtype).replace('torch.', '')}"
+            )
+        if list(target.shape) != [int(x) for x in req.lengths]:
+            raise MismatchError(
+                f"shape mismatch for {fqn!r} in checkpoint {ckpt!r}: destination box "
+                f"{list(target.shape)} vs {list(req.lengths)} planned"
+            )
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | Any) -> bool:
+        return False
+
+
+def _row_span(req: ReadItem, shard: Shard) -> tuple[int, int]:
+    """Rows of ``shard`` (dim 0, shard-local) that ``req`` needs."""
+    if not shard.sizes:
+        return 0, 1
+    r0 = int(req.storage_offsets[0])
+    return r0, r0 + int(req.lengths[0])
+
+
+def _copy_overlap(
+    raw, c0: int, c1: int, shard: Shard, req: ReadItem, target: torch.Tensor
+) -> None:
+    """Copy the part of chunk rows [c0, c1) of ``shard`` that ``req`` wants into ``target``."""
+    dtype = target.dtype
+    if not shard.sizes:  # 0-d tensor
+        target.copy_(from_bytes(raw, dtype, []))
+        return
+    r0, r1 = _row_span(req, shard)
+    a, b = max(c0, r0), min(c1, r1)
+    if a >= b:
+        return
+    row_shape = list(shard.sizes[1:])
+    src = from_bytes(raw, dtype, [c1 - c0, *row_shape])[a - c0 : b - c0]
+    for dim in range(1, len(shard.sizes)):
+        src = src.narrow(dim, int(req.storage_offsets[dim]), int(req.lengths[dim]))
+    target[a - r0 : b - r0].copy_(src)

@@ -1,0 +1,199 @@
+"""``Writer``: a DCP StorageWriter that stores into a ckptstore store.
+
+DCP plans which rank writes which shard (replicas are written once); each rank's
+``write_data`` cuts its shards into content-addressed chunks and uploads the new ones; the
+coordinator's ``finish`` commits the manifest. Call order (torch storage.py): reset →
+set_up_storage_writer → prepare_local_plan → prepare_global_plan → write_data → finish.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import Future as ThreadFuture
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from ckptstore.codecs.pipeline import default_pipeline
+from ckptstore.dcp.bridge import dtype_name, to_host_bytes
+from ckptstore.dcp.metadata import manifest_from_metadata
+from ckptstore.errors import CheckpointExistsError
+from ckptstore.store import layout
+from ckptstore.store.blobs import BlobWriter
+from ckptstore.store.manifest import Blob
+from ckptstore.store.repository import Repository
+from ckptstore.version import __version__
+
+
+@dataclass
+class SaveInfo:
+    """What one save did. Byte figures cover the whole checkpoint (all ranks)."""
+
+    name: str
+    step: int | None
+    logical_bytes: int
+    """Bytes of the tensors in the state (as held in memory)."""
+    stored_bytes: int
+    """Bytes the checkpoint occupies after codecs, shared chunks and manifest included."""
+    new_bytes: int
+    """Bytes this save actually wrote (new chunks + manifest), after dedup."""
+    seconds: float
+    chunks: int = 0
+    new_chunks: int = 0
+    manifest_bytes: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+
+class Writer(StorageWriter):
+    """Store DCP checkpoints in a ckptstore store at ``url``.
+
+    ``dcp.save(sd, storage_writer=ckptstore.Writer(url, step=3))``. Holds no open clients
+    or threads between calls, so it pickles for process-based async save.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        step: int | None = None,
+        name: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        chunk_bytes: int | None = None,
+        inline_bytes: int | None = None,
+        threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.url = str(url)
+        self.step = step
+        self.name = layout.resolve_name(step, name)
+        self.storage_options = dict(storage_options or {})
+        self.chunk_bytes = chunk_bytes
+        self.inline_bytes = inline_bytes
+        self.threads = threads
+        self.is_coordinator = True
+        self.rank: int | None = None
+        self.save_info: SaveInfo | None = None
+        self._repo: Repository | None = None
+        self._t0 = 0.0
+        self._save_id = ""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_repo"] = None
+        return state
+
+    # -- DCP protocol -------------------------------------------------------------------
+    def reset(self, checkpoint_id: str | Any | None = None) -> None:
+        """DCP calls this only when ``dcp.save`` got a checkpoint_id: use it as the name."""
+        if checkpoint_id is not None:
+            self.name = layout.check_name(str(checkpoint_id))
+            self.step = layout.step_of_name(self.name)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        # called on every save: per-checkpoint state starts here
+        self.is_coordinator = is_coordinator
+        self.rank = kwargs.get("rank")
+        self.save_info = None
+        self._t0 = time.monotonic()
+        self._save_id = uuid.uuid4().hex
+
+    def _repository(self) -> Repository:
+        if self._repo is None:
+            self._repo = Repository.open(self.url, self.storage_options, create=True)
+        return self._repo
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        repo = self._repository()
+        if repo.exists(self.name):
+            raise CheckpointExistsError(
+                f"checkpoint {self.name!r} already exists in {self.url}; "
+                "checkpoints are never overwritten"
+            )
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return plans
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        repo = self._repository()
+        pending: list[tuple[Any, ThreadFuture[Blob]]] = []
+        with BlobWriter(
+            repo,
+            repo.known_chunks(),
+            chunk_bytes=self.chunk_bytes,
+            inline_bytes=self.inline_bytes,
+            threads=self.threads,
+        ) as writer:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO:
+                    buf = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
+                    fut = writer.submit(buf, default_pipeline("bytes"), rows=len(buf))
+                else:
+                    tensor: torch.Tensor = data
+                    raw, owner = to_host_bytes(tensor)
+                    rows = tensor.shape[0] if tensor.dim() > 0 else 1
+                    offsets = item.tensor_data.chunk.offsets if item.tensor_data else ()
+                    first_row = int(offsets[0]) if len(offsets) else 0
+                    pipeline = default_pipeline(dtype_name(tensor.dtype))
+                    fut = writer.submit(
+                        raw, pipeline, rows=max(rows, 1), first_row=first_row, keep_alive=owner
+                    )
+                pending.append((item, fut))
+            results = []
+            for item, fut in pending:
+                blob = fut.result()
+                results.append(
+                    WriteResult(index=item.index, size_in_bytes=blob.stored_bytes, storage_data=blob)
+                )
+        done: Future[list[WriteResult]] = Future()
+        done.set_result(results)
+        return done
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        blobs = {}
+        for rank_results in results:
+            for wr in rank_results:
+                offset = tuple(int(x) for x in wr.index.offset) if wr.index.offset is not None else None
+                blobs[(wr.index.fqn, offset)] = wr.storage_data
+        seconds = time.monotonic() - self._t0
+        manifest = manifest_from_metadata(
+            metadata,
+            blobs,
+            name=self.name,
+            step=self.step,
+            created=time.time(),
+            writer=f"ckptstore {__version__}",
+            seconds=seconds,
+        )
+        manifest_bytes = self._repository().commit(manifest)
+        all_chunks = [c for _, b in manifest.blobs() for c in b.chunks]
+        self.save_info = SaveInfo(
+            name=self.name,
+            step=self.step,
+            logical_bytes=manifest.logical_bytes,
+            stored_bytes=manifest.stored_bytes + manifest_bytes,
+            new_bytes=manifest.new_bytes + manifest_bytes,
+            seconds=time.monotonic() - self._t0,
+            chunks=len(all_chunks),
+            new_chunks=sum(1 for c in all_chunks if c.new),
+            manifest_bytes=manifest_bytes,
+        )
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=f"{self.url}#{self.name}", save_id=self._save_id)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | Any) -> bool:
+        return False  # never picked automatically by dcp for a bare path

@@ -1,0 +1,72 @@
+"""The exception tree. Every error a user can see from ckptstore is a CkptStoreError.
+
+Subclasses also derive from the builtin that fits, so ``except FileNotFoundError`` keeps
+working for code that predates ckptstore. Messages name the checkpoint, tensor and object
+key involved wherever they are known.
+"""
+
+from __future__ import annotations
+
+
+class CkptStoreError(Exception):
+    """Base class of every ckptstore error."""
+
+
+class UnknownSchemeError(CkptStoreError, ValueError):
+    """The URL's protocol is not one fsspec knows (or its package is not installed)."""
+
+
+class StoreNotFoundError(CkptStoreError, FileNotFoundError):
+    """No ckptstore store (no store.json) at the URL."""
+
+
+class CheckpointNotFoundError(CkptStoreError, FileNotFoundError):
+    """The store has no committed checkpoint by that name or step."""
+
+
+class CheckpointExistsError(CkptStoreError, FileExistsError):
+    """A checkpoint by that name is already committed; checkpoints are never overwritten."""
+
+
+class FormatVersionError(CkptStoreError, ValueError):
+    """The store or manifest was written by a format version this reader does not know."""
+
+
+class UnknownCodecError(CkptStoreError, ValueError):
+    """A manifest names a codec id this reader does not know."""
+
+
+class CorruptChunkError(CkptStoreError, ValueError):
+    """A chunk object failed its checksum, or could not be decoded."""
+
+
+class ChunkNotFoundError(CkptStoreError, FileNotFoundError):
+    """A chunk object a checkpoint references is missing from storage."""
+
+
+class ManifestError(CkptStoreError, ValueError):
+    """A manifest is truncated, corrupt or does not follow the schema."""
+
+
+class MismatchError(CkptStoreError, ValueError):
+    """The state dict given to load does not match the checkpoint (shape, dtype, keys)."""
+
+
+class UnsafeObjectError(CkptStoreError, ValueError):
+    """A stored Python object needs full pickle to load; refused unless allow_pickle=True."""
+
+
+class BackendError(CkptStoreError, OSError):
+    """Storage failed (I/O error, permission, network) in a way not covered above."""
+
+
+
+class ObjectNotFoundError(BackendError, FileNotFoundError):
+    """The backend has no object under that key (raised by the backend layer)."""
+
+
+class ObjectExistsError(BackendError, FileExistsError):
+    """A create-only put found the key already taken (raised by the backend layer)."""
+
+
+__all__ = [name for name in dir() if name.endswith("Error")]

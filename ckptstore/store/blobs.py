@@ -1,0 +1,213 @@
+"""Encode buffers into chunk objects (with dedup) and read row ranges back.
+
+Writers hash, encode and upload chunks on a thread pool (xxhash, zstd and numpy release the
+GIL); a chunk whose key is already committed, or already written by this save, is not
+uploaded again. Readers fetch only the chunks that overlap the rows asked for.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from ckptstore import knobs
+from ckptstore.codecs.base import Buffer
+from ckptstore.codecs.pipeline import Pipeline
+from ckptstore.errors import (
+    ChunkNotFoundError,
+    CkptStoreError,
+    CorruptChunkError,
+    ObjectNotFoundError,
+)
+from ckptstore.store import layout
+from ckptstore.store.chunks import content_key, frame, row_ranges, unframe
+from ckptstore.store.manifest import Blob, ChunkRef
+from ckptstore.store.repository import Repository
+
+
+class BlobWriter:
+    """Turns buffers into :class:`Blob` records, writing new chunks to the store.
+
+    One writer serves one save on one rank. ``known`` is the dedup index (committed chunk
+    key → stored size); chunks written by this writer join it as they complete.
+    """
+
+    def __init__(
+        self,
+        repo: Repository,
+        known: dict[bytes, int],
+        *,
+        chunk_bytes: int | None = None,
+        inline_bytes: int | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.repo = repo
+        self.chunk_bytes = knobs.get("CHUNK_BYTES", chunk_bytes)
+        self.inline_bytes = knobs.get("INLINE_BYTES", inline_bytes)
+        self.threads = knobs.get("THREADS", threads)
+        self._known = known
+        self._pending: dict[bytes, Future[int]] = {}
+        self._lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckptstore-enc")
+        self.chunks_written = 0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(
+        self,
+        raw: Buffer,
+        pipeline: Pipeline,
+        *,
+        rows: int,
+        first_row: int = 0,
+        keep_alive: object = None,
+    ) -> Future[Blob]:
+        """Start encoding ``raw`` (``rows`` equal rows) into a Blob; returns its future.
+
+        ``raw`` must stay valid until the future completes (``keep_alive`` is held for
+        that). ``first_row`` is the global index of row 0, to align chunk boundaries.
+        """
+        view = memoryview(raw).cast("B")
+        nbytes = len(view)
+        if nbytes <= self.inline_bytes:
+            payload = pipeline.encode(view)
+            done: Future[Blob] = Future()
+            done.set_result(Blob(pipeline.config, nbytes, rows, inline=frame(payload)))
+            return done
+        row_bytes = nbytes // rows if rows else nbytes
+        ranges = row_ranges(rows, row_bytes, self.chunk_bytes, first_row)
+        futures = [
+            self.pool.submit(self._write_chunk, view[a * row_bytes : b * row_bytes], pipeline, a, b)
+            for a, b in ranges
+        ]
+        result: Future[Blob] = Future()
+        remaining = [len(futures)]
+        lock = threading.Lock()
+
+        def on_done(_: Future[ChunkRef]) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            _ = keep_alive
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                result.set_exception(errors[0])
+            else:
+                chunks = [f.result() for f in futures]
+                result.set_result(Blob(pipeline.config, nbytes, rows, chunks=chunks))
+
+        for f in futures:
+            f.add_done_callback(on_done)
+        return result
+
+    def _write_chunk(self, piece: memoryview, pipeline: Pipeline, start: int, stop: int) -> ChunkRef:
+        key = content_key(pipeline, piece)
+        with self._lock:
+            size = self._known.get(key)
+            if size is not None:
+                return ChunkRef(key, start, stop, size, new=False)
+            pending = self._pending.get(key)
+            if pending is None:
+                mine: Future[int] = Future()
+                self._pending[key] = mine
+        if pending is not None:  # the same bytes are being written by another thread now
+            return ChunkRef(key, start, stop, pending.result(), new=False)
+        try:
+            stored = frame(pipeline.encode(piece))
+            self.repo.backend.put(layout.chunk_key(key.hex()), stored)
+        except BaseException as exc:
+            mine.set_exception(exc)
+            with self._lock:
+                self._pending.pop(key, None)
+            raise
+        with self._lock:
+            self._known[key] = len(stored)
+            self._pending.pop(key, None)
+            self.chunks_written += 1
+        mine.set_result(len(stored))
+        return ChunkRef(key, start, stop, len(stored), new=True)
+
+
+class BlobReader:
+    """Reads rows of blobs back, checking every chunk's checksum."""
+
+    def __init__(self, repo: Repository, *, threads: int | None = None) -> None:
+        self.repo = repo
+        self.threads = knobs.get("THREADS", threads)
+        self.bytes_fetched = 0
+        self.objects_fetched = 0
+        self._lock = threading.Lock()
+
+    def fetch_chunk(self, ref: ChunkRef, pipeline: Pipeline, row_bytes: int, where: str) -> Buffer:
+        """Fetch, check and decode one chunk; returns its raw bytes."""
+        key = layout.chunk_key(ref.key.hex())
+        try:
+            stored = self.repo.backend.get(key)
+        except ObjectNotFoundError:
+            raise ChunkNotFoundError(
+                f"chunk {self.repo.backend.describe(key)} of {where} is missing"
+            ) from None
+        with self._lock:
+            self.bytes_fetched += len(stored)
+            self.objects_fetched += 1
+        loc = f"{self.repo.backend.describe(key)} of {where}"
+        payload = unframe(stored, loc)
+        try:
+            raw = pipeline.decode(payload)
+        except CkptStoreError as exc:
+            raise CorruptChunkError(f"chunk {loc} cannot be decoded: {exc}") from exc
+        expected = (ref.row_stop - ref.row_start) * row_bytes
+        if len(memoryview(raw).cast("B")) != expected:
+            raise CorruptChunkError(
+                f"chunk {loc} decoded to {len(raw)} bytes, expected {expected}"
+            )
+        return raw
+
+    def read_rows(
+        self,
+        blob: Blob,
+        row_start: int,
+        row_stop: int,
+        where: str,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> np.ndarray:
+        """Raw bytes of rows [row_start, row_stop) of ``blob`` as a uint8 array."""
+        pipeline = Pipeline.from_config(blob.codec)
+        row_bytes = blob.nbytes // blob.rows if blob.rows else blob.nbytes
+        if blob.inline is not None:
+            loc = f"inline data of {where}"
+            raw = np.frombuffer(pipeline.decode(unframe(blob.inline, loc)), dtype=np.uint8)
+            if raw.size != blob.nbytes:
+                raise CorruptChunkError(f"{loc} decoded to {raw.size} bytes, expected {blob.nbytes}")
+            return raw[row_start * row_bytes : row_stop * row_bytes]
+        out = np.empty((row_stop - row_start) * row_bytes, dtype=np.uint8)
+        wanted = [c for c in blob.chunks if c.row_start < row_stop and c.row_stop > row_start]
+
+        def one(ref: ChunkRef) -> None:
+            raw = np.frombuffer(self.fetch_chunk(ref, pipeline, row_bytes, where), dtype=np.uint8)
+            a, b = max(ref.row_start, row_start), min(ref.row_stop, row_stop)
+            src = raw[(a - ref.row_start) * row_bytes : (b - ref.row_start) * row_bytes]
+            out[(a - row_start) * row_bytes : (b - row_start) * row_bytes] = src
+
+        _run_all(one, wanted, pool)
+        return out
+
+
+def _run_all(fn: Callable[[ChunkRef], None], items: list[ChunkRef], pool: ThreadPoolExecutor | None) -> None:
+    if pool is None or len(items) <= 1:
+        for it in items:
+            fn(it)
+        return
+    for f in [pool.submit(fn, it) for it in items]:
+        f.result()

@@ -1,0 +1,249 @@
+"""The checkpoint manifest: schema, msgpack encoding and validation (docs/format.md).
+
+A manifest is plain msgpack maps, lists, ints, floats, strings and bytes — never pickle — in
+a frame that carries a checksum, so a truncated or bit-flipped manifest is refused rather
+than half-read.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import xxhash
+
+from ckptstore.errors import FormatVersionError, ManifestError
+from ckptstore.store.layout import FORMAT_VERSION
+
+MANIFEST_MAGIC = b"CKM1"
+_HEADER = struct.Struct("<4sQ")
+
+
+@dataclass
+class ChunkRef:
+    """One chunk of a blob: rows [row_start, row_stop) of the shard (bytes, for objects)."""
+
+    key: bytes
+    row_start: int
+    row_stop: int
+    stored: int
+    new: bool
+
+    def pack(self) -> list[Any]:
+        return [self.key, self.row_start, self.row_stop, self.stored, self.new]
+
+    @classmethod
+    def unpack(cls, v: Any) -> ChunkRef:
+        key, start, stop, stored, new = v
+        if not isinstance(key, bytes) or len(key) != 16:
+            raise ValueError(f"bad chunk key {key!r}")
+        return cls(key, int(start), int(stop), int(stored), bool(new))
+
+
+@dataclass
+class Blob:
+    """Encoded bytes of one tensor shard or one object: inline, or as a list of chunks.
+
+    ``rows`` is the number of rows cut along dim 0 (bytes for objects); ``nbytes`` the raw
+    size. Inline blobs hold the framed encoded payload (magic + checksum + payload).
+    """
+
+    codec: list[dict[str, Any]]
+    nbytes: int
+    rows: int
+    inline: bytes | None = None
+    chunks: list[ChunkRef] = field(default_factory=list)
+
+    @property
+    def stored_bytes(self) -> int:
+        if self.inline is not None:
+            return len(self.inline)
+        return sum(c.stored for c in self.chunks)
+
+    @property
+    def new_bytes(self) -> int:
+        if self.inline is not None:
+            return len(self.inline)
+        return sum(c.stored for c in self.chunks if c.new)
+
+    def pack(self, codec_index: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"codec": codec_index, "nbytes": self.nbytes, "rows": self.rows}
+        if self.inline is not None:
+            out["inline"] = self.inline
+        else:
+            out["chunks"] = [c.pack() for c in self.chunks]
+        return out
+
+    @classmethod
+    def unpack(cls, v: dict[str, Any], codecs: list[list[dict[str, Any]]]) -> Blob:
+        codec = codecs[v["codec"]]
+        inline = v.get("inline")
+        chunks = [] if inline is not None else [ChunkRef.unpack(c) for c in v["chunks"]]
+        if inline is not None and not isinstance(inline, bytes):
+            raise ValueError("inline payload is not bytes")
+        return cls(codec, int(v["nbytes"]), int(v["rows"]), inline, chunks)
+
+
+@dataclass
+class Shard:
+    """One saved piece of a tensor: its box in the global tensor and its blob."""
+
+    offsets: list[int]
+    sizes: list[int]
+    blob: Blob
+
+
+@dataclass
+class TensorEntry:
+    dtype: str
+    shape: list[int]
+    shards: list[Shard]
+    requires_grad: bool = False
+
+    @property
+    def logical_bytes(self) -> int:
+        return sum(s.blob.nbytes for s in self.shards)
+
+
+@dataclass
+class Manifest:
+    name: str
+    step: int | None
+    created: float
+    tensors: dict[str, TensorEntry]
+    objects: dict[str, Blob]
+    planner_data: dict[str, list[Any]] | None = None
+    dcp_version: str | None = None
+    writer: str = ""
+    seconds: float = 0.0
+    user: dict[str, Any] = field(default_factory=dict)
+    manifest_bytes: int = 0
+    """Size of the stored manifest object (set when read or committed; not serialized)."""
+
+    # -- figures ------------------------------------------------------------------------
+    def blobs(self) -> list[tuple[str, Blob]]:
+        out = [(fqn, s.blob) for fqn, t in self.tensors.items() for s in t.shards]
+        out += list(self.objects.items())
+        return out
+
+    @property
+    def logical_bytes(self) -> int:
+        return sum(t.logical_bytes for t in self.tensors.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(b.stored_bytes for _, b in self.blobs())
+
+    @property
+    def new_bytes(self) -> int:
+        return sum(b.new_bytes for _, b in self.blobs())
+
+    def chunk_keys(self) -> set[bytes]:
+        return {c.key for _, b in self.blobs() for c in b.chunks}
+
+    # -- encoding -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        codecs: list[list[dict[str, Any]]] = []
+        index: dict[bytes, int] = {}
+
+        def codec_index(cfg: list[dict[str, Any]]) -> int:
+            k = msgpack.packb(cfg)
+            if k not in index:
+                index[k] = len(codecs)
+                codecs.append(cfg)
+            return index[k]
+
+        tensors = {
+            fqn: {
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "requires_grad": t.requires_grad,
+                "shards": [
+                    {"offsets": list(s.offsets), "sizes": list(s.sizes),
+                     **s.blob.pack(codec_index(s.blob.codec))}
+                    for s in t.shards
+                ],
+            }
+            for fqn, t in self.tensors.items()
+        }
+        objects = {fqn: b.pack(codec_index(b.codec)) for fqn, b in self.objects.items()}
+        return {
+            "format": FORMAT_VERSION,
+            "name": self.name,
+            "step": self.step,
+            "created": self.created,
+            "writer": self.writer,
+            "dcp_version": self.dcp_version,
+            "seconds": self.seconds,
+            "planner_data": self.planner_data,
+            "user": self.user,
+            "codecs": codecs,
+            "tensors": tensors,
+            "objects": objects,
+        }
+
+    def encode(self) -> bytes:
+        body = msgpack.packb(self.to_dict(), use_bin_type=True)
+        return _HEADER.pack(MANIFEST_MAGIC, xxhash.xxh3_64_intdigest(body)) + body
+
+    @classmethod
+    def decode(cls, data: bytes, where: str) -> Manifest:
+        if len(data) < _HEADER.size:
+            raise ManifestError(f"manifest {where} is truncated ({len(data)} bytes)")
+        magic, expect = _HEADER.unpack_from(data)
+        if magic != MANIFEST_MAGIC:
+            raise ManifestError(f"manifest {where} is not a ckptstore manifest (magic {magic!r})")
+        body = memoryview(data)[_HEADER.size :]
+        if xxhash.xxh3_64_intdigest(body) != expect:
+            raise ManifestError(f"manifest {where} is truncated or corrupt (checksum mismatch)")
+        try:
+            d = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except Exception as exc:
+            raise ManifestError(f"manifest {where} cannot be parsed: {exc}") from exc
+        if not isinstance(d, dict):
+            raise ManifestError(f"manifest {where} is not a map")
+        version = d.get("format")
+        if version != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"manifest {where} has format version {version!r}; this ckptstore reads "
+                f"version {FORMAT_VERSION} — upgrade ckptstore to read it"
+            )
+        try:
+            return cls._from_dict(d)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ManifestError(f"manifest {where} does not follow the v1 schema: {exc!r}") from exc
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any]) -> Manifest:
+        codecs = d["codecs"]
+        tensors = {}
+        for fqn, t in d["tensors"].items():
+            shards = [
+                Shard([int(x) for x in s["offsets"]], [int(x) for x in s["sizes"]],
+                      Blob.unpack(s, codecs))
+                for s in t["shards"]
+            ]
+            tensors[fqn] = TensorEntry(
+                str(t["dtype"]), [int(x) for x in t["shape"]], shards, bool(t["requires_grad"])
+            )
+        objects = {fqn: Blob.unpack(b, codecs) for fqn, b in d["objects"].items()}
+        step = d["step"]
+        return cls(
+            name=str(d["name"]),
+            step=None if step is None else int(step),
+            created=float(d["created"]),
+            tensors=tensors,
+            objects=objects,
+            planner_data=d.get("planner_data"),
+            dcp_version=d.get("dcp_version"),
+            writer=str(d.get("writer", "")),
+            seconds=float(d.get("seconds", 0.0)),
+            user=dict(d.get("user") or {}),
+        )
+
+
+def now() -> float:
+    return time.time()

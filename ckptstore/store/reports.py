@@ -1,0 +1,201 @@
+"""Read-only reports on a store: per-checkpoint summaries, per-tensor inspection, verify."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ckptstore.codecs.pipeline import Pipeline
+from ckptstore.errors import CkptStoreError
+from ckptstore.store import layout
+from ckptstore.store.blobs import BlobReader
+from ckptstore.store.chunks import content_key
+from ckptstore.store.manifest import Blob, ChunkRef, Manifest
+from ckptstore.store.repository import Repository
+
+
+@dataclass
+class CheckpointSummary:
+    """One line of ``ls``."""
+
+    name: str
+    step: int | None
+    created: float
+    logical_bytes: int
+    stored_bytes: int
+    new_bytes: int
+    tensors: int
+    objects: int
+    seconds: float
+
+    @classmethod
+    def of(cls, m: Manifest) -> CheckpointSummary:
+        return cls(
+            name=m.name,
+            step=m.step,
+            created=m.created,
+            logical_bytes=m.logical_bytes,
+            stored_bytes=m.stored_bytes + m.manifest_bytes,
+            new_bytes=m.new_bytes + m.manifest_bytes,
+            tensors=len(m.tensors),
+            objects=len(m.objects),
+            seconds=m.seconds,
+        )
+
+    @property
+    def ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": round(self.ratio, 4)}
+
+
+@dataclass
+class TensorReport:
+    """One line of ``inspect``."""
+
+    fqn: str
+    dtype: str
+    shape: list[int]
+    codec: str
+    shards: int
+    chunks: int
+    logical_bytes: int
+    stored_bytes: int
+    shared_bytes: int
+    """Stored bytes of chunks that an earlier checkpoint had already written."""
+
+    @property
+    def ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": round(self.ratio, 4)}
+
+
+@dataclass
+class InspectReport:
+    checkpoint: CheckpointSummary
+    tensors: list[TensorReport]
+    objects: dict[str, int]
+    """Object fqn → stored bytes (non-tensor values, serialized)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint.to_dict(),
+            "tensors": [t.to_dict() for t in self.tensors],
+            "objects": self.objects,
+        }
+
+
+def _codec_name(blob: Blob) -> str:
+    return repr(Pipeline.from_config(blob.codec))
+
+
+def inspect(repo: Repository, name: str) -> InspectReport:
+    m = repo.manifest(name)
+    tensors = []
+    for fqn, t in m.tensors.items():
+        blobs = [s.blob for s in t.shards]
+        stored = sum(b.stored_bytes for b in blobs)
+        shared = sum(b.stored_bytes - b.new_bytes for b in blobs)
+        tensors.append(
+            TensorReport(
+                fqn=fqn,
+                dtype=t.dtype,
+                shape=list(t.shape),
+                codec=_codec_name(blobs[0]) if blobs else "",
+                shards=len(blobs),
+                chunks=sum(len(b.chunks) for b in blobs),
+                logical_bytes=t.logical_bytes,
+                stored_bytes=stored,
+                shared_bytes=shared,
+            )
+        )
+    objects = {fqn: b.stored_bytes for fqn, b in m.objects.items()}
+    return InspectReport(CheckpointSummary.of(m), tensors, objects)
+
+
+@dataclass
+class Problem:
+    checkpoint: str
+    item: str
+    chunk: str
+    message: str
+
+
+@dataclass
+class VerifyReport:
+    checkpoints: list[str]
+    chunks_checked: int = 0
+    bytes_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checkpoints": self.checkpoints,
+            "chunks_checked": self.chunks_checked,
+            "bytes_checked": self.bytes_checked,
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+def verify(
+    repo: Repository,
+    name: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
+    """Re-read and decode every chunk of one checkpoint (or all), checking checksums and,
+    for lossless codecs, that the decoded bytes still hash to the chunk's key."""
+    manifests = [repo.manifest(name)] if name is not None else repo.manifests()
+    report = VerifyReport([m.name for m in manifests])
+    reader = BlobReader(repo)
+    seen: dict[bytes, str | None] = {}
+    work: list[tuple[Manifest, str, Blob, ChunkRef]] = []
+    for m in manifests:
+        for fqn, blob in m.blobs():
+            if blob.inline is not None:
+                try:
+                    reader.read_rows(blob, 0, blob.rows, f"{fqn!r} of checkpoint {m.name!r}")
+                except CkptStoreError as exc:
+                    report.problems.append(Problem(m.name, fqn, "(inline)", str(exc)))
+                continue
+            for ref in blob.chunks:
+                work.append((m, fqn, blob, ref))
+
+    def check(task: tuple[Manifest, str, Blob, ChunkRef]) -> tuple[bytes, str | None, int]:
+        m, fqn, blob, ref = task
+        pipeline = Pipeline.from_config(blob.codec)
+        row_bytes = blob.nbytes // blob.rows if blob.rows else blob.nbytes
+        try:
+            raw = reader.fetch_chunk(ref, pipeline, row_bytes, f"{fqn!r} of checkpoint {m.name!r}")
+            if pipeline.lossless and content_key(pipeline, raw) != ref.key:
+                return ref.key, "decoded content does not match the chunk's key", ref.stored
+        except CkptStoreError as exc:
+            return ref.key, str(exc), ref.stored
+        return ref.key, None, ref.stored
+
+    unique = []
+    for task in work:
+        if task[3].key not in seen:
+            seen[task[3].key] = None
+            unique.append(task)
+    for key, err, size in repo.backend.map(check, unique):
+        seen[key] = err
+        report.chunks_checked += 1
+        report.bytes_checked += size
+        if progress:
+            progress(1)
+    for m, fqn, _, ref in work:
+        err = seen.get(ref.key)
+        if err is not None:
+            report.problems.append(
+                Problem(m.name, fqn, layout.chunk_key(ref.key.hex()), err)
+            )
+    return report

@@ -1,0 +1,181 @@
+"""A store on a backend: its config (store.json), its committed checkpoints, and the
+commit itself. Knows nothing of torch."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from ckptstore.backend import Backend, open_backend
+from ckptstore.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    FormatVersionError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    StoreNotFoundError,
+)
+from ckptstore.store import layout
+from ckptstore.store.manifest import Manifest, now
+from ckptstore.version import __version__
+
+HASH_ALGORITHM = "xxh3-128"
+CHECKSUM_ALGORITHM = "xxh3-64"
+
+
+class Repository:
+    """Open store: read its config, list and read manifests, commit new ones."""
+
+    def __init__(self, backend: Backend, config: dict[str, Any]) -> None:
+        self.backend = backend
+        self.config = config
+        self._manifests: dict[str, Manifest] = {}  # manifests are immutable: cache freely
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    # -- opening ------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        create: bool = False,
+    ) -> Repository:
+        """Open the store at ``url``; with ``create`` make it if there is none."""
+        backend = url if isinstance(url, Backend) else open_backend(url, storage_options)
+        try:
+            raw = backend.get(layout.STORE_JSON)
+        except ObjectNotFoundError:
+            if not create:
+                raise StoreNotFoundError(
+                    f"no ckptstore store at {backend.url} (missing {layout.STORE_JSON})"
+                ) from None
+            raw = cls._create(backend)
+        return cls(backend, cls._parse_config(raw, backend))
+
+    @staticmethod
+    def _create(backend: Backend) -> bytes:
+        config = {
+            "format": "ckptstore",
+            "version": layout.FORMAT_VERSION,
+            "hash": HASH_ALGORITHM,
+            "checksum": CHECKSUM_ALGORITHM,
+            "created_by": f"ckptstore {__version__}",
+            "created": now(),
+        }
+        data = json.dumps(config, indent=2).encode() + b"\n"
+        try:
+            backend.put(layout.STORE_JSON, data, create_only=True)
+        except ObjectExistsError:  # another process created it first: use theirs
+            return backend.get(layout.STORE_JSON)
+        return data
+
+    @staticmethod
+    def _parse_config(raw: bytes, backend: Backend) -> dict[str, Any]:
+        where = backend.describe(layout.STORE_JSON)
+        try:
+            config = json.loads(raw)
+        except ValueError as exc:
+            raise FormatVersionError(f"{where} is not valid JSON: {exc}") from exc
+        if not isinstance(config, dict) or config.get("format") != "ckptstore":
+            raise FormatVersionError(f"{where} is not a ckptstore store config")
+        if config.get("version") != layout.FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{where} has format version {config.get('version')!r}; this ckptstore "
+                f"({__version__}) reads version {layout.FORMAT_VERSION} — upgrade ckptstore"
+            )
+        if config.get("hash") != HASH_ALGORITHM or config.get("checksum") != CHECKSUM_ALGORITHM:
+            raise FormatVersionError(
+                f"{where} uses hash {config.get('hash')!r} / checksum "
+                f"{config.get('checksum')!r}, which this ckptstore does not support"
+            )
+        return config
+
+    # -- checkpoints --------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Names of all committed checkpoints (unordered)."""
+        keys = self.backend.list(layout.CHECKPOINTS)
+        return [n for k in keys if (n := layout.name_from_manifest_key(k)) is not None]
+
+    def manifest(self, name: str) -> Manifest:
+        with self._lock:
+            cached = self._manifests.get(name)
+        if cached is not None:
+            return cached
+        key = layout.manifest_key(name)
+        try:
+            data = self.backend.get(key)
+        except ObjectNotFoundError:
+            raise CheckpointNotFoundError(
+                f"checkpoint {name!r} not found in {self.url} (no {key})"
+            ) from None
+        m = Manifest.decode(data, self.backend.describe(key))
+        m.manifest_bytes = len(data)
+        with self._lock:
+            self._manifests[name] = m
+        return m
+
+    def manifests(self) -> list[Manifest]:
+        """Every committed checkpoint, oldest first (by commit time, then step)."""
+        names = self.names()
+        found = self.backend.map(self.manifest, names)
+        return sorted(found, key=lambda m: (m.created, m.step if m.step is not None else -1, m.name))
+
+    def resolve(self, step: int | None = None, name: str | None = None) -> str:
+        """The checkpoint name meant by ``step``/``name``; the latest when both are None."""
+        if name is not None:
+            layout.check_name(name)
+            if step is not None and layout.step_of_name(name) not in (None, step):
+                raise ValueError(f"name {name!r} and step={step} disagree")
+            self.manifest(name)
+            return name
+        if step is not None:
+            wanted = layout.step_name(step)
+            if wanted in self.names():
+                return wanted
+            matches = [m.name for m in self.manifests() if m.step == step]
+            if not matches:
+                raise CheckpointNotFoundError(f"no checkpoint of step {step} in {self.url}")
+            return matches[-1]
+        all_ = self.manifests()
+        if not all_:
+            raise CheckpointNotFoundError(f"no committed checkpoint in {self.url}")
+        return all_[-1].name
+
+    def exists(self, name: str) -> bool:
+        return self.backend.exists(layout.manifest_key(name))
+
+    def known_chunks(self) -> dict[bytes, int]:
+        """Dedup index: chunk key → stored size, for every chunk a committed manifest names.
+
+        Chunks of failed saves are not in it: only a committed manifest proves its chunks
+        were written whole.
+        """
+        known: dict[bytes, int] = {}
+        for m in self.manifests():
+            for _, blob in m.blobs():
+                for c in blob.chunks:
+                    known[c.key] = c.stored
+        return known
+
+    def commit(self, manifest: Manifest) -> int:
+        """Write ``manifest`` with a create-only put: this is the commit. Returns its size."""
+        key = layout.manifest_key(manifest.name)
+        data = manifest.encode()
+        try:
+            self.backend.put(key, data, create_only=True)
+        except ObjectExistsError:
+            raise CheckpointExistsError(
+                f"checkpoint {manifest.name!r} already exists in {self.url}; "
+                "checkpoints are never overwritten (choose another step/name or delete it)"
+            ) from None
+        manifest.manifest_bytes = len(data)
+        with self._lock:
+            self._manifests[manifest.name] = manifest
+        return len(data)
