@@ -212,7 +212,9 @@ def load_full(
             flat[fqn] = full
     for fqn, blob in m.objects.items():
         where = f"{fqn!r} of checkpoint {m.name!r}"
-        flat[fqn] = load_object(reader.read_rows(blob, 0, blob.rows, where).tobytes(), where, allow_pickle)
+        flat[fqn] = load_object(
+            reader.read_rows(blob, 0, blob.rows, where).tobytes(), where, allow_pickle
+        )
     return _unflatten(flat, m.planner_data)
 
 
@@ -273,4 +275,3 @@ class Store:
 
 
 __all__ = ["LoadInfo", "SaveInfo", "Store", "load", "load_full", "save"]
-

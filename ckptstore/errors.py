@@ -60,7 +60,6 @@ class BackendError(CkptStoreError, OSError):
     """Storage failed (I/O error, permission, network) in a way not covered above."""
 
 
-
 class ObjectNotFoundError(BackendError, FileNotFoundError):
     """The backend has no object under that key (raised by the backend layer)."""
 

@@ -28,6 +28,10 @@ class Codec(abc.ABC):
     def get_config(self) -> dict[str, Any]:
         """JSON/msgpack-able config including ``"id"``; enough to rebuild the codec."""
 
+    def short(self) -> str:
+        """A compact human label for tables (``inspect``)."""
+        return self.codec_id
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Codec:
         cfg = {k: v for k, v in config.items() if k != "id"}

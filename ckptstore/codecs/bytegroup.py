@@ -33,6 +33,9 @@ class ByteGroup(Codec):
     def get_config(self) -> dict[str, Any]:
         return {"id": self.codec_id, "width": self.width, "rotate": self.rotate}
 
+    def short(self) -> str:
+        return f"group{self.width}{'+rot' if self.rotate else ''}"
+
     def _check(self, arr: np.ndarray) -> None:
         if arr.size % self.width:
             raise ValueError(f"buffer of {arr.size} bytes is not a multiple of width {self.width}")

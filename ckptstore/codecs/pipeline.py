@@ -65,6 +65,10 @@ class Pipeline:
             data = codec.decode(data)
         return data
 
+    def short(self) -> str:
+        """Compact label, e.g. ``group4+rot>zstd-entropy``."""
+        return ">".join(c.short() for c in self.codecs) or "raw"
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Pipeline) and self.spec == other.spec
 
@@ -90,5 +94,7 @@ def default_pipeline(dtype: str) -> Pipeline:
         return Pipeline([Zstd(level=level)])
     if floating:
         width = itemsize // 2 if dtype.startswith("complex") else itemsize
-        return Pipeline([ByteGroup(width, rotate=width in (2, 4, 8)), Zstd(segments=width, entropy=True)])
+        return Pipeline(
+            [ByteGroup(width, rotate=width in (2, 4, 8)), Zstd(segments=width, entropy=True)]
+        )
     return Pipeline([ByteGroup(itemsize), Zstd(level=level, segments=1)])

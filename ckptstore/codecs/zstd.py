@@ -81,6 +81,9 @@ class Zstd(Codec):
             "entropy": self.entropy,
         }
 
+    def short(self) -> str:
+        return "zstd-entropy" if self.entropy else f"zstd{self.level}"
+
     def encode(self, data: Buffer) -> Buffer:
         view = memoryview(data).cast("B")
         n = self.segments if len(view) % self.segments == 0 else 1

@@ -86,9 +86,7 @@ def metadata_from_manifest(manifest: Manifest, checkpoint_id: str) -> Metadata:
     for fqn, t in manifest.tensors.items():
         chunks = []
         for shard in t.shards:
-            chunks.append(
-                ChunkStorageMetadata(torch.Size(shard.offsets), torch.Size(shard.sizes))
-            )
+            chunks.append(ChunkStorageMetadata(torch.Size(shard.offsets), torch.Size(shard.sizes)))
             storage[MetadataIndex(fqn, shard.offsets)] = (fqn, shard)
         sdm[fqn] = TensorStorageMetadata(
             properties=TensorProperties(dtype=torch_dtype(t.dtype), requires_grad=t.requires_grad),

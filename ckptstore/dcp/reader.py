@@ -208,10 +208,14 @@ class Reader(StorageReader):
                     rec = value
                     break
         if rec is None:
-            raise MismatchError(f"{req.storage_index.fqn!r} has no saved data for {req.storage_index}")
+            raise MismatchError(
+                f"{req.storage_index.fqn!r} has no saved data for {req.storage_index}"
+            )
         return rec
 
-    def _check(self, req: ReadItem, shard: Shard, target: torch.Tensor, fqn: str, ckpt: str) -> None:
+    def _check(
+        self, req: ReadItem, shard: Shard, target: torch.Tensor, fqn: str, ckpt: str
+    ) -> None:
         assert self.manifest is not None
         saved = self.manifest.tensors[fqn].dtype
         if torch_dtype(saved) != target.dtype:
@@ -238,9 +242,7 @@ def _row_span(req: ReadItem, shard: Shard) -> tuple[int, int]:
     return r0, r0 + int(req.lengths[0])
 
 
-def _copy_overlap(
-    raw, c0: int, c1: int, shard: Shard, req: ReadItem, target: torch.Tensor
-) -> None:
+def _copy_overlap(raw, c0: int, c1: int, shard: Shard, req: ReadItem, target: torch.Tensor) -> None:
     """Copy the part of chunk rows [c0, c1) of ``shard`` that ``req`` wants into ``target``."""
     dtype = target.dtype
     if not shard.sizes:  # 0-d tensor

@@ -155,7 +155,9 @@ class Writer(StorageWriter):
             for item, fut in pending:
                 blob = fut.result()
                 results.append(
-                    WriteResult(index=item.index, size_in_bytes=blob.stored_bytes, storage_data=blob)
+                    WriteResult(
+                        index=item.index, size_in_bytes=blob.stored_bytes, storage_data=blob
+                    )
                 )
         done: Future[list[WriteResult]] = Future()
         done.set_result(results)
@@ -165,7 +167,9 @@ class Writer(StorageWriter):
         blobs = {}
         for rank_results in results:
             for wr in rank_results:
-                offset = tuple(int(x) for x in wr.index.offset) if wr.index.offset is not None else None
+                offset = (
+                    tuple(int(x) for x in wr.index.offset) if wr.index.offset is not None else None
+                )
                 blobs[(wr.index.fqn, offset)] = wr.storage_data
         seconds = time.monotonic() - self._t0
         manifest = manifest_from_metadata(

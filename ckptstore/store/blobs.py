@@ -111,7 +111,9 @@ class BlobWriter:
             f.add_done_callback(on_done)
         return result
 
-    def _write_chunk(self, piece: memoryview, pipeline: Pipeline, start: int, stop: int) -> ChunkRef:
+    def _write_chunk(
+        self, piece: memoryview, pipeline: Pipeline, start: int, stop: int
+    ) -> ChunkRef:
         key = content_key(pipeline, piece)
         with self._lock:
             size = self._known.get(key)
@@ -169,9 +171,7 @@ class BlobReader:
             raise CorruptChunkError(f"chunk {loc} cannot be decoded: {exc}") from exc
         expected = (ref.row_stop - ref.row_start) * row_bytes
         if len(memoryview(raw).cast("B")) != expected:
-            raise CorruptChunkError(
-                f"chunk {loc} decoded to {len(raw)} bytes, expected {expected}"
-            )
+            raise CorruptChunkError(f"chunk {loc} decoded to {len(raw)} bytes, expected {expected}")
         return raw
 
     def read_rows(
@@ -189,7 +189,9 @@ class BlobReader:
             loc = f"inline data of {where}"
             raw = np.frombuffer(pipeline.decode(unframe(blob.inline, loc)), dtype=np.uint8)
             if raw.size != blob.nbytes:
-                raise CorruptChunkError(f"{loc} decoded to {raw.size} bytes, expected {blob.nbytes}")
+                raise CorruptChunkError(
+                    f"{loc} decoded to {raw.size} bytes, expected {blob.nbytes}"
+                )
             return raw[row_start * row_bytes : row_stop * row_bytes]
         out = np.empty((row_stop - row_start) * row_bytes, dtype=np.uint8)
         wanted = [c for c in blob.chunks if c.row_start < row_stop and c.row_stop > row_start]
@@ -204,7 +206,9 @@ class BlobReader:
         return out
 
 
-def _run_all(fn: Callable[[ChunkRef], None], items: list[ChunkRef], pool: ThreadPoolExecutor | None) -> None:
+def _run_all(
+    fn: Callable[[ChunkRef], None], items: list[ChunkRef], pool: ThreadPoolExecutor | None
+) -> None:
     if pool is None or len(items) <= 1:
         for it in items:
             fn(it)

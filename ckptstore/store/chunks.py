@@ -52,7 +52,9 @@ def unframe(stored: Buffer, where: str) -> memoryview:
     return payload
 
 
-def row_ranges(rows: int, row_bytes: int, chunk_bytes: int, first_row: int = 0) -> list[tuple[int, int]]:
+def row_ranges(
+    rows: int, row_bytes: int, chunk_bytes: int, first_row: int = 0
+) -> list[tuple[int, int]]:
     """Cut ``rows`` rows into ranges of about ``chunk_bytes``, on a global row grid.
 
     Boundaries fall on multiples of the rows-per-chunk counted from global row 0, with

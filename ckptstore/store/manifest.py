@@ -162,8 +162,11 @@ class Manifest:
                 "shape": list(t.shape),
                 "requires_grad": t.requires_grad,
                 "shards": [
-                    {"offsets": list(s.offsets), "sizes": list(s.sizes),
-                     **s.blob.pack(codec_index(s.blob.codec))}
+                    {
+                        "offsets": list(s.offsets),
+                        "sizes": list(s.sizes),
+                        **s.blob.pack(codec_index(s.blob.codec)),
+                    }
                     for s in t.shards
                 ],
             }
@@ -222,8 +225,11 @@ class Manifest:
         tensors = {}
         for fqn, t in d["tensors"].items():
             shards = [
-                Shard([int(x) for x in s["offsets"]], [int(x) for x in s["sizes"]],
-                      Blob.unpack(s, codecs))
+                Shard(
+                    [int(x) for x in s["offsets"]],
+                    [int(x) for x in s["sizes"]],
+                    Blob.unpack(s, codecs),
+                )
                 for s in t["shards"]
             ]
             tensors[fqn] = TensorEntry(

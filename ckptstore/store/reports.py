@@ -90,7 +90,7 @@ class InspectReport:
 
 
 def _codec_name(blob: Blob) -> str:
-    return repr(Pipeline.from_config(blob.codec))
+    return Pipeline.from_config(blob.codec).short()
 
 
 def inspect(repo: Repository, name: str) -> InspectReport:
@@ -195,7 +195,5 @@ def verify(
     for m, fqn, _, ref in work:
         err = seen.get(ref.key)
         if err is not None:
-            report.problems.append(
-                Problem(m.name, fqn, layout.chunk_key(ref.key.hex()), err)
-            )
+            report.problems.append(Problem(m.name, fqn, layout.chunk_key(ref.key.hex()), err))
     return report

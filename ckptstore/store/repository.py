@@ -125,7 +125,9 @@ class Repository:
         """Every committed checkpoint, oldest first (by commit time, then step)."""
         names = self.names()
         found = self.backend.map(self.manifest, names)
-        return sorted(found, key=lambda m: (m.created, m.step if m.step is not None else -1, m.name))
+        return sorted(
+            found, key=lambda m: (m.created, m.step if m.step is not None else -1, m.name)
+        )
 
     def resolve(self, step: int | None = None, name: str | None = None) -> str:
         """The checkpoint name meant by ``step``/``name``; the latest when both are None."""

@@ -1,0 +1,269 @@
+"""``ckptstore`` CLI: ls, inspect, verify, demo, bench.
+
+Exit codes (docs/cli.md): 0 ok; 1 verify found damage; 2 bad usage; 3 store or checkpoint
+not found; 4 corrupt data, unreadable manifest or unknown format/codec; 5 other ckptstore
+error (storage, mismatch). Errors print one line on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.table import Table
+
+from ckptstore import errors
+from ckptstore.cli.render import console, emit_json, err_console, human_bytes, ratio, when
+from ckptstore.version import __version__
+
+EXIT_DAMAGED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_OTHER = 1, 2, 3, 4, 5
+
+
+def _exit_code(exc: errors.CkptStoreError) -> int:
+    if isinstance(exc, (errors.StoreNotFoundError, errors.CheckpointNotFoundError)):
+        return EXIT_NOT_FOUND
+    if isinstance(
+        exc,
+        (
+            errors.CorruptChunkError,
+            errors.ChunkNotFoundError,
+            errors.ManifestError,
+            errors.FormatVersionError,
+            errors.UnknownCodecError,
+        ),
+    ):
+        return EXIT_CORRUPT
+    if isinstance(exc, errors.UnknownSchemeError):
+        return EXIT_USAGE
+    return EXIT_OTHER
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ckptstore errors into a one-line message and a documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except errors.CkptStoreError as exc:
+            click.echo(f"ckptstore: error: {type(exc).__name__}: {exc}", err=True)
+            sys.exit(_exit_code(exc))
+        except ValueError as exc:
+            click.echo(f"ckptstore: error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper
+
+
+def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``-o key=value`` storage options; values that parse as JSON are typed."""
+    import json
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"expected key=value, got {pair!r}", param_hint="-o")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+storage_option = click.option(
+    "-o",
+    "--storage-option",
+    "storage_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec storage option, repeatable (e.g. -o anon=true).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+step_option = click.option("--step", type=int, default=None, help="Checkpoint by step.")
+name_option = click.option("--name", default=None, help="Checkpoint by name.")
+
+
+def _repo(url: str, storage_options: tuple[str, ...]):
+    from ckptstore.store import Repository
+
+    return Repository.open(url, _options(storage_options))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ckptstore")
+def cli() -> None:
+    """A compressed, content-addressed checkpoint store for PyTorch."""
+
+
+@cli.command("ls")
+@click.argument("url")
+@storage_option
+@json_option
+@handle_errors
+def ls_cmd(url: str, storage_options: tuple[str, ...], as_json: bool) -> None:
+    """List the committed checkpoints of the store at URL, oldest first."""
+    from ckptstore.store.reports import CheckpointSummary
+
+    repo = _repo(url, storage_options)
+    rows = [CheckpointSummary.of(m) for m in repo.manifests()]
+    if as_json:
+        emit_json([r.to_dict() for r in rows])
+        return
+    table = Table(title=f"{url} — {len(rows)} checkpoint(s)")
+    for col in ("name", "step", "created", "tensors", "logical", "stored", "ratio", "written"):
+        table.add_column(col, justify="left" if col in ("name", "created") else "right")
+    for r in rows:
+        table.add_row(
+            r.name,
+            "" if r.step is None else str(r.step),
+            when(r.created),
+            str(r.tensors),
+            human_bytes(r.logical_bytes),
+            human_bytes(r.stored_bytes),
+            ratio(r.logical_bytes, r.stored_bytes),
+            human_bytes(r.new_bytes),
+        )
+    console.print(table)
+
+
+@cli.command("inspect")
+@click.argument("url")
+@step_option
+@name_option
+@storage_option
+@json_option
+@handle_errors
+def inspect_cmd(
+    url: str, step: int | None, name: str | None, storage_options: tuple[str, ...], as_json: bool
+) -> None:
+    """Per-tensor dtype, shape, codec, sizes and sharing of one checkpoint (latest by default)."""
+    from ckptstore.store import reports
+
+    repo = _repo(url, storage_options)
+    report = reports.inspect(repo, repo.resolve(step, name))
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    c = report.checkpoint
+    table = Table(
+        title=f"{c.name} — {human_bytes(c.logical_bytes)} → {human_bytes(c.stored_bytes)} "
+        f"({ratio(c.logical_bytes, c.stored_bytes)}), wrote {human_bytes(c.new_bytes)}"
+    )
+    for col in ("tensor", "dtype", "shape", "codec", "chunks", "logical", "stored", "ratio"):
+        table.add_column(col, justify="left" if col in ("tensor", "codec") else "right")
+    table.add_column("shared", justify="right")
+    for t in report.tensors:
+        table.add_row(
+            t.fqn,
+            t.dtype,
+            "×".join(map(str, t.shape)) or "()",
+            t.codec,
+            str(t.chunks) if t.chunks else "inline",
+            human_bytes(t.logical_bytes),
+            human_bytes(t.stored_bytes),
+            ratio(t.logical_bytes, t.stored_bytes),
+            f"{100 * t.shared_bytes / t.stored_bytes:.0f}%" if t.stored_bytes else "-",
+        )
+    console.print(table)
+    if report.objects:
+        console.print(
+            f"{len(report.objects)} non-tensor value(s), "
+            f"{human_bytes(sum(report.objects.values()))} stored"
+        )
+
+
+@cli.command("verify")
+@click.argument("url")
+@step_option
+@name_option
+@storage_option
+@json_option
+@handle_errors
+def verify_cmd(
+    url: str, step: int | None, name: str | None, storage_options: tuple[str, ...], as_json: bool
+) -> None:
+    """Re-read and check every chunk of every checkpoint (or of one). Exit 1 on damage."""
+    from rich.progress import Progress
+
+    from ckptstore.store import reports
+
+    repo = _repo(url, storage_options)
+    target = None if step is None and name is None else repo.resolve(step, name)
+    with Progress(console=err_console, transient=True, disable=as_json) as progress:
+        task = progress.add_task("verifying chunks", total=None)
+        report = reports.verify(repo, target, progress=lambda n: progress.advance(task, n))
+    if as_json:
+        emit_json(report.to_dict())
+    elif report.ok:
+        console.print(
+            f"OK: {len(report.checkpoints)} checkpoint(s), {report.chunks_checked} chunk(s), "
+            f"{human_bytes(report.bytes_checked)} checked"
+        )
+    else:
+        for p in report.problems:
+            click.echo(
+                f"DAMAGED: checkpoint {p.checkpoint!r} item {p.item!r} chunk {p.chunk}: "
+                f"{p.message}",
+                err=True,
+            )
+    if not report.ok:
+        sys.exit(EXIT_DAMAGED)
+
+
+@cli.command("demo")
+@click.option(
+    "--url",
+    default="./ckptstore-demo",
+    show_default=True,
+    help="Store to write (a local folder by default).",
+)
+@click.option("--checkpoints", default=4, show_default=True, help="Checkpoints to save.")
+@click.option("--steps", default=10, show_default=True, help="Training steps between them.")
+@storage_option
+@handle_errors
+def demo_cmd(url: str, checkpoints: int, steps: int, storage_options: tuple[str, ...]) -> None:
+    """Train a small model, save checkpoints, show their sizes, load the last one back."""
+    from ckptstore.demo import run_demo
+
+    ok = run_demo(url, checkpoints=checkpoints, steps=steps, storage_options=_options(storage_options))
+    sys.exit(0 if ok else EXIT_DAMAGED)
+
+
+@cli.command("bench")
+@click.argument("url", required=False)
+@click.option(
+    "--data",
+    "datasets",
+    multiple=True,
+    type=click.Choice(["minilm", "minilm-bf16", "synthetic"]),
+    help="What to save (repeatable; default: all three).",
+)
+@click.option("--size-mb", default=500, show_default=True, help="Synthetic state size.")
+@click.option("--repeat", default=1, show_default=True, help="Runs per method (best kept).")
+@json_option
+@handle_errors
+def bench_cmd(
+    url: str | None, datasets: tuple[str, ...], size_mb: int, repeat: int, as_json: bool
+) -> None:
+    """Save/load seconds and sizes: ckptstore vs torch.save and plain DCP, in one run.
+
+    URL is a local folder to work in (a temporary one by default).
+    """
+    from ckptstore.bench import run_bench
+
+    results = run_bench(url, list(datasets) or ["minilm", "minilm-bf16", "synthetic"],
+                        size_mb=size_mb, repeat=repeat, show=not as_json)
+    if as_json:
+        emit_json(results)
+
+
+def main() -> None:
+    cli(prog_name="ckptstore")
+
+
+if __name__ == "__main__":
+    main()
