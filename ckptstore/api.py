@@ -85,6 +85,7 @@ def save(
         storage_options=storage_options,
         chunk_bytes=chunk_bytes,
         threads=threads,
+        int_keys=_int_key_paths(state_dict),
     )
     _run(
         lambda: dcp.save(
@@ -102,6 +103,22 @@ def save(
         info = box[0]
     assert info is not None
     return info
+
+
+def _int_key_paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[list[Any]]:
+    """Paths to int dict keys (optimizer state is keyed by param index): DCP's flattening
+    stores every dict key as str; we record which were ints so load_full restores them."""
+    out: list[list[Any]] = []
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            path = (*prefix, str(k))
+            if isinstance(k, int) and not isinstance(k, bool):
+                out.append(list(path))
+            out += _int_key_paths(v, path)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out += _int_key_paths(v, (*prefix, i))
+    return out
 
 
 def load(
@@ -215,32 +232,40 @@ def load_full(
         flat[fqn] = load_object(
             reader.read_rows(blob, 0, blob.rows, where).tobytes(), where, allow_pickle
         )
-    return _unflatten(flat, m.planner_data)
+    return _unflatten(flat, m.planner_data, m.int_keys)
 
 
-def _unflatten(flat: dict[str, Any], mapping: dict[str, list[Any]] | None) -> StateDict:
-    """Rebuild nesting from DCP's flatten mapping (fqn → path of str keys / int indices)."""
+def _unflatten(
+    flat: dict[str, Any], mapping: dict[str, list[Any]] | None, int_keys: list[list[Any]]
+) -> StateDict:
+    """Rebuild nesting from DCP's flatten mapping: a path of str dict keys and int list
+    indices; ``int_keys`` marks the str keys that were ints in the saved state dict."""
     if not mapping:
         return flat
-    root: dict[str, Any] = {}
+    ints = {tuple(p) for p in int_keys}
+    root: dict[Any, Any] = {}
     for fqn, value in flat.items():
-        path = mapping.get(fqn, [fqn])
+        raw = list(mapping.get(fqn, [fqn]))
+        # (key, is_list_index) per step
+        steps = [
+            (int(p), False) if isinstance(p, str) and tuple(raw[: i + 1]) in ints
+            else (p, isinstance(p, int))
+            for i, p in enumerate(raw)
+        ]
         node: Any = root
-        for key, nxt in zip(path[:-1], path[1:], strict=True):
-            empty: Any = [] if isinstance(nxt, int) else {}
+        for (key, _), (_, next_is_index) in zip(steps[:-1], steps[1:], strict=True):
+            empty: Any = [] if next_is_index else {}
             if isinstance(node, list):
-                while len(node) <= key:
-                    node.append(None)
+                node.extend([None] * (key + 1 - len(node)))
                 if node[key] is None:
                     node[key] = empty
                 node = node[key]
             else:
                 node = node.setdefault(key, empty)
-        last = path[-1]
-        if isinstance(node, list):
-            while len(node) <= last:
-                node.append(None)
-        node[last] = value
+        key, is_index = steps[-1]
+        if is_index:
+            node.extend([None] * (key + 1 - len(node)))
+        node[key] = value
     return root
 
 

@@ -9,6 +9,14 @@ from typing import Any, ClassVar
 Buffer = bytes | bytearray | memoryview
 
 
+def byte_view(data: Buffer) -> memoryview:
+    """A flat unsigned-byte view of any C-contiguous buffer (numpy arrays included)."""
+    view = memoryview(data)
+    if view.nbytes == 0:
+        return memoryview(b"")
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
 class Codec(abc.ABC):
     """One reversible (or, for quantizers, approximately reversible) step on a byte buffer."""
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptstore.codecs.base import Buffer, Codec
+from ckptstore.codecs.base import Buffer, Codec, byte_view
 from ckptstore.codecs.registry import register
 
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -50,7 +50,7 @@ class ByteGroup(Codec):
             bits = self.width * 8
             arr = ((u << 1) | (u >> (bits - 1))).view(np.uint8)
         planes = np.ascontiguousarray(arr.reshape(-1, self.width).T)
-        return memoryview(planes).cast("B")
+        return byte_view(planes)
 
     def decode(self, data: Buffer) -> Buffer:
         arr = np.frombuffer(data, dtype=np.uint8)
@@ -62,4 +62,4 @@ class ByteGroup(Codec):
             u = out.view(_UINT[self.width])
             bits = self.width * 8
             out = ((u >> 1) | (u << (bits - 1))).view(np.uint8)
-        return memoryview(out).cast("B")
+        return byte_view(out)

@@ -21,7 +21,7 @@ from typing import Any
 
 import zstandard
 
-from ckptstore.codecs.base import Buffer, Codec
+from ckptstore.codecs.base import Buffer, Codec, byte_view
 from ckptstore.codecs.registry import register
 from ckptstore.errors import CorruptChunkError
 
@@ -85,7 +85,7 @@ class Zstd(Codec):
         return "zstd-entropy" if self.entropy else f"zstd{self.level}"
 
     def encode(self, data: Buffer) -> Buffer:
-        view = memoryview(data).cast("B")
+        view = byte_view(data)
         n = self.segments if len(view) % self.segments == 0 else 1
         seg = len(view) // n
         comp = _compressor(self.level, self.entropy)
@@ -103,7 +103,7 @@ class Zstd(Codec):
         return b"".join([bytes(header), *parts])
 
     def decode(self, data: Buffer) -> Buffer:
-        view = memoryview(data).cast("B")
+        view = byte_view(data)
         try:
             n = view[0]
             pos = 1 + n * _ENTRY.size

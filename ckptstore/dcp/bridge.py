@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ckptstore.codecs.base import byte_view
 from ckptstore.errors import MismatchError
 
 _BY_NAME: dict[str, torch.dtype] = {}
@@ -42,7 +43,7 @@ def to_host_bytes(tensor: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
     if t.numel() == 0:
         return memoryview(b""), t
     flat = t.reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B"), t
+    return byte_view(flat.numpy()), t
 
 
 def from_bytes(raw, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:

@@ -72,6 +72,7 @@ class Writer(StorageWriter):
         chunk_bytes: int | None = None,
         inline_bytes: int | None = None,
         threads: int | None = None,
+        int_keys: list[list[Any]] | None = None,
     ) -> None:
         super().__init__()
         self.url = str(url)
@@ -81,6 +82,7 @@ class Writer(StorageWriter):
         self.chunk_bytes = chunk_bytes
         self.inline_bytes = inline_bytes
         self.threads = threads
+        self.int_keys = int_keys or []
         self.is_coordinator = True
         self.rank: int | None = None
         self.save_info: SaveInfo | None = None
@@ -181,6 +183,7 @@ class Writer(StorageWriter):
             writer=f"ckptstore {__version__}",
             seconds=seconds,
         )
+        manifest.int_keys = self.int_keys
         manifest_bytes = self._repository().commit(manifest)
         all_chunks = [c for _, b in manifest.blobs() for c in b.chunks]
         self.save_info = SaveInfo(

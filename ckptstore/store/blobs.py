@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ckptstore import knobs
-from ckptstore.codecs.base import Buffer
+from ckptstore.codecs.base import Buffer, byte_view
 from ckptstore.codecs.pipeline import Pipeline
 from ckptstore.errors import (
     ChunkNotFoundError,
@@ -77,7 +77,7 @@ class BlobWriter:
         ``raw`` must stay valid until the future completes (``keep_alive`` is held for
         that). ``first_row`` is the global index of row 0, to align chunk boundaries.
         """
-        view = memoryview(raw).cast("B")
+        view = byte_view(raw)
         nbytes = len(view)
         if nbytes <= self.inline_bytes:
             payload = pipeline.encode(view)
@@ -170,7 +170,7 @@ class BlobReader:
         except CkptStoreError as exc:
             raise CorruptChunkError(f"chunk {loc} cannot be decoded: {exc}") from exc
         expected = (ref.row_stop - ref.row_start) * row_bytes
-        if len(memoryview(raw).cast("B")) != expected:
+        if byte_view(raw).nbytes != expected:
             raise CorruptChunkError(f"chunk {loc} decoded to {len(raw)} bytes, expected {expected}")
         return raw
 

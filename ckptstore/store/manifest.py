@@ -120,6 +120,9 @@ class Manifest:
     writer: str = ""
     seconds: float = 0.0
     user: dict[str, Any] = field(default_factory=dict)
+    int_keys: list[list[Any]] = field(default_factory=list)
+    """Paths (as in planner_data) whose last element was an int dict key before DCP's
+    flattening turned it into a str — so load_full can give optimizer state its int keys."""
     manifest_bytes: int = 0
     """Size of the stored manifest object (set when read or committed; not serialized)."""
 
@@ -183,6 +186,7 @@ class Manifest:
             "seconds": self.seconds,
             "planner_data": self.planner_data,
             "user": self.user,
+            "int_keys": self.int_keys,
             "codecs": codecs,
             "tensors": tensors,
             "objects": objects,
@@ -248,6 +252,7 @@ class Manifest:
             writer=str(d.get("writer", "")),
             seconds=float(d.get("seconds", 0.0)),
             user=dict(d.get("user") or {}),
+            int_keys=[list(p) for p in d.get("int_keys") or []],
         )
 
 

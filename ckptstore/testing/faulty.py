@@ -1,0 +1,71 @@
+"""A fault-injecting in-memory fsspec filesystem, registered as ``faulty://``.
+
+Because faults happen below fsspec, a test exercises the whole real path (URL parsing,
+backend error translation, store, DCP) and only the storage misbehaves. Faults are set on
+the class and cleared with :func:`reset` (tests use the ``faults`` fixture).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+from dataclasses import dataclass, field
+
+import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
+
+
+@dataclass
+class FaultPlan:
+    fail_put_after: int | None = None
+    """Let this many matching puts succeed, then fail every later one."""
+    put_match: str = "*"
+    corrupt_get_match: str | None = None
+    """Flip one bit in the middle of every object read whose path matches."""
+    truncate_get_match: str | None = None
+    """Return only the first half of every object read whose path matches."""
+    puts: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class FaultyFileSystem(MemoryFileSystem):
+    protocol = "faulty"
+    store: dict = {}  # noqa: RUF012 - its own namespace, apart from memory://
+    pseudo_dirs = [""]  # noqa: RUF012
+    plan = FaultPlan()
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        plan = type(self).plan
+        if fnmatch.fnmatch(path, plan.put_match) and plan.fail_put_after is not None:
+            with plan.lock:
+                plan.puts += 1
+                n = plan.puts
+            if n > plan.fail_put_after:
+                raise OSError(f"injected put failure #{n} on {path}")
+        return super().pipe_file(path, value, mode=mode, **kwargs)
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        data = super().cat_file(path, start=start, end=end, **kwargs)
+        plan = type(self).plan
+        if plan.corrupt_get_match and fnmatch.fnmatch(path, plan.corrupt_get_match) and data:
+            buf = bytearray(data)
+            buf[len(buf) // 2] ^= 0x10
+            data = bytes(buf)
+        if plan.truncate_get_match and fnmatch.fnmatch(path, plan.truncate_get_match):
+            data = data[: len(data) // 2]
+        return data
+
+
+def reset() -> None:
+    """Clear every fault and every stored object."""
+    FaultyFileSystem.plan = FaultPlan()
+    FaultyFileSystem.store.clear()
+    FaultyFileSystem.pseudo_dirs[:] = [""]
+
+
+def set_plan(**kwargs: object) -> FaultPlan:
+    FaultyFileSystem.plan = FaultPlan(**kwargs)  # type: ignore[arg-type]
+    return FaultyFileSystem.plan
+
+
+fsspec.register_implementation("faulty", FaultyFileSystem, clobber=True)

@@ -1,0 +1,60 @@
+"""Shared helpers for tests: exact comparison of nested states, small models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def assert_same(a: Any, b: Any, path: str = "") -> None:
+    """Nested equality; tensors bit-exact (NaN payloads included), dtype and shape too."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{path}: {type(b)} is not a tensor"
+        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} != {b.dtype}"
+        assert a.shape == b.shape, f"{path}: shape {a.shape} != {b.shape}"
+        if a.numel():
+            av = a.detach().contiguous().reshape(-1).view(torch.uint8)
+            bv = b.detach().contiguous().reshape(-1).view(torch.uint8)
+            assert torch.equal(av, bv), f"{path}: values differ"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {set(a)} != {set(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def zeros_like_state(state: Any) -> Any:
+    """A template with the same structure, tensors zeroed (values differ from the saved)."""
+    if isinstance(state, torch.Tensor):
+        out = torch.empty_like(state.contiguous())
+        out.reshape(-1).view(torch.uint8).zero_() if out.numel() else None
+        return out
+    if isinstance(state, dict):
+        return {k: zeros_like_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [zeros_like_state(v) for v in state]
+    return state
+
+
+def model_and_optimizer(seed: int = 0, width: int = 256):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(1000, width),
+        torch.nn.Linear(width, 4 * width),
+        torch.nn.GELU(),
+        torch.nn.Linear(4 * width, width),
+        torch.nn.LayerNorm(width),
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        x = torch.randint(0, 1000, (8, 16))
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
