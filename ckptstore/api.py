@@ -70,6 +70,7 @@ def save(
     process_group: Any = None,
     planner: Any = None,
     chunk_bytes: int | None = None,
+    inline_bytes: int | None = None,
     threads: int | None = None,
 ) -> SaveInfo:
     """Save ``state_dict`` as checkpoint ``step``/``name`` of the store at ``url``.
@@ -84,6 +85,7 @@ def save(
         name=name,
         storage_options=storage_options,
         chunk_bytes=chunk_bytes,
+        inline_bytes=inline_bytes,
         threads=threads,
         int_keys=_int_key_paths(state_dict),
     )
@@ -248,7 +250,8 @@ def _unflatten(
         raw = list(mapping.get(fqn, [fqn]))
         # (key, is_list_index) per step
         steps = [
-            (int(p), False) if isinstance(p, str) and tuple(raw[: i + 1]) in ints
+            (int(p), False)
+            if isinstance(p, str) and tuple(raw[: i + 1]) in ints
             else (p, isinstance(p, int))
             for i, p in enumerate(raw)
         ]

@@ -68,8 +68,9 @@ ALL_DTYPES = [getattr(torch, n) for n in DTYPES if isinstance(getattr(torch, n, 
 
 def _random_tensor(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    raw = torch.randint(0, 256, (n * torch.tensor([], dtype=dtype).element_size(),),
-                        dtype=torch.uint8, generator=g)
+    raw = torch.randint(
+        0, 256, (n * torch.tensor([], dtype=dtype).element_size(),), dtype=torch.uint8, generator=g
+    )
     if dtype == torch.bool:
         return raw.bool()
     return raw.view(dtype)  # every bit pattern, NaNs and infs included

@@ -10,9 +10,23 @@ import ckptstore
 from tests.helpers import assert_same, model_and_optimizer, zeros_like_state
 
 DTYPES = [
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64,
-    torch.complex128, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
-    torch.bool, torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
 ]
 
 
@@ -55,8 +69,10 @@ def test_training_state_roundtrip(store_url):
     assert info.name == "step-000000000100" and info.step == 100
     assert info.logical_bytes == sum(
         t.numel() * t.element_size()
-        for t in [*model.state_dict().values(),
-                  *(v for s in opt.state_dict()["state"].values() for v in s.values())]
+        for t in [
+            *model.state_dict().values(),
+            *(v for s in opt.state_dict()["state"].values() for v in s.values()),
+        ]
     )
     assert 0 < info.stored_bytes < info.logical_bytes
     assert info.new_bytes == info.stored_bytes

@@ -229,7 +229,9 @@ def demo_cmd(url: str, checkpoints: int, steps: int, storage_options: tuple[str,
     """Train a small model, save checkpoints, show their sizes, load the last one back."""
     from ckptstore.demo import run_demo
 
-    ok = run_demo(url, checkpoints=checkpoints, steps=steps, storage_options=_options(storage_options))
+    ok = run_demo(
+        url, checkpoints=checkpoints, steps=steps, storage_options=_options(storage_options)
+    )
     sys.exit(0 if ok else EXIT_DAMAGED)
 
 
@@ -255,8 +257,13 @@ def bench_cmd(
     """
     from ckptstore.bench import run_bench
 
-    results = run_bench(url, list(datasets) or ["minilm", "minilm-bf16", "synthetic"],
-                        size_mb=size_mb, repeat=repeat, show=not as_json)
+    results = run_bench(
+        url,
+        list(datasets) or ["minilm", "minilm-bf16", "synthetic"],
+        size_mb=size_mb,
+        repeat=repeat,
+        show=not as_json,
+    )
     if as_json:
         emit_json(results)
 

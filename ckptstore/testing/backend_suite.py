@@ -1,8 +1,8 @@
 """Conformance suite every backend must pass. Subclass and define ``make_backend``.
 
-    class TestLocal(BackendSuite):
-        def make_backend(self, tmp_path):
-            return open_backend(str(tmp_path))
+class TestLocal(BackendSuite):
+    def make_backend(self, tmp_path):
+        return open_backend(str(tmp_path))
 """
 
 from __future__ import annotations

@@ -1,0 +1,113 @@
+"""The CLI run as a user runs it: a subprocess, JSON parsed, exit codes checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ckptstore
+from ckptstore.store import Repository, layout
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptstore.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def store(local_url):
+    ckptstore.save({"w": torch.randn(2048, 512), "b": torch.zeros(8)}, local_url, step=10)
+    ckptstore.save({"w": torch.randn(2048, 512), "b": torch.ones(8)}, local_url, step=20)
+    return local_url
+
+
+def test_ls_json(store):
+    rows = json.loads(run("ls", store, "--json").stdout)
+    assert [r["name"] for r in rows] == ["step-000000000010", "step-000000000020"]
+    assert [r["step"] for r in rows] == [10, 20]
+    assert rows[0]["logical_bytes"] == 2048 * 512 * 4 + 32
+    assert 1.0 < rows[0]["ratio"] < 1.3  # random normal floats: only the exponent compresses
+
+
+def test_ls_table(store):
+    out = run("ls", store).stdout
+    assert "step-000000000020" in out and "ratio" in out
+
+
+def test_inspect_json_and_table(store):
+    rep = json.loads(run("inspect", store, "--step", "10", "--json").stdout)
+    assert rep["checkpoint"]["name"] == "step-000000000010"
+    w = next(t for t in rep["tensors"] if t["fqn"] == "w")
+    assert w["shape"] == [2048, 512] and w["dtype"] == "float32"
+    assert w["codec"] == "group4+rot>zstd-entropy"
+    assert w["chunks"] == 1 and w["shared_bytes"] == 0
+    assert run("inspect", store).stdout.count("step-000000000020") == 1
+
+
+def test_verify_ok_and_damaged(store):
+    out = json.loads(run("verify", store, "--json").stdout)
+    assert out["ok"] and out["chunks_checked"] == 2
+    repo = Repository.open(store)
+    key = repo.backend.list(layout.CHUNKS)[0]
+    path = repo.backend.path(key)
+    data = bytearray(open(path, "rb").read())
+    data[100] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    proc = run("verify", store, check=False)
+    assert proc.returncode == 1
+    assert key in proc.stderr and "'w'" in proc.stderr and "step-0000000000" in proc.stderr
+    proc = run("verify", store, "--json", check=False)
+    assert proc.returncode == 1 and json.loads(proc.stdout)["problems"][0]["chunk"] == key
+
+
+def test_exit_codes_and_one_line_errors(tmp_path, store):
+    proc = run("ls", str(tmp_path / "missing"), check=False)
+    assert proc.returncode == 3
+    assert proc.stderr.strip().count("\n") == 0 and "StoreNotFoundError" in proc.stderr
+    proc = run("inspect", store, "--step", "99", check=False)
+    assert proc.returncode == 3 and "step 99" in proc.stderr
+    proc = run("ls", "nosuch://bucket", check=False)
+    assert proc.returncode == 2 and "nosuch" in proc.stderr
+    repo = Repository.open(store)
+    mpath = repo.backend.path(layout.manifest_key("step-000000000010"))
+    open(mpath, "wb").write(open(mpath, "rb").read()[:50])
+    proc = run("ls", store, check=False)
+    assert proc.returncode == 4 and "ManifestError" in proc.stderr
+
+
+def test_storage_options_flag(tmp_path):
+    url = f"file://{tmp_path}/s"
+    ckptstore.save({"a": torch.ones(3)}, url, step=1)
+    rows = json.loads(run("ls", url, "-o", "auto_mkdir=true", "--json").stdout)
+    assert rows[0]["name"] == "step-000000000001"
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    url = str(tmp_path / "demo")
+    proc = run("demo", "--url", url, "--checkpoints", "3", "--steps", "2")
+    assert "bit-exact: OK" in proc.stdout
+    rows = json.loads(run("ls", url, "--json").stdout)
+    assert len(rows) == 3
+    # after the first checkpoint only the head trains: later ones write far less
+    assert rows[1]["new_bytes"] < 0.5 * rows[0]["new_bytes"]
+    proc = run("demo", "--url", url, "--checkpoints", "1", "--steps", "2")  # resumes
+    assert "resumed from step-000000000006" in proc.stdout
+    assert len(json.loads(run("ls", url, "--json").stdout)) == 4
+
+
+def test_console_script_installed():
+    exe = os.path.join(os.path.dirname(sys.executable), "ckptstore")
+    proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and ckptstore.__version__ in proc.stdout

@@ -1,0 +1,66 @@
+"""Content addressing: unchanged chunks are not written again."""
+
+from __future__ import annotations
+
+import torch
+
+import ckptstore
+from ckptstore.store import Repository, layout
+
+
+def _chunk_objects(url: str) -> set[str]:
+    repo = Repository.open(url)
+    return set(repo.backend.list(layout.CHUNKS))
+
+
+def test_second_save_of_same_state_writes_only_the_manifest(store_url):
+    state = {f"layer{i}.weight": torch.randn(512, 1024) for i in range(4)}
+    first = ckptstore.save(state, store_url, step=1, chunk_bytes=1 << 20)
+    before = _chunk_objects(store_url)
+    second = ckptstore.save(state, store_url, step=2, chunk_bytes=1 << 20)
+    assert _chunk_objects(store_url) == before
+    assert first.new_chunks == first.chunks == 8
+    assert second.new_chunks == 0 and second.chunks == 8
+    assert second.stored_bytes == first.stored_bytes
+    assert second.new_bytes == second.manifest_bytes  # nothing but the manifest
+    assert second.new_bytes < 0.002 * first.new_bytes
+
+
+def test_one_changed_tensor_writes_only_its_chunks(store_url):
+    state = {f"layer{i}.weight": torch.randn(512, 1024) for i in range(4)}
+    ckptstore.save(state, store_url, step=1, chunk_bytes=1 << 20)
+    before = _chunk_objects(store_url)
+    state["layer2.weight"] = state["layer2.weight"] + 1.0
+    info = ckptstore.save(state, store_url, step=2, chunk_bytes=1 << 20)
+    new_objects = _chunk_objects(store_url) - before
+    assert info.new_chunks == len(new_objects) == 2  # the two chunks of layer2
+    report = ckptstore.Store(store_url).inspect(step=2)
+    for t in report.tensors:
+        if t.fqn == "layer2.weight":
+            assert t.shared_bytes == 0
+        else:
+            assert t.shared_bytes == t.stored_bytes
+
+
+def test_changed_rows_rewrite_only_their_chunk(store_url):
+    w = torch.randn(4096, 256)  # 4 MiB → four 1 MiB chunks of 1024 rows
+    ckptstore.save({"w": w}, store_url, step=1, chunk_bytes=1 << 20)
+    w[1500] += 1  # inside the second chunk
+    info = ckptstore.save({"w": w}, store_url, step=2, chunk_bytes=1 << 20)
+    assert (info.chunks, info.new_chunks) == (4, 1)
+
+
+def test_failed_save_chunks_are_not_trusted_for_dedup(faults):
+    """A chunk left by a save that never committed is rewritten, not assumed whole."""
+    url = "faulty://dedup"
+    state = {"w": torch.randn(2048, 512)}
+    faults.set_plan(fail_put_after=0, put_match="*/checkpoints/*")  # fail at the commit
+    try:
+        ckptstore.save(state, url, step=1, chunk_bytes=1 << 20)
+    except ckptstore.CkptStoreError:
+        pass
+    else:
+        raise AssertionError("the injected commit failure did not surface")
+    faults.set_plan()
+    info = ckptstore.save(state, url, step=2, chunk_bytes=1 << 20)
+    assert info.new_chunks == info.chunks == 4

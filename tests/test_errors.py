@@ -1,0 +1,231 @@
+"""Every bad input gets a clear error naming what and where, and leaves the store as it was."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+
+import pytest
+import torch
+
+import ckptstore
+from ckptstore import errors
+from ckptstore.store import Repository, layout
+from tests.helpers import assert_same
+
+
+@pytest.fixture
+def saved(local_url):
+    state = {"w": torch.randn(1024, 512), "b": torch.randn(16), "meta": {"epoch": 1}}
+    ckptstore.save(state, local_url, step=1, chunk_bytes=1 << 20)
+    return local_url, state
+
+
+def _chunk_paths(url: str) -> list[str]:
+    repo = Repository.open(url)
+    return [repo.backend.path(k) for k in repo.backend.list(layout.CHUNKS)]
+
+
+def test_error_tree_subclasses_builtins():
+    assert issubclass(errors.ChunkNotFoundError, FileNotFoundError)
+    assert issubclass(errors.StoreNotFoundError, FileNotFoundError)
+    assert issubclass(errors.CheckpointExistsError, FileExistsError)
+    assert issubclass(errors.CorruptChunkError, ValueError)
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), ckptstore.CkptStoreError)
+    assert ckptstore.CkptStoreError is errors.CkptStoreError
+
+
+def test_unknown_url_scheme():
+    with pytest.raises(errors.UnknownSchemeError, match="nosuch"):
+        ckptstore.save({"a": torch.ones(2)}, "nosuch://x/y", step=1)
+    with pytest.raises(errors.UnknownSchemeError, match="nosuch"):
+        ckptstore.load_full("nosuch://x/y")
+
+
+def test_store_not_found(tmp_path):
+    with pytest.raises(errors.StoreNotFoundError, match="store.json"):
+        ckptstore.load({"a": torch.ones(2)}, str(tmp_path / "none"))
+    with pytest.raises(errors.StoreNotFoundError):
+        ckptstore.Store(str(tmp_path / "none"))
+
+
+def test_checkpoint_not_found(saved):
+    url, _ = saved
+    with pytest.raises(errors.CheckpointNotFoundError, match="step 7"):
+        ckptstore.load_full(url, step=7)
+    with pytest.raises(errors.CheckpointNotFoundError, match="nope"):
+        ckptstore.load({"w": torch.zeros(1024, 512)}, url, name="nope")
+
+
+def test_empty_store_has_no_latest(tmp_path):
+    Repository.open(str(tmp_path / "s"), create=True)
+    with pytest.raises(errors.CheckpointNotFoundError, match="no committed checkpoint"):
+        ckptstore.load_full(str(tmp_path / "s"))
+
+
+def test_checkpoint_exists_is_never_overwritten(saved):
+    url, state = saved
+    with pytest.raises(errors.CheckpointExistsError, match="step-000000000001"):
+        ckptstore.save({"w": torch.zeros(3)}, url, step=1)
+    assert_same(state, ckptstore.load_full(url, step=1))
+
+
+def test_invalid_names():
+    with pytest.raises(ValueError, match="invalid checkpoint name"):
+        ckptstore.Writer("memory://x", name="../escape")
+    with pytest.raises(ValueError, match="step= or name="):
+        ckptstore.Writer("memory://x")
+    with pytest.raises(ValueError, match="non-negative"):
+        ckptstore.Writer("memory://x", step=-1)
+
+
+def test_corrupt_chunk_names_chunk_tensor_and_checkpoint(saved):
+    url, _ = saved
+    path = _chunk_paths(url)[0]
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(errors.CorruptChunkError) as info:
+        ckptstore.load({"w": torch.zeros(1024, 512), "b": torch.zeros(16)}, url)
+    msg = str(info.value)
+    assert "checksum" in msg and "'w'" in msg and "step-000000000001" in msg
+    assert path.rsplit("/", 1)[-1] in msg
+    with pytest.raises(errors.CorruptChunkError):
+        ckptstore.load_full(url)
+
+
+def test_truncated_chunk(saved):
+    url, _ = saved
+    path = _chunk_paths(url)[1]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 3])
+    with pytest.raises(errors.CorruptChunkError, match="'w'"):
+        ckptstore.load_full(url)
+
+
+def test_missing_chunk(saved):
+    url, _ = saved
+    path = _chunk_paths(url)[0]
+    import os
+
+    os.unlink(path)
+    with pytest.raises(errors.ChunkNotFoundError) as info:
+        ckptstore.load({"w": torch.zeros(1024, 512), "b": torch.zeros(16)}, url)
+    assert path.rsplit("/", 1)[-1] in str(info.value) and "'w'" in str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_bad_manifest(saved, damage):
+    url, _ = saved
+    repo = Repository.open(url)
+    path = repo.backend.path(layout.manifest_key("step-000000000001"))
+    data = bytearray(open(path, "rb").read())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[-10] ^= 0x40
+    else:
+        data = bytearray(b"not a manifest at all")
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(errors.ManifestError, match="step-000000000001"):
+        ckptstore.load_full(url)
+    with pytest.raises(errors.ManifestError):
+        ckptstore.Store(url).list()
+
+
+def test_unknown_store_format_version(saved):
+    url, _ = saved
+    repo = Repository.open(url)
+    path = repo.backend.path(layout.STORE_JSON)
+    cfg = json.load(open(path))
+    cfg["version"] = 99
+    json.dump(cfg, open(path, "w"))
+    with pytest.raises(errors.FormatVersionError, match="version 99"):
+        ckptstore.load_full(url)
+    with pytest.raises(errors.FormatVersionError):  # and a save does not touch it
+        ckptstore.save({"a": torch.ones(2)}, url, step=2)
+    assert json.load(open(path))["version"] == 99
+
+
+def test_unknown_manifest_version_and_codec(saved):
+    import msgpack
+    import xxhash
+
+    url, _ = saved
+    repo = Repository.open(url)
+    m = repo.manifest("step-000000000001")
+
+    def rewrite(mutate, name):
+        d = m.to_dict()
+        mutate(d)
+        d["name"] = name
+        body = msgpack.packb(d, use_bin_type=True)
+        frame = b"CKM1" + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little") + body
+        repo.backend.put(layout.manifest_key(name), frame)
+
+    rewrite(lambda d: d.update(format=2), "future")
+    with pytest.raises(errors.FormatVersionError, match="format version 2"):
+        ckptstore.load_full(url, name="future")
+    rewrite(lambda d: d["codecs"][0][0].update(id="brotli-9000"), "newcodec")
+    with pytest.raises(errors.UnknownCodecError, match="brotli-9000"):
+        ckptstore.load_full(url, name="newcodec")
+
+
+def test_shape_mismatch_names_tensor(saved):
+    url, _ = saved
+    with pytest.raises(errors.MismatchError, match=r"shape mismatch for 'w'.*\[1024, 512\]"):
+        ckptstore.load({"w": torch.zeros(1000, 512), "b": torch.zeros(16)}, url)
+
+
+def test_dtype_mismatch_names_tensor(saved):
+    url, _ = saved
+    with pytest.raises(errors.MismatchError, match="dtype mismatch for 'w'.*float32.*bfloat16"):
+        ckptstore.load({"w": torch.zeros(1024, 512, dtype=torch.bfloat16)}, url)
+
+
+def test_key_missing_from_checkpoint(saved):
+    url, _ = saved
+    with pytest.raises(errors.MismatchError, match="'extra'"):
+        ckptstore.load({"w": torch.zeros(1024, 512), "extra": torch.zeros(2)}, url)
+
+
+def test_dtype_mismatch_through_plain_dcp_reader(saved):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    url, _ = saved
+    with pytest.raises(CheckpointException, match="dtype mismatch for 'w'"):
+        dcp.load(
+            {"w": torch.zeros(1024, 512, dtype=torch.float64)}, storage_reader=ckptstore.Reader(url)
+        )
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned: code ran from a checkpoint",))
+
+
+def test_objects_needing_pickle_are_refused(local_url, capsys):
+    ckptstore.save({"w": torch.ones(2), "obj": {"evil": _Evil()}}, local_url, step=1)
+    capsys.readouterr()
+    with pytest.raises(errors.UnsafeObjectError, match="obj"):
+        ckptstore.load_full(local_url)
+    with pytest.raises(errors.UnsafeObjectError, match="obj"):
+        ckptstore.load({"w": torch.zeros(2), "obj": {"evil": None}}, local_url)
+    assert "pwned" not in capsys.readouterr().out
+    full = ckptstore.load_full(local_url, allow_pickle=True)  # explicit opt-in
+    assert "pwned" in capsys.readouterr().out
+    assert full["w"].tolist() == [1.0, 1.0]
+
+
+def test_load_object_accepts_plain_values():
+    from ckptstore.dcp import load_object
+
+    buf = io.BytesIO()
+    torch.save({"a": [1, 2.0, "x"], "t": torch.ones(2)}, buf)
+    assert load_object(buf.getvalue(), "x", False)["a"] == [1, 2.0, "x"]
+    with pytest.raises(errors.UnsafeObjectError):
+        load_object(pickle.dumps(_Evil()), "x", False)
