@@ -3,6 +3,7 @@ Writer/Reader, plus ``load_full`` and :class:`Store` for working with a store di
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -89,6 +90,7 @@ def save(
         threads=threads,
         int_keys=_int_key_paths(state_dict),
     )
+    t0 = time.monotonic()
     _run(
         lambda: dcp.save(
             state_dict,
@@ -99,6 +101,8 @@ def save(
         )
     )
     info = writer.save_info
+    if info is not None:
+        info.seconds = time.monotonic() - t0  # the whole call, planning included
     if _distributed():
         box = [info]
         dist.broadcast_object_list(box, src=0, group=process_group)

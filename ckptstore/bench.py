@@ -409,61 +409,72 @@ def _warm_up(root: str) -> None:
     shutil.rmtree(os.path.join(root, ".warm-up"), ignore_errors=True)
 
 
-def _measure(m: _Method, state: StateDict, folder: str, logical: int, repeat: int) -> dict:
-    res: dict[str, Any] = {"method": m.key, "label": m.label, "save_s": None, "load_s": None}
-    try:
-        saves = []
-        for _ in range(repeat):
-            _fresh_dir(folder)
-            seconds, extra = _timed(lambda: m.save(state, folder))
-            saves.append(seconds)
-            res.update(extra)
-        res["save_s"] = min(saves)
-        res["stored_bytes"], res["files"] = disk_usage(folder)
-        res["ratio"] = logical / res["stored_bytes"] if res["stored_bytes"] else None
-        loads, problems = [], []
-        for _ in range(repeat):
-            template = _template(state) if m.in_place else None
-            seconds, (got, extra) = _timed(lambda t=template: m.load(folder, t))
-            loads.append(seconds)
-            res.update(extra)
-            diff = first_difference(state, got)
-            if diff:
-                problems.append(diff)
-            del got, template
-        res["load_s"] = min(loads)
-        res["exact"] = not problems
-        if problems:
-            res["mismatch"] = problems[0]
-    except Exception as exc:  # one failing method must not hide the others' figures
-        res["error"] = f"{type(exc).__name__}: {exc}"
-    return res
+def _round(m: _Method, state: StateDict, folder: str, res: dict[str, Any]) -> None:
+    """One save + load (+ for ckptstore a second save of the same state) of ``m``."""
+    _fresh_dir(folder)
+    seconds, extra = _timed(lambda: m.save(state, folder))
+    res["saves"].append(seconds)
+    res.update(extra)
+    res["stored_bytes"], res["files"] = disk_usage(folder)
+    template = _template(state) if m.in_place else None
+    seconds, (got, extra) = _timed(lambda t=template: m.load(folder, t))
+    res["loads"].append(seconds)
+    res.update(extra)
+    diff = first_difference(state, got)
+    if diff and "mismatch" not in res:
+        res["mismatch"] = diff
+    del got, template
+    if m.key == "ckptstore":
+        from ckptstore.api import save
 
-
-def _measure_resave(state: StateDict, folder: str, logical: int, repeat: int) -> dict:
-    """ckptstore.save of the same state as new steps of the store just written."""
-    from ckptstore.api import save
-
-    res: dict[str, Any] = {"method": "ckptstore-resave", "label": "ckptstore, same state again"}
-    try:
-        before, _ = disk_usage(folder)
-        infos, seconds = [], []
-        for i in range(repeat):
-            s, info = _timed(lambda i=i: save(state, folder, step=1 + i))
-            seconds.append(s)
-            infos.append(info)
-        after, _ = disk_usage(folder)
-        res.update(
-            save_s=min(seconds),
-            load_s=None,
-            new_bytes=infos[0].new_bytes,
-            new_chunks=infos[0].new_chunks,
-            chunks=infos[0].chunks,
-            disk_growth_bytes=(after - before) // repeat,
+        again = res.setdefault(
+            "resave", {"method": "ckptstore-resave", "label": "ckptstore, same state again"}
         )
-    except Exception as exc:
-        res["error"] = f"{type(exc).__name__}: {exc}"
-    return res
+        before, _ = disk_usage(folder)
+        seconds, info = _timed(lambda: save(state, folder, step=1))
+        again.setdefault("saves", []).append(seconds)
+        again.update(
+            new_bytes=info.new_bytes,
+            new_chunks=info.new_chunks,
+            chunks=info.chunks,
+            disk_growth_bytes=disk_usage(folder)[0] - before,
+        )
+
+
+def _measure_all(
+    state: StateDict, root: str, logical: int, repeat: int, show: bool, name: str
+) -> list[dict[str, Any]]:
+    """Every method ``repeat`` times, round-robin (so load on the machine hits all alike);
+    best save and best load kept."""
+    runs = {m.key: {"method": m.key, "label": m.label, "saves": [], "loads": []} for m in METHODS}
+    for i in range(repeat):
+        for m in METHODS:
+            res = runs[m.key]
+            if "error" in res:
+                continue
+            _progress(
+                show, f"{name}: {m.label}" + (f" (run {i + 1}/{repeat})" if repeat > 1 else "")
+            )
+            try:
+                _round(m, state, os.path.join(root, m.key), res)
+            except Exception as exc:  # one failing method must not hide the others' figures
+                res["error"] = f"{type(exc).__name__}: {exc}"
+    out: list[dict[str, Any]] = []
+    for m in METHODS:
+        res = runs[m.key]
+        resave = res.pop("resave", None)
+        saves, loads = res.pop("saves"), res.pop("loads")
+        res["save_s"] = min(saves) if saves else None
+        res["load_s"] = min(loads) if len(loads) == len(saves) and loads else None
+        if "error" not in res:
+            res["ratio"] = logical / res["stored_bytes"] if res.get("stored_bytes") else None
+            res["exact"] = "mismatch" not in res
+        out.append(res)
+        if resave is not None:
+            resave["save_s"] = min(resave.pop("saves"))
+            resave["load_s"] = None
+            out.append(resave)
+    return out
 
 
 # -- codec micro-benchmark --------------------------------------------------------------------
@@ -564,13 +575,7 @@ def bench_dataset(
     if state is None:
         return result
     logical = result["logical_bytes"]
-    methods: list[dict[str, Any]] = []
-    for m in METHODS:
-        _progress(show, f"{name}: {m.label}")
-        folder = os.path.join(root, name, m.key)
-        methods.append(_measure(m, state, folder, logical, repeat))
-        if m.key == "ckptstore" and "error" not in methods[-1]:
-            methods.append(_measure_resave(state, folder, logical, repeat))
+    methods = _measure_all(state, os.path.join(root, name), logical, repeat, show, name)
     base = methods[0]
     for r in methods:
         for what in ("save_s", "load_s"):
@@ -738,23 +743,15 @@ def render(results: Mapping[str, Any]) -> None:
 
 
 # -- chunk-size sweep -------------------------------------------------------------------------
-def _sweep_one(state: StateDict, folder: str, chunk_bytes: int, repeat: int) -> dict:
+def _sweep_one(state: StateDict, folder: str, chunk_bytes: int) -> dict[str, Any]:
+    """One codec pass and one ckptstore save + load at ``chunk_bytes``."""
     from ckptstore.api import load, save
 
     codec = codec_bench(state, chunk_bytes)
-    saves, loads, exact = [], [], True
-    info = None
-    for _ in range(repeat):
-        _fresh_dir(folder)
-        s, info = _timed(lambda: save(state, folder, step=0, chunk_bytes=chunk_bytes))
-        saves.append(s)
-    for _ in range(repeat):
-        template = _template(state)
-        s, _ = _timed(lambda t=template: load(t, folder, step=0))
-        loads.append(s)
-        exact = exact and first_difference(state, template) is None
-        del template
-    assert info is not None
+    _fresh_dir(folder)
+    save_s, info = _timed(lambda: save(state, folder, step=0, chunk_bytes=chunk_bytes))
+    template = _template(state)
+    load_s, _ = _timed(lambda: load(template, folder, step=0))
     stored, files = disk_usage(folder)
     return {
         "chunk_bytes": chunk_bytes,
@@ -764,10 +761,20 @@ def _sweep_one(state: StateDict, folder: str, chunk_bytes: int, repeat: int) -> 
         "chunks": info.chunks,
         "files": files,
         "stored_bytes": stored,
-        "save_s": min(saves),
-        "load_s": min(loads),
-        "exact": exact,
+        "save_s": save_s,
+        "load_s": load_s,
+        "exact": first_difference(state, template) is None,
     }
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    best = dict(rows[0])
+    for key in ("save_s", "load_s"):
+        best[key] = min(r[key] for r in rows)
+    for key in ("encode_mb_s", "decode_mb_s"):
+        best[key] = max(r[key] for r in rows)
+    best["exact"] = all(r["exact"] for r in rows)
+    return best
 
 
 def chunk_sweep(
@@ -791,15 +798,17 @@ def chunk_sweep(
             if state is None:
                 out["datasets"][name] = about
                 continue
-            rows = []
-            for cs in chunk_sizes:
-                _progress(show, f"{name}: chunk {cs >> 10} KiB")
-                folder = os.path.join(root, name, f"chunk-{cs}")
-                row = _sweep_one(state, folder, cs, repeat)
+            runs: dict[int, list[dict[str, Any]]] = {cs: [] for cs in chunk_sizes}
+            for i in range(repeat):  # round-robin, so machine load hits every size alike
+                for cs in chunk_sizes:
+                    _progress(show, f"{name}: chunk {cs >> 10} KiB, run {i + 1}/{repeat}")
+                    folder = os.path.join(root, name, f"chunk-{cs}")
+                    runs[cs].append(_sweep_one(state, folder, cs))
+                    if temporary:
+                        shutil.rmtree(folder, ignore_errors=True)
+            rows = [_best(runs[cs]) for cs in chunk_sizes]
+            for row in rows:
                 row["ratio"] = about["logical_bytes"] / row["stored_bytes"]
-                rows.append(row)
-                if temporary:
-                    shutil.rmtree(folder, ignore_errors=True)
             out["datasets"][name] = {**about, "rows": rows}
     finally:
         if temporary:

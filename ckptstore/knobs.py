@@ -19,6 +19,9 @@ _DEFAULTS: dict[str, int] = {
     "THREADS": min(8, max(2, os.cpu_count() or 2)),
     # zstd level for integer and byte data (floats use the entropy-coder mode)
     "ZSTD_LEVEL": 1,
+    # 1: local files are fsync'ed before they are renamed into place, so after a power
+    # loss a committed manifest never names a chunk that did not reach the disk
+    "FSYNC": 1,
 }
 
 

@@ -171,3 +171,20 @@ def test_load_returns_what_was_read(store_url):
     assert li.name == "step-000000000001"
     assert li.objects_read == 4  # 4 MiB tensor in 1 MiB chunks
     assert li.bytes_read == info.stored_bytes - info.manifest_bytes
+
+
+def test_get_state_dict_style_model_and_optimizer(store_url):
+    """The state dict shape DCP users have: get_state_dict → save → load → set_state_dict."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, opt = model_and_optimizer()
+    msd, osd = get_state_dict(model, opt)
+    ckptstore.save({"model": msd, "optim": osd}, store_url, step=1)
+    model2, opt2 = model_and_optimizer(seed=5)
+    msd2, osd2 = get_state_dict(model2, opt2)
+    target = {"model": msd2, "optim": osd2}
+    ckptstore.load(target, store_url)
+    set_state_dict(model2, opt2, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    assert_same(model.state_dict(), model2.state_dict())
+    assert_same(opt.state_dict(), opt2.state_dict())
+    assert_same(osd, ckptstore.load_full(store_url)["optim"])

@@ -140,6 +140,9 @@ class Backend:
         tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
             f.write(data)
+            if knobs.get("FSYNC"):
+                f.flush()
+                os.fsync(f.fileno())
         try:
             if create_only:
                 try:
