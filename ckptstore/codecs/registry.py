@@ -28,8 +28,8 @@ def get_codec(config: dict[str, Any]) -> Codec:
         raise UnknownCodecError(f"unknown codec id {codec_id!r} (this reader knows: {known})")
     try:
         return cls.from_config(config)
-    except TypeError as exc:
-        raise UnknownCodecError(f"bad config for codec {codec_id!r}: {config!r}") from exc
+    except (TypeError, ValueError) as exc:
+        raise UnknownCodecError(f"bad config for codec {codec_id!r}: {config!r}: {exc}") from exc
 
 
 def known_ids() -> list[str]:

@@ -150,7 +150,7 @@ class Writer(StorageWriter):
                     first_row = int(offsets[0]) if len(offsets) else 0
                     pipeline = default_pipeline(dtype_name(tensor.dtype))
                     fut = writer.submit(
-                        raw, pipeline, rows=max(rows, 1), first_row=first_row, keep_alive=owner
+                        raw, pipeline, rows=rows, first_row=first_row, keep_alive=owner
                     )
                 pending.append((item, fut))
             results = []

@@ -167,7 +167,7 @@ class BlobReader:
         payload = unframe(stored, loc)
         try:
             raw = pipeline.decode(payload)
-        except CkptStoreError as exc:
+        except (CkptStoreError, ValueError, TypeError) as exc:
             raise CorruptChunkError(f"chunk {loc} cannot be decoded: {exc}") from exc
         expected = (ref.row_stop - ref.row_start) * row_bytes
         if byte_view(raw).nbytes != expected:
@@ -187,7 +187,11 @@ class BlobReader:
         row_bytes = blob.nbytes // blob.rows if blob.rows else blob.nbytes
         if blob.inline is not None:
             loc = f"inline data of {where}"
-            raw = np.frombuffer(pipeline.decode(unframe(blob.inline, loc)), dtype=np.uint8)
+            try:
+                decoded = pipeline.decode(unframe(blob.inline, loc))
+            except (ValueError, TypeError) as exc:
+                raise CorruptChunkError(f"{loc} cannot be decoded: {exc}") from exc
+            raw = np.frombuffer(decoded, dtype=np.uint8)
             if raw.size != blob.nbytes:
                 raise CorruptChunkError(
                     f"{loc} decoded to {raw.size} bytes, expected {blob.nbytes}"

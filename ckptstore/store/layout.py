@@ -56,7 +56,11 @@ def check_name(name: str) -> str:
 def resolve_name(step: int | None, name: str | None) -> str:
     """The checkpoint name for a save given ``step`` and/or ``name``."""
     if name is not None:
-        return check_name(name)
+        check_name(name)
+        named_step = step_of_name(name)
+        if step is not None and named_step is not None and named_step != step:
+            raise ValueError(f"name {name!r} and step={step} disagree")
+        return name
     if step is None:
         raise ValueError("give step= or name= to name the checkpoint")
     return step_name(step)

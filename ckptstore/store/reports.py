@@ -152,11 +152,17 @@ def verify(
     progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Re-read and decode every chunk of one checkpoint (or all), checking checksums and,
-    for lossless codecs, that the decoded bytes still hash to the chunk's key."""
-    manifests = [repo.manifest(name)] if name is not None else repo.manifests()
-    report = VerifyReport([m.name for m in manifests])
+    for lossless codecs, that the decoded bytes still hash to the chunk's key. Unreadable
+    manifests are reported as problems too, not raised."""
+    if name is not None:
+        manifests = [repo.manifest(name)]
+        bad: dict[str, CkptStoreError] = {}
+    else:
+        manifests, bad = repo.scan()
+    report = VerifyReport([m.name for m in manifests] + list(bad))
+    for bad_name, exc in bad.items():
+        report.problems.append(Problem(bad_name, "(manifest)", "(manifest)", str(exc)))
     reader = BlobReader(repo)
-    seen: dict[bytes, str | None] = {}
     work: list[tuple[Manifest, str, Blob, ChunkRef]] = []
     for m in manifests:
         for fqn, blob in m.blobs():
@@ -171,16 +177,18 @@ def verify(
 
     def check(task: tuple[Manifest, str, Blob, ChunkRef]) -> tuple[bytes, str | None, int]:
         m, fqn, blob, ref = task
-        pipeline = Pipeline.from_config(blob.codec)
-        row_bytes = blob.nbytes // blob.rows if blob.rows else blob.nbytes
+        where = f"{fqn!r} (first seen in checkpoint {m.name!r})"
         try:
-            raw = reader.fetch_chunk(ref, pipeline, row_bytes, f"{fqn!r} of checkpoint {m.name!r}")
+            pipeline = Pipeline.from_config(blob.codec)
+            row_bytes = blob.nbytes // blob.rows if blob.rows else blob.nbytes
+            raw = reader.fetch_chunk(ref, pipeline, row_bytes, where)
             if pipeline.lossless and content_key(pipeline, raw) != ref.key:
                 return ref.key, "decoded content does not match the chunk's key", ref.stored
         except CkptStoreError as exc:
             return ref.key, str(exc), ref.stored
         return ref.key, None, ref.stored
 
+    seen: dict[bytes, str | None] = {}
     unique = []
     for task in work:
         if task[3].key not in seen:

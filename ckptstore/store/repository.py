@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ from ckptstore.backend import Backend, open_backend
 from ckptstore.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CkptStoreError,
     FormatVersionError,
     ObjectExistsError,
     ObjectNotFoundError,
@@ -122,12 +124,30 @@ class Repository:
         return m
 
     def manifests(self) -> list[Manifest]:
-        """Every committed checkpoint, oldest first (by commit time, then step)."""
-        names = self.names()
-        found = self.backend.map(self.manifest, names)
-        return sorted(
-            found, key=lambda m: (m.created, m.step if m.step is not None else -1, m.name)
-        )
+        """Every committed checkpoint, oldest first (by commit time, then step).
+
+        Raises the first error if any manifest cannot be read: use :meth:`scan` to get the
+        readable ones and the errors separately.
+        """
+        found, bad = self.scan()
+        if bad:
+            raise next(iter(bad.values()))
+        return found
+
+    def scan(self) -> tuple[list[Manifest], dict[str, CkptStoreError]]:
+        """Readable manifests, oldest first, and the error of each unreadable one by name."""
+        bad: dict[str, CkptStoreError] = {}
+
+        def read(name: str) -> Manifest | None:
+            try:
+                return self.manifest(name)
+            except CkptStoreError as exc:
+                bad[name] = exc
+                return None
+
+        found = [m for m in self.backend.map(read, self.names()) if m is not None]
+        found.sort(key=lambda m: (m.created, m.step if m.step is not None else -1, m.name))
+        return found, dict(sorted(bad.items()))
 
     def resolve(self, step: int | None = None, name: str | None = None) -> str:
         """The checkpoint name meant by ``step``/``name``; the latest when both are None."""
@@ -160,7 +180,10 @@ class Repository:
         were written whole.
         """
         known: dict[bytes, int] = {}
-        for m in self.manifests():
+        found, bad = self.scan()
+        for name, exc in bad.items():  # losing dedup against it is safe; failing saves is not
+            warnings.warn(f"dedup skips unreadable checkpoint {name!r}: {exc}", stacklevel=2)
+        for m in found:
             for _, blob in m.blobs():
                 for c in blob.chunks:
                     known[c.key] = c.stored
