@@ -471,9 +471,10 @@ def _measure_all(
             res["exact"] = "mismatch" not in res
         out.append(res)
         if resave is not None:
-            resave["save_s"] = min(resave.pop("saves"))
-            resave["load_s"] = None
-            out.append(resave)
+            resaves = resave.pop("saves", [])
+            if resaves:
+                resave.update(save_s=min(resaves), load_s=None)
+                out.append(resave)
     return out
 
 
@@ -495,7 +496,7 @@ def codec_bench(state: StateDict, chunk_bytes: int | None = None) -> dict[str, A
 
     chunk_bytes = knobs.get("CHUNK_BYTES", chunk_bytes)
     by_dtype: dict[str, dict[str, Any]] = {}
-    chunks = 0
+    pieces = 0  # chunks, plus one per tensor too small to be cut
     for _, t in iter_tensors(state):
         if t.numel() == 0:
             continue
@@ -520,7 +521,7 @@ def codec_bench(state: StateDict, chunk_bytes: int | None = None) -> dict[str, A
             acc["enc"] += memoryview(encoded).nbytes
             acc["enc_s"] += t1 - t0
             acc["dec_s"] += t2 - t1
-            chunks += 1
+            pieces += 1
     raw = sum(d["raw"] for d in by_dtype.values())
     enc = sum(d["enc"] for d in by_dtype.values())
     enc_s = sum(d["enc_s"] for d in by_dtype.values())
@@ -537,7 +538,7 @@ def codec_bench(state: StateDict, chunk_bytes: int | None = None) -> dict[str, A
 
     return {
         "chunk_bytes": chunk_bytes,
-        "chunks": chunks,
+        "pieces": pieces,
         **rates(raw, enc, enc_s, dec_s),
         "by_dtype": {
             k: {"pipeline": d["pipeline"], **rates(d["raw"], d["enc"], d["enc_s"], d["dec_s"])}

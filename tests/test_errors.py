@@ -229,3 +229,33 @@ def test_load_object_accepts_plain_values():
     assert load_object(buf.getvalue(), "x", False)["a"] == [1, 2.0, "x"]
     with pytest.raises(errors.UnsafeObjectError):
         load_object(pickle.dumps(_Evil()), "x", False)
+
+
+@pytest.mark.parametrize("damage", ["gap", "nbytes", "box", "codec_index", "renamed"])
+def test_manifest_schema_violations_are_refused(saved, damage):
+    """A manifest with a valid checksum but inconsistent content is refused, not half-read."""
+    import msgpack
+    import xxhash
+
+    url, _ = saved
+    repo = Repository.open(url)
+    d = repo.manifest("step-000000000001").to_dict()
+    shard = d["tensors"]["w"]["shards"][0]
+    if damage == "gap":
+        shard["chunks"][1][1] += 1  # second chunk starts one row late
+    elif damage == "nbytes":
+        shard["nbytes"] -= 4
+    elif damage == "box":
+        shard["sizes"][0] += 1
+    elif damage == "codec_index":
+        shard["codec"] = -1
+    else:
+        d["name"] = "someone-else"
+    body = msgpack.packb(d, use_bin_type=True)
+    frame = b"CKM1" + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little") + body
+    repo.backend.put(layout.manifest_key("bad"), frame)
+    with pytest.raises(errors.ManifestError, match="bad"):
+        ckptstore.load_full(url, name="bad")
+    report = ckptstore.Store(url).verify()
+    assert [p.checkpoint for p in report.problems] == ["bad"]
+    assert ckptstore.Store(url).verify("step-000000000001").ok

@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 import xxhash
 
+from ckptstore.codecs.pipeline import DTYPES
 from ckptstore.errors import FormatVersionError, ManifestError
 from ckptstore.store.layout import FORMAT_VERSION
 
@@ -79,6 +80,8 @@ class Blob:
 
     @classmethod
     def unpack(cls, v: dict[str, Any], codecs: list[list[dict[str, Any]]]) -> Blob:
+        if not 0 <= v["codec"] < len(codecs):
+            raise ValueError(f"codec index {v['codec']} outside the codec table")
         codec = codecs[v["codec"]]
         inline = v.get("inline")
         chunks = [] if inline is not None else [ChunkRef.unpack(c) for c in v["chunks"]]
@@ -219,9 +222,47 @@ class Manifest:
                 f"version {FORMAT_VERSION} — upgrade ckptstore to read it"
             )
         try:
-            return cls._from_dict(d)
+            manifest = cls._from_dict(d)
+            manifest.validate()
+            return manifest
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ManifestError(f"manifest {where} does not follow the v1 schema: {exc!r}") from exc
+
+    def validate(self) -> None:
+        """Structural checks a reader relies on; raises ValueError naming the problem."""
+        for fqn, t in self.tensors.items():
+            itemsize = DTYPES.get(t.dtype, (None, None))[0]
+            if itemsize is None:
+                raise ValueError(f"tensor {fqn!r} has unknown dtype {t.dtype!r}")
+            for s in t.shards:
+                if len(s.offsets) != len(t.shape) or len(s.sizes) != len(t.shape):
+                    raise ValueError(f"shard of {fqn!r} has rank unlike shape {t.shape}")
+                for off, size, dim in zip(s.offsets, s.sizes, t.shape, strict=True):
+                    if off < 0 or size < 0 or off + size > dim:
+                        raise ValueError(
+                            f"shard {s.offsets}+{s.sizes} of {fqn!r} exceeds {t.shape}"
+                        )
+                numel = 1
+                for size in s.sizes:
+                    numel *= size
+                if s.blob.nbytes != numel * itemsize:
+                    raise ValueError(
+                        f"shard of {fqn!r} holds {s.blob.nbytes} bytes, expected {numel * itemsize}"
+                    )
+                rows = s.sizes[0] if s.sizes else 1
+                if s.blob.rows != rows and s.blob.nbytes:
+                    raise ValueError(f"shard of {fqn!r} has {s.blob.rows} rows, expected {rows}")
+        for fqn, blob in self.blobs():
+            if blob.rows < 0 or blob.nbytes < 0 or (blob.rows and blob.nbytes % blob.rows):
+                raise ValueError(f"{fqn!r}: {blob.nbytes} bytes do not split into {blob.rows} rows")
+            if blob.inline is None:
+                expect = 0
+                for c in blob.chunks:  # chunks must tile [0, rows) in order
+                    if c.row_start != expect or c.row_stop <= c.row_start:
+                        raise ValueError(f"chunks of {fqn!r} do not tile its rows at {expect}")
+                    expect = c.row_stop
+                if expect != blob.rows:
+                    raise ValueError(f"chunks of {fqn!r} cover {expect} of {blob.rows} rows")
 
     @classmethod
     def _from_dict(cls, d: dict[str, Any]) -> Manifest:

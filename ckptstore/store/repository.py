@@ -15,6 +15,7 @@ from ckptstore.errors import (
     CheckpointNotFoundError,
     CkptStoreError,
     FormatVersionError,
+    ManifestError,
     ObjectExistsError,
     ObjectNotFoundError,
     StoreNotFoundError,
@@ -118,6 +119,10 @@ class Repository:
                 f"checkpoint {name!r} not found in {self.url} (no {key})"
             ) from None
         m = Manifest.decode(data, self.backend.describe(key))
+        if m.name != name:
+            raise ManifestError(
+                f"manifest {self.backend.describe(key)} says it is checkpoint {m.name!r}"
+            )
         m.manifest_bytes = len(data)
         with self._lock:
             self._manifests[name] = m
