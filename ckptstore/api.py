@@ -154,6 +154,9 @@ def load(
         threads=threads,
     )
     _check_template(state_dict, reader)
+    # pin the checkpoint: a commit landing now must not make DCP load another "latest"
+    assert reader.manifest is not None
+    reader.name, reader.step = reader.manifest.name, None
     _run(
         lambda: dcp.load(
             state_dict,

@@ -8,6 +8,7 @@ error (storage, mismatch). Errors print one line on stderr.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -51,9 +52,18 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except errors.CkptStoreError as exc:
             click.echo(f"ckptstore: error: {type(exc).__name__}: {exc}", err=True)
             sys.exit(_exit_code(exc))
-        except ValueError as exc:
+        except ValueError as exc:  # bad arguments (names, steps, knob values)
             click.echo(f"ckptstore: error: {exc}", err=True)
             sys.exit(EXIT_USAGE)
+        except (OSError, RuntimeError, TypeError, KeyError) as exc:
+            if os.environ.get("CKPTSTORE_DEBUG"):
+                raise
+            click.echo(
+                f"ckptstore: error: {type(exc).__name__}: {exc} "
+                "(set CKPTSTORE_DEBUG=1 for a traceback)",
+                err=True,
+            )
+            sys.exit(EXIT_OTHER)
 
     return wrapper
 
@@ -109,9 +119,14 @@ def ls_cmd(url: str, storage_options: tuple[str, ...], as_json: bool) -> None:
     from ckptstore.store.reports import CheckpointSummary
 
     repo = _repo(url, storage_options)
-    rows = [CheckpointSummary.of(m) for m in repo.manifests()]
+    found, bad = repo.scan()
+    rows = [CheckpointSummary.of(m) for m in found]
+    for name, exc in bad.items():
+        click.echo(f"ckptstore: error: checkpoint {name!r} unreadable: {exc}", err=True)
     if as_json:
         emit_json([r.to_dict() for r in rows])
+        if bad:
+            sys.exit(EXIT_CORRUPT)
         return
     table = Table(title=f"{url} — {len(rows)} checkpoint(s)")
     for col in ("name", "step", "created", "tensors", "logical", "stored", "ratio", "written"):
@@ -128,6 +143,8 @@ def ls_cmd(url: str, storage_options: tuple[str, ...], as_json: bool) -> None:
             human_bytes(r.new_bytes),
         )
     console.print(table)
+    if bad:
+        sys.exit(EXIT_CORRUPT)
 
 
 @cli.command("inspect")

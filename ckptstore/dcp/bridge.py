@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ckptstore.codecs.base import byte_view
@@ -30,6 +32,10 @@ def torch_dtype(name: str) -> torch.dtype:
         return _BY_NAME[name]
     except KeyError:
         raise MismatchError(f"checkpoint holds dtype {name!r}, unknown to this torch") from None
+
+
+if sys.byteorder != "little":  # pragma: no cover - no such machine in CI
+    raise ImportError("ckptstore format v1 stores little-endian bytes; this host is big-endian")
 
 
 def to_host_bytes(tensor: torch.Tensor) -> tuple[memoryview, torch.Tensor]:

@@ -24,7 +24,7 @@ from ckptstore import knobs
 from ckptstore.codecs.pipeline import Pipeline
 from ckptstore.dcp.bridge import from_bytes, torch_dtype
 from ckptstore.dcp.metadata import metadata_from_manifest
-from ckptstore.errors import MismatchError, UnsafeObjectError
+from ckptstore.errors import CorruptChunkError, MismatchError, UnsafeObjectError
 from ckptstore.store.blobs import BlobReader
 from ckptstore.store.manifest import Blob, ChunkRef, Manifest, Shard
 from ckptstore.store.repository import Repository
@@ -55,6 +55,8 @@ def load_object(raw: bytes, where: str, allow_pickle: bool) -> Any:
                 f"{where} needs full pickle to load (it is not a plain value): {exc}. "
                 "Pass allow_pickle=True only if you trust this store."
             ) from exc
+    except Exception as exc:  # checksum-valid bytes that are not a torch.save stream
+        raise CorruptChunkError(f"{where} cannot be deserialized: {exc}") from exc
     return torch.load(io.BytesIO(raw), weights_only=False, map_location="cpu")
 
 
@@ -146,8 +148,13 @@ class Reader(StorageReader):
             if req.type == LoadItemType.BYTE_IO:
                 blob = rec if isinstance(rec, Blob) else rec.blob
                 raw = reader.read_rows(blob, 0, blob.rows, where).tobytes()
-                load_object(raw, where, self.allow_pickle)  # refuses unsafe pickles
-                planner.load_bytes(req, io.BytesIO(raw))
+                # deserialize once, safely; hand DCP's planner (which calls torch.load with
+                # weights_only=False) a fresh serialization of the already-loaded value
+                value = load_object(raw, where, self.allow_pickle)
+                fresh = io.BytesIO()
+                torch.save(value, fresh)
+                fresh.seek(0)
+                planner.load_bytes(req, fresh)
                 continue
             assert isinstance(rec, Shard)
             target = planner.resolve_tensor(req).detach()

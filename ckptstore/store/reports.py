@@ -64,7 +64,9 @@ class TensorReport:
     logical_bytes: int
     stored_bytes: int
     shared_bytes: int
-    """Stored bytes of chunks that an earlier checkpoint had already written."""
+    """Stored bytes of chunks this tensor did not write itself: written by an earlier
+    checkpoint, or by another tensor of the same save (tied weights). Inline data counts
+    as written."""
 
     @property
     def ratio(self) -> float:
