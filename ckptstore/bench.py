@@ -322,13 +322,20 @@ def _fresh_dir(folder: str) -> None:
 class _Method:
     key: str
     label: str
-    save: Callable[[StateDict, str], dict[str, Any]]
+    save: Callable[[StateDict, str, bool], dict[str, Any]]  # (state, folder, fsync)
     load: Callable[[str, Any], tuple[Any, dict[str, Any]]]
     in_place: bool  # load fills a preallocated template (made outside the timing)
 
 
-def _torch_save(state: StateDict, folder: str) -> dict[str, Any]:
-    torch.save(state, os.path.join(folder, "state.pt"))
+def _torch_save(state: StateDict, folder: str, fsync: bool) -> dict[str, Any]:
+    path = os.path.join(folder, "state.pt")
+    torch.save(state, path)
+    if fsync:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return {}
 
 
@@ -337,11 +344,11 @@ def _torch_load(folder: str, _: Any) -> tuple[Any, dict[str, Any]]:
     return torch.load(path, map_location="cpu", weights_only=True), {}
 
 
-def _dcp_save(zstd: bool) -> Callable[[StateDict, str], dict[str, Any]]:
-    def save(state: StateDict, folder: str) -> dict[str, Any]:
+def _dcp_save(zstd: bool) -> Callable[[StateDict, str, bool], dict[str, Any]]:
+    def save(state: StateDict, folder: str, fsync: bool) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
 
-        kwargs: dict[str, Any] = {"sync_files": False}
+        kwargs: dict[str, Any] = {"sync_files": fsync}
         if zstd:
             from torch.distributed.checkpoint._extension import ZStandard
 
@@ -359,7 +366,8 @@ def _dcp_load(folder: str, template: Any) -> tuple[Any, dict[str, Any]]:
     return template, {}
 
 
-def _ckpt_save(state: StateDict, folder: str) -> dict[str, Any]:
+def _ckpt_save(state: StateDict, folder: str, fsync: bool) -> dict[str, Any]:
+    """fsync is the CKPTSTORE_FSYNC knob, set for the whole run by :func:`_fsync_knob`."""
     from ckptstore.api import save
 
     info = save(state, folder, step=0)
@@ -402,17 +410,19 @@ def _warm_up(root: str) -> None:
         folder = os.path.join(root, ".warm-up", m.key)
         try:
             _fresh_dir(folder)
-            m.save(state, folder)
+            m.save(state, folder, False)
             m.load(folder, _template(state) if m.in_place else None)
         except Exception:
             pass  # a broken method reports its error when measured
     shutil.rmtree(os.path.join(root, ".warm-up"), ignore_errors=True)
 
 
-def _round(m: _Method, state: StateDict, folder: str, res: dict[str, Any]) -> None:
+def _round(
+    m: _Method, state: StateDict, folder: str, res: dict[str, Any], fsync: bool
+) -> None:
     """One save + load (+ for ckptstore a second save of the same state) of ``m``."""
     _fresh_dir(folder)
-    seconds, extra = _timed(lambda: m.save(state, folder))
+    seconds, extra = _timed(lambda: m.save(state, folder, fsync))
     res["saves"].append(seconds)
     res.update(extra)
     res["stored_bytes"], res["files"] = disk_usage(folder)
@@ -442,7 +452,7 @@ def _round(m: _Method, state: StateDict, folder: str, res: dict[str, Any]) -> No
 
 
 def _measure_all(
-    state: StateDict, root: str, logical: int, repeat: int, show: bool, name: str
+    state: StateDict, root: str, logical: int, repeat: int, show: bool, name: str, fsync: bool
 ) -> list[dict[str, Any]]:
     """Every method ``repeat`` times, round-robin (so load on the machine hits all alike);
     best save and best load kept."""
@@ -456,7 +466,7 @@ def _measure_all(
                 show, f"{name}: {m.label}" + (f" (run {i + 1}/{repeat})" if repeat > 1 else "")
             )
             try:
-                _round(m, state, os.path.join(root, m.key), res)
+                _round(m, state, os.path.join(root, m.key), res, fsync)
             except Exception as exc:  # one failing method must not hide the others' figures
                 res["error"] = f"{type(exc).__name__}: {exc}"
     out: list[dict[str, Any]] = []
