@@ -18,6 +18,7 @@ measure decoding and deserialising, not the disk.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
@@ -417,9 +418,7 @@ def _warm_up(root: str) -> None:
     shutil.rmtree(os.path.join(root, ".warm-up"), ignore_errors=True)
 
 
-def _round(
-    m: _Method, state: StateDict, folder: str, res: dict[str, Any], fsync: bool
-) -> None:
+def _round(m: _Method, state: StateDict, folder: str, res: dict[str, Any], fsync: bool) -> None:
     """One save + load (+ for ckptstore a second save of the same state) of ``m``."""
     _fresh_dir(folder)
     seconds, extra = _timed(lambda: m.save(state, folder, fsync))
@@ -570,6 +569,20 @@ def _local_root(url: str | None) -> tuple[str, bool]:
     return os.path.abspath(url), False
 
 
+@contextlib.contextmanager
+def _fsync_knob(fsync: bool) -> Iterator[None]:
+    """Set ckptstore's FSYNC knob (read on every write) for the duration of a run."""
+    old = os.environ.get("CKPTSTORE_FSYNC")
+    os.environ["CKPTSTORE_FSYNC"] = "1" if fsync else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CKPTSTORE_FSYNC", None)
+        else:
+            os.environ["CKPTSTORE_FSYNC"] = old
+
+
 def _progress(show: bool, msg: str) -> None:
     if show:
         from ckptstore.cli.render import err_console
@@ -578,7 +591,13 @@ def _progress(show: bool, msg: str) -> None:
 
 
 def bench_dataset(
-    name: str, root: str, *, size_mb: int = 500, repeat: int = 1, show: bool = True
+    name: str,
+    root: str,
+    *,
+    size_mb: int = 500,
+    repeat: int = 1,
+    show: bool = True,
+    fsync: bool = False,
 ) -> dict[str, Any]:
     """All methods and the codec micro-benchmark on one dataset, under ``root/name``."""
     _progress(show, f"{name}: preparing data")
@@ -586,7 +605,7 @@ def bench_dataset(
     if state is None:
         return result
     logical = result["logical_bytes"]
-    methods = _measure_all(state, os.path.join(root, name), logical, repeat, show, name)
+    methods = _measure_all(state, os.path.join(root, name), logical, repeat, show, name, fsync)
     base = methods[0]
     for r in methods:
         for what in ("save_s", "load_s"):
@@ -613,12 +632,16 @@ def run_bench(
     size_mb: int = 500,
     repeat: int = 1,
     show: bool = True,
+    fsync: bool = False,
 ) -> dict:
     """Benchmark save/load of each dataset with every method; print tables when ``show``.
 
     ``url`` is a local folder to work in (a temporary one, removed afterwards, when None;
     otherwise the per-method subfolders ``<url>/<dataset>/<method>`` are replaced and
-    kept). Returns a JSON-serialisable dict: machine, settings, per-dataset figures.
+    kept). ``fsync`` makes every method fsync what it wrote (torch.save: the file; DCP:
+    ``sync_files``; ckptstore: the ``CKPTSTORE_FSYNC`` knob); by default none does, so saves
+    measure the methods, not the disk. Returns a JSON-serialisable dict: machine, settings,
+    per-dataset figures.
     """
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
@@ -634,8 +657,12 @@ def run_bench(
             "repeat": repeat,
             "timing": f"best of {repeat}" if repeat > 1 else "single run",
             "loads": PAGE_CACHE_NOTE,
+            "fsync": fsync,
             "notes": [
-                "no method fsyncs: torch.save and ckptstore do not, DCP runs with sync_files=False",
+                "every method fsyncs what it writes (torch.save: its file, DCP: sync_files=True, "
+                "ckptstore: CKPTSTORE_FSYNC=1)"
+                if fsync
+                else "no method fsyncs (DCP: sync_files=False, ckptstore: CKPTSTORE_FSYNC=0)",
                 "torch.load allocates its tensors; DCP and ckptstore load in place into a "
                 "template allocated before the timing",
                 f"DCP writes with 1 thread; ckptstore uses {knobs.get('THREADS')} threads",
@@ -647,11 +674,13 @@ def run_bench(
         "datasets": {},
     }
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _fsync_knob(fsync):
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             _warm_up(root)
             for name in dict.fromkeys(datasets):
-                res = bench_dataset(name, root, size_mb=size_mb, repeat=repeat, show=show)
+                res = bench_dataset(
+                    name, root, size_mb=size_mb, repeat=repeat, show=show, fsync=fsync
+                )
                 results["datasets"][name] = res
                 if "skipped" in res:
                     from ckptstore.cli.render import err_console
@@ -687,7 +716,8 @@ def render(results: Mapping[str, Any]) -> None:
     ram = human_bytes(mc["ram_bytes"]) if mc.get("ram_bytes") else "?"
     console.print(
         f"[bold]ckptstore bench[/bold] — {mc['cpu_model']}, {mc['cpu_count']} CPUs, {ram} RAM, "
-        f"torch {mc['torch']}, {results['settings']['timing']}"
+        f"torch {mc['torch']}, {results['settings']['timing']}, "
+        + ("every method fsyncs" if results["settings"].get("fsync") else "no fsync")
     )
     console.print(f"[dim]Note: {PAGE_CACHE_NOTE}.[/dim]")
     codec_rows = []
@@ -796,11 +826,15 @@ def chunk_sweep(
     size_mb: int = 100,
     repeat: int = 3,
     show: bool = True,
+    fsync: bool = False,
 ) -> dict:
     """Codec ratio/speed and ckptstore save/load seconds for each chunk size."""
     root, temporary = _local_root(url)
-    out: dict[str, Any] = {"machine": machine(), "repeat": repeat, "datasets": {}}
-    try:
+    out: dict[str, Any] = {"machine": machine(), "repeat": repeat, "fsync": fsync, "datasets": {}}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_fsync_knob(fsync))
+        if temporary:
+            stack.callback(shutil.rmtree, root, ignore_errors=True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             _warm_up(root)
@@ -821,9 +855,6 @@ def chunk_sweep(
             for row in rows:
                 row["ratio"] = about["logical_bytes"] / row["stored_bytes"]
             out["datasets"][name] = {**about, "rows": rows}
-    finally:
-        if temporary:
-            shutil.rmtree(root, ignore_errors=True)
     if show:
         _render_sweep(out)
     return out
@@ -838,7 +869,11 @@ def _render_sweep(out: Mapping[str, Any]) -> None:
         if "skipped" in ds:
             console.print(f"[yellow]{name}: skipped — {ds['skipped']}[/yellow]")
             continue
-        table = Table(title=f"chunk size sweep, {name} ({human_bytes(ds['logical_bytes'])})")
+        sync = "fsync" if out.get("fsync") else "no fsync"
+        table = Table(
+            title=f"chunk size sweep, {name} ({human_bytes(ds['logical_bytes'])}), "
+            f"best of {out['repeat']}, {sync}"
+        )
         for col in ("chunk", "chunks", "codec ratio", "enc MB/s", "dec MB/s", "stored",
                     "ratio", "save s", "load s", "bit-exact"):  # fmt: skip
             table.add_column(col, justify="right")
@@ -870,6 +905,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--size-mb", type=int, default=None, help="synthetic state size")
     p.add_argument("--repeat", type=int, default=None)
     p.add_argument("--chunk-sweep", action="store_true", help="compare chunk sizes instead")
+    p.add_argument("--fsync", action="store_true", help="every method fsyncs what it writes")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.chunk_sweep:
@@ -879,6 +915,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             size_mb=a.size_mb or 100,
             repeat=a.repeat or 3,
             show=not a.json,
+            fsync=a.fsync,
         )
     else:
         res = run_bench(
@@ -887,6 +924,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             size_mb=a.size_mb or 500,
             repeat=a.repeat or 1,
             show=not a.json,
+            fsync=a.fsync,
         )
     if a.json:
         emit_json(res)

@@ -29,16 +29,17 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-def zeros_like_state(state: Any) -> Any:
-    """A template with the same structure, tensors zeroed (values differ from the saved)."""
+def template_like(state: Any) -> Any:
+    """A load template with the same structure, every tensor byte set to 0xA5 — so a part
+    the load skipped shows up even where the saved values are zeros."""
     if isinstance(state, torch.Tensor):
         out = torch.empty_like(state.contiguous())
-        out.reshape(-1).view(torch.uint8).zero_() if out.numel() else None
+        out.reshape(-1).view(torch.uint8).fill_(0xA5) if out.numel() else None
         return out
     if isinstance(state, dict):
-        return {k: zeros_like_state(v) for k, v in state.items()}
+        return {k: template_like(v) for k, v in state.items()}
     if isinstance(state, list):
-        return [zeros_like_state(v) for v in state]
+        return [template_like(v) for v in state]
     return state
 
 

@@ -10,7 +10,7 @@ import torch
 
 import ckptstore
 from tests.fixtures.v1_data import state
-from tests.helpers import assert_same, zeros_like_state
+from tests.helpers import assert_same, template_like
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "store-v1"
 
@@ -29,7 +29,7 @@ def test_load_full_decodes_golden(fixture_copy, step):
 
 def test_load_in_place_decodes_golden(fixture_copy):
     expected = state(20)
-    target = zeros_like_state(expected)
+    target = template_like(expected)
     target["extra"] = {"epoch": 0, "tag": "", "list": [0, 0.0, ""]}
     target["optim"]["lr"] = 0.0
     ckptstore.load(target, fixture_copy)  # latest = step 20

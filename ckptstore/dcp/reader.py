@@ -140,7 +140,9 @@ class Reader(StorageReader):
         # 1. objects: small, read whole, deserialized safely, on this thread
         # 2. tensors: resolve every destination first (the planner is not thread-safe),
         #    then fetch each needed chunk once and copy its overlap into every box needing it
-        work: dict[tuple[int, bytes], tuple[Shard, ChunkRef | None, list]] = {}
+        # (shard, chunk key) → the shard, its chunk entries with that key (equal content may
+        # sit at several row ranges: zero rows, repeated blocks) and the boxes needing them
+        work: dict[tuple[int, bytes], tuple[Shard, dict[int, ChunkRef | None], dict]] = {}
         targets: list[tuple[ReadItem, torch.Tensor]] = []
         for req in plan.items:
             fqn, rec = self._record(req)
@@ -168,22 +170,27 @@ class Reader(StorageReader):
             )
             for ref in refs:
                 key = (id(rec), ref.key if ref is not None else b"")
-                work.setdefault(key, (rec, ref, []))[2].append((req, target, where))
+                entry = work.setdefault(key, (rec, {}, {}))
+                entry[1][ref.row_start if ref is not None else -1] = ref
+                entry[2][id(req)] = (req, target, where)
 
-        def fetch(task: tuple[Shard, ChunkRef | None, list]) -> None:
-            shard, ref, users = task
+        def fetch(task: tuple[Shard, dict[int, ChunkRef | None], dict]) -> None:
+            shard, refs, users = task
             blob = shard.blob
             rows_total = blob.rows
             row_bytes = blob.nbytes // rows_total if rows_total else 0
-            if ref is None:
-                raw = reader.read_rows(blob, 0, rows_total, users[0][2])
-                c0, c1 = 0, rows_total
-            else:
+            where = next(iter(users.values()))[2]
+            first = next(iter(refs.values()))
+            if first is None:
+                raw = reader.read_rows(blob, 0, rows_total, where)
+                spans = [(0, rows_total)]
+            else:  # fetched and decoded once, copied to every row range with this content
                 pipeline = Pipeline.from_config(blob.codec)
-                raw = reader.fetch_chunk(ref, pipeline, row_bytes, users[0][2])
-                c0, c1 = ref.row_start, ref.row_stop
-            for req, target, _ in users:
-                _copy_overlap(raw, c0, c1, shard, req, target)
+                raw = reader.fetch_chunk(first, pipeline, row_bytes, where)
+                spans = [(r.row_start, r.row_stop) for r in refs.values() if r is not None]
+            for c0, c1 in spans:
+                for req, target, _ in users.values():
+                    _copy_overlap(raw, c0, c1, shard, req, target)
 
         threads = knobs.get("THREADS", self.threads)
         tasks = list(work.values())
