@@ -64,3 +64,28 @@ def test_failed_save_chunks_are_not_trusted_for_dedup(faults):
     faults.set_plan()
     info = ckptstore.save(state, url, step=2, chunk_bytes=1 << 20)
     assert info.new_chunks == info.chunks == 4
+
+
+def _disk_bytes(root) -> int:
+    import os
+
+    return sum(
+        os.path.getsize(os.path.join(d, f))
+        for d, _, files in os.walk(root)
+        for f in files
+        if f != "store.json"
+    )
+
+
+def test_reported_bytes_match_disk(local_url):
+    """stored_bytes / new_bytes are what the disk holds: inline tensors counted once."""
+    state = {f"bias{i}": torch.randn(500) for i in range(100)}  # all inline
+    state["w"] = torch.randn(2048, 512)
+    first = ckptstore.save(state, local_url, step=1, chunk_bytes=1 << 20)
+    assert first.stored_bytes == first.new_bytes == _disk_bytes(local_url)
+    before = _disk_bytes(local_url)
+    second = ckptstore.save(state, local_url, step=2, chunk_bytes=1 << 20)
+    assert second.new_bytes == _disk_bytes(local_url) - before == second.manifest_bytes
+    listed = ckptstore.Store(local_url).list()
+    assert [c.new_bytes for c in listed] == [first.new_bytes, second.new_bytes]
+    assert [c.stored_bytes for c in listed] == [first.stored_bytes, second.stored_bytes]

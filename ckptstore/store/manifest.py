@@ -140,12 +140,17 @@ class Manifest:
         return sum(t.logical_bytes for t in self.tensors.values())
 
     @property
-    def stored_bytes(self) -> int:
-        return sum(b.stored_bytes for _, b in self.blobs())
+    def chunk_bytes(self) -> int:
+        """Stored bytes of the chunk objects this checkpoint names (each use counted).
+
+        Inline data is not included: it lives in the manifest, whose size callers add.
+        """
+        return sum(c.stored for _, b in self.blobs() for c in b.chunks)
 
     @property
-    def new_bytes(self) -> int:
-        return sum(b.new_bytes for _, b in self.blobs())
+    def new_chunk_bytes(self) -> int:
+        """Stored bytes of the chunk objects this checkpoint's save uploaded."""
+        return sum(c.stored for _, b in self.blobs() for c in b.chunks if c.new)
 
     def chunk_keys(self) -> set[bytes]:
         return {c.key for _, b in self.blobs() for c in b.chunks}
