@@ -263,10 +263,16 @@ def demo_cmd(url: str, checkpoints: int, steps: int, storage_options: tuple[str,
 )
 @click.option("--size-mb", default=500, show_default=True, help="Synthetic state size.")
 @click.option("--repeat", default=1, show_default=True, help="Runs per method (best kept).")
+@click.option("--fsync", is_flag=True, help="Every method makes its files durable (fsync).")
 @json_option
 @handle_errors
 def bench_cmd(
-    url: str | None, datasets: tuple[str, ...], size_mb: int, repeat: int, as_json: bool
+    url: str | None,
+    datasets: tuple[str, ...],
+    size_mb: int,
+    repeat: int,
+    fsync: bool,
+    as_json: bool,
 ) -> None:
     """Save/load seconds and sizes: ckptstore vs torch.save and plain DCP, in one run.
 
