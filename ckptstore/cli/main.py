@@ -286,6 +286,7 @@ def bench_cmd(
         size_mb=size_mb,
         repeat=repeat,
         show=not as_json,
+        fsync=fsync,
     )
     if as_json:
         emit_json(results)
