@@ -31,17 +31,17 @@ def _unwrap(exc: CheckpointException) -> BaseException:
         return exc
     ranks = sorted(failures)
     first = failures[ranks[0]][0]
-    if isinstance(first, CkptStoreError) and len(ranks) == 1 and not dist.is_initialized():
-        return first
+    if len(ranks) == 1 and not _distributed():
+        return first  # single process: the original exception, whatever its type
+    msg = f"failed on rank(s) {ranks}: " + "; ".join(
+        f"rank {r}: {type(failures[r][0]).__name__}: {failures[r][0]}" for r in ranks
+    )
     if isinstance(first, CkptStoreError):
-        msg = f"failed on rank(s) {ranks}: " + "; ".join(
-            f"rank {r}: {failures[r][0]}" for r in ranks
-        )
         try:
             return type(first)(msg)
         except TypeError:
-            return CkptStoreError(msg)
-    return exc
+            pass
+    return CkptStoreError(msg)
 
 
 def _distributed() -> bool:
