@@ -14,6 +14,7 @@ from ckptstore.version import __version__
 
 _LAZY = {
     "save": "ckptstore.api",
+    "async_save": "ckptstore.api",
     "load": "ckptstore.api",
     "load_full": "ckptstore.api",
     "Store": "ckptstore.api",

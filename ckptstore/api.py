@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -103,12 +104,80 @@ def save(
     info = writer.save_info
     if info is not None:
         info.seconds = time.monotonic() - t0  # the whole call, planning included
-    if _distributed():
-        box = [info]
-        dist.broadcast_object_list(box, src=0, group=process_group)
-        info = box[0]
+    if _distributed():  # only the coordinator saw every rank's results: share its figures
+        info = _broadcast(info, process_group)
     assert info is not None
     return info
+
+
+def async_save(
+    state_dict: StateDict,
+    url: str,
+    *,
+    step: int | None = None,
+    name: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    process_group: Any = None,
+    planner: Any = None,
+    chunk_bytes: int | None = None,
+    inline_bytes: int | None = None,
+    threads: int | None = None,
+) -> Future[SaveInfo]:
+    """Like :func:`save`, but returns once the state is copied to host memory.
+
+    Training may change the tensors as soon as this returns: the checkpoint holds their
+    values at the call. Encoding, upload and the commit run on a background thread; the
+    returned future gives the :class:`SaveInfo` (or raises the save's error). Staging needs
+    one host copy of this rank's share of the state, freed when the future completes. Wait
+    for one async save before starting the next (``fut.result()``).
+    """
+    writer = Writer(
+        url,
+        step=step,
+        name=name,
+        storage_options=storage_options,
+        chunk_bytes=chunk_bytes,
+        inline_bytes=inline_bytes,
+        threads=threads,
+        int_keys=_int_key_paths(state_dict),
+    )
+    t0 = time.monotonic()
+    started = _run(
+        lambda: dcp.async_save(
+            state_dict,
+            storage_writer=writer,
+            planner=planner,
+            process_group=process_group,
+            no_dist=not _distributed(),
+        )
+    )
+    upload = getattr(started, "upload_completion", started)  # AsyncSaveResponse or Future
+    result: Future[SaveInfo] = Future()
+
+    def finished(done: Future[Any]) -> None:
+        try:
+            done.result()
+            info = writer.save_info
+            if info is None:  # not the coordinator: the commit is done, read its figures
+                repo = Repository.open(url, storage_options)
+                info = SaveInfo.of(repo.manifest(writer.name))
+            info.seconds = time.monotonic() - t0
+            result.set_result(info)
+        except CheckpointException as exc:
+            result.set_exception(_unwrap(exc))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller via the future
+            result.set_exception(exc)
+
+    upload.add_done_callback(finished)
+    return result
+
+
+def _broadcast(value: Any, process_group: Any) -> Any:
+    """``value`` of the group's coordinator (its rank 0), on every rank."""
+    src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+    box = [value]
+    dist.broadcast_object_list(box, src=src, group=process_group)
+    return box[0]
 
 
 def _int_key_paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[list[Any]]:
@@ -153,10 +222,10 @@ def load(
         allow_pickle=allow_pickle,
         threads=threads,
     )
+    # pin the checkpoint once (on the coordinator, for every rank): a commit landing now
+    # must not make DCP, or another rank, load a different "latest"
+    reader.name, reader.step = _resolve_everywhere(url, step, name, storage_options, process_group)
     _check_template(state_dict, reader)
-    # pin the checkpoint: a commit landing now must not make DCP load another "latest"
-    assert reader.manifest is not None
-    reader.name, reader.step = reader.manifest.name, None
     _run(
         lambda: dcp.load(
             state_dict,
@@ -168,6 +237,29 @@ def load(
     )
     assert reader.load_info is not None
     return reader.load_info
+
+
+def _resolve_everywhere(
+    url: str,
+    step: int | None,
+    name: str | None,
+    storage_options: Mapping[str, Any] | None,
+    process_group: Any,
+) -> tuple[str, None]:
+    def resolve() -> tuple[str, Any]:
+        try:
+            return "ok", Repository.open(url, storage_options).resolve(step, name)
+        except CkptStoreError as exc:
+            return "error", exc
+
+    if _distributed():
+        coordinator = dist.get_rank(process_group) == 0
+        status, value = _broadcast(resolve() if coordinator else None, process_group)
+    else:
+        status, value = resolve()
+    if status == "error":
+        raise value
+    return value, None
 
 
 def _check_template(state_dict: StateDict, reader: Reader) -> None:
@@ -309,4 +401,4 @@ class Store:
         return f"Store({self.url!r})"
 
 
-__all__ = ["LoadInfo", "SaveInfo", "Store", "load", "load_full", "save"]
+__all__ = ["LoadInfo", "SaveInfo", "Store", "async_save", "load", "load_full", "save"]

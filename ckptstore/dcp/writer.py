@@ -28,7 +28,7 @@ from ckptstore.dcp.metadata import manifest_from_metadata
 from ckptstore.errors import CheckpointExistsError
 from ckptstore.store import layout
 from ckptstore.store.blobs import BlobWriter
-from ckptstore.store.manifest import Blob
+from ckptstore.store.manifest import Blob, Manifest
 from ckptstore.store.repository import Repository
 from ckptstore.version import __version__
 
@@ -53,6 +53,22 @@ class SaveInfo:
     @property
     def ratio(self) -> float:
         return self.logical_bytes / self.stored_bytes if self.stored_bytes else 0.0
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> SaveInfo:
+        """The figures of a committed checkpoint (``manifest_bytes`` must be known)."""
+        chunks = [c for _, b in manifest.blobs() for c in b.chunks]
+        return cls(
+            name=manifest.name,
+            step=manifest.step,
+            logical_bytes=manifest.logical_bytes,
+            stored_bytes=manifest.chunk_bytes + manifest.manifest_bytes,
+            new_bytes=manifest.new_chunk_bytes + manifest.manifest_bytes,
+            seconds=manifest.seconds,
+            chunks=len(chunks),
+            new_chunks=sum(1 for c in chunks if c.new),
+            manifest_bytes=manifest.manifest_bytes,
+        )
 
 
 class Writer(StorageWriter):
@@ -184,19 +200,10 @@ class Writer(StorageWriter):
             seconds=seconds,
         )
         manifest.int_keys = self.int_keys
-        manifest_bytes = self._repository().commit(manifest)
-        all_chunks = [c for _, b in manifest.blobs() for c in b.chunks]
-        self.save_info = SaveInfo(
-            name=self.name,
-            step=self.step,
-            logical_bytes=manifest.logical_bytes,
-            stored_bytes=manifest.chunk_bytes + manifest_bytes,
-            new_bytes=manifest.new_chunk_bytes + manifest_bytes,
-            seconds=time.monotonic() - self._t0,
-            chunks=len(all_chunks),
-            new_chunks=sum(1 for c in all_chunks if c.new),
-            manifest_bytes=manifest_bytes,
-        )
+        _one_writer_per_chunk(manifest)
+        self._repository().commit(manifest)
+        self.save_info = SaveInfo.of(manifest)
+        self.save_info.seconds = time.monotonic() - self._t0
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=f"{self.url}#{self.name}", save_id=self._save_id)
@@ -204,3 +211,13 @@ class Writer(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | Any) -> bool:
         return False  # never picked automatically by dcp for a bare path
+
+
+def _one_writer_per_chunk(manifest: Manifest) -> None:
+    """Ranks that wrote equal content at once each marked the chunk new; count it once."""
+    seen: set[bytes] = set()
+    for _, blob in manifest.blobs():
+        for c in blob.chunks:
+            if c.new and c.key in seen:
+                c.new = False
+            seen.add(c.key)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import fsspec
 from fsspec.implementations.memory import MemoryFileSystem
 
+from ckptstore.errors import BackendError
+
 
 @dataclass
 class FaultPlan:
@@ -69,3 +71,37 @@ def set_plan(**kwargs: object) -> FaultPlan:
 
 
 fsspec.register_implementation("faulty", FaultyFileSystem, clobber=True)
+
+
+class failing_puts:  # noqa: N801 - used like a function: ``with failing_puts(after=2):``
+    """Make every Backend in this process fail puts whose key contains ``match`` after
+    ``after`` of them succeeded — a backend that breaks on the Nth write, on any storage."""
+
+    def __init__(self, after: int, match: str = "") -> None:
+        self.after = after
+        self.match = match
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> failing_puts:
+        from ckptstore.backend import Backend
+
+        self._original = original = Backend.put
+        outer = self
+
+        def put(backend, key, data, *, create_only=False):
+            if outer.match in key:
+                with outer._lock:
+                    outer.count += 1
+                    n = outer.count
+                if n > outer.after:
+                    raise BackendError(f"injected put failure #{n} on {backend.describe(key)}")
+            return original(backend, key, data, create_only=create_only)
+
+        Backend.put = put  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from ckptstore.backend import Backend
+
+        Backend.put = self._original  # type: ignore[method-assign]
