@@ -22,6 +22,20 @@ _DEFAULTS: dict[str, int] = {
     # 1: local files are fsync'ed before they are renamed into place, so after a power
     # loss a committed manifest never names a chunk that did not reach the disk
     "FSYNC": 1,
+    # host copies (of GPU or non-contiguous tensors) a sync save keeps in flight at most
+    "STAGE_BYTES": 512 * 1024 * 1024,
+    # object storage: how many times a request that failed transiently (5xx, throttling,
+    # connection reset, timeout) is tried again, and the first backoff in milliseconds
+    # (doubled per try, with jitter, capped at 5 s)
+    "RETRIES": 4,
+    "RETRY_BASE_MS": 200,
+    # object storage: seconds to connect, and to wait for the next bytes of a response
+    "CONNECT_TIMEOUT": 5,
+    "READ_TIMEOUT": 30,
+    # requests in flight at once for uploads and batched downloads, and the bound on the
+    # bytes those uploads hold (the encoders wait while it is reached)
+    "IO_REQUESTS": 16,
+    "IO_BYTES": 256 * 1024 * 1024,
 }
 
 

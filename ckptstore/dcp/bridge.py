@@ -38,6 +38,10 @@ if sys.byteorder != "little":  # pragma: no cover - no such machine in CI
     raise ImportError("ckptstore format v1 stores little-endian bytes; this host is big-endian")
 
 
+def raw_size(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def to_host_bytes(tensor: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
     """The raw bytes of ``tensor`` on the host, row-major; also returns the tensor that owns
     them (keep it alive while the view is used). Copies only when needed: device tensors,

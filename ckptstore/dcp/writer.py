@@ -22,8 +22,9 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from ckptstore import knobs
 from ckptstore.codecs.pipeline import default_pipeline
-from ckptstore.dcp.bridge import dtype_name, to_host_bytes
+from ckptstore.dcp.bridge import dtype_name, raw_size, to_host_bytes
 from ckptstore.dcp.metadata import manifest_from_metadata
 from ckptstore.errors import CheckpointExistsError
 from ckptstore.store import layout
@@ -153,6 +154,8 @@ class Writer(StorageWriter):
             inline_bytes=self.inline_bytes,
             threads=self.threads,
         ) as writer:
+            budget = knobs.get("STAGE_BYTES")
+            staged: list[tuple[int, ThreadFuture[Blob]]] = []  # host copies still encoding
             for item in plan.items:
                 data = planner.resolve_data(item)
                 if item.type == WriteItemType.BYTE_IO:
@@ -160,6 +163,10 @@ class Writer(StorageWriter):
                     fut = writer.submit(buf, default_pipeline("bytes"), rows=len(buf))
                 else:
                     tensor: torch.Tensor = data
+                    copies = tensor.device.type != "cpu" or not tensor.is_contiguous()
+                    if copies:  # bound host memory: wait for earlier copies to be encoded
+                        while staged and sum(n for n, _ in staged) + raw_size(tensor) > budget:
+                            staged.pop(0)[1].result()
                     raw, owner = to_host_bytes(tensor)
                     rows = tensor.shape[0] if tensor.dim() > 0 else 1
                     offsets = item.tensor_data.chunk.offsets if item.tensor_data else ()
@@ -168,6 +175,8 @@ class Writer(StorageWriter):
                     fut = writer.submit(
                         raw, pipeline, rows=rows, first_row=first_row, keep_alive=owner
                     )
+                    if copies:
+                        staged.append((raw.nbytes, fut))
                 pending.append((item, fut))
             results = []
             for item, fut in pending:

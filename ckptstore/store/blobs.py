@@ -78,6 +78,7 @@ class BlobWriter:
         that). ``first_row`` is the global index of row 0, to align chunk boundaries.
         """
         view = byte_view(raw)
+        del raw  # only ``view`` (and keep_alive) may hold the buffer from here on
         nbytes = len(view)
         if nbytes <= self.inline_bytes:
             payload = pipeline.encode(view)
@@ -93,19 +94,21 @@ class BlobWriter:
         result: Future[Blob] = Future()
         remaining = [len(futures)]
         lock = threading.Lock()
+        held = [keep_alive, view]  # released as soon as the last chunk is done
 
         def on_done(_: Future[ChunkRef]) -> None:
             with lock:
                 remaining[0] -= 1
                 if remaining[0]:
                     return
-            _ = keep_alive
+            held.clear()  # no reference cycle keeps a staged host copy alive after this
             errors = [f.exception() for f in futures if f.exception() is not None]
             if errors:
                 result.set_exception(errors[0])
             else:
                 chunks = [f.result() for f in futures]
                 result.set_result(Blob(pipeline.config, nbytes, rows, chunks=chunks))
+            futures.clear()
 
         for f in futures:
             f.add_done_callback(on_done)
