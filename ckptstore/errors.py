@@ -60,6 +60,21 @@ class BackendError(CkptStoreError, OSError):
     """Storage failed (I/O error, permission, network) in a way not covered above."""
 
 
+class AccessDeniedError(BackendError, PermissionError):
+    """The storage refused the request: wrong or missing credentials, or no permission for
+    that bucket or key. Not retried."""
+
+
+class BucketNotFoundError(BackendError, FileNotFoundError):
+    """The bucket named in the URL does not exist. Not retried, and never taken for an
+    empty store (a save does not create buckets)."""
+
+
+class StorageUnavailableError(BackendError, ConnectionError):
+    """The storage did not answer, or kept failing with transient errors (5xx, throttling,
+    connection reset, timeout), through every retry."""
+
+
 class ObjectNotFoundError(BackendError, FileNotFoundError):
     """The backend has no object under that key (raised by the backend layer)."""
 

@@ -4,29 +4,216 @@ Keys are '/'-separated paths relative to the store root. Every put is atomic (a 
 the whole object or none of it) and a create-only put never replaces an existing object;
 how each filesystem provides that is recorded in :class:`Capabilities`, not tested by
 protocol name elsewhere.
+
+This module is the only one that knows fsspec, s3fs and botocore: every failure leaves it as
+a :class:`~ckptstore.errors.CkptStoreError` naming the object (and the bucket and endpoint
+where there is one). Transient failures (5xx, throttling, connection reset or refused,
+timeouts) are tried again with exponential backoff a bounded number of times (knobs
+``RETRIES``, ``RETRY_BASE_MS``); permanent ones (access denied, bad credentials, no such
+bucket, not found) fail at once. Object-store clients get bounded connect/read timeouts
+(knobs ``CONNECT_TIMEOUT``, ``READ_TIMEOUT``) and no retries of their own, so one layer
+decides how long a dead server is waited for.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import random
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ckptstore import knobs
 from ckptstore.errors import (
+    AccessDeniedError,
     BackendError,
+    BucketNotFoundError,
+    CkptStoreError,
     ObjectExistsError,
     ObjectNotFoundError,
+    StorageUnavailableError,
     UnknownSchemeError,
 )
 
 T = TypeVar("T")
+
+S3_PROTOCOLS = ("s3", "s3a")
+
+# S3 error codes (the response's Error.Code), by what they mean here
+_DENIED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccountProblem",
+        "AllAccessDisabled",
+        "ExpiredToken",
+        "InvalidAccessKeyId",
+        "InvalidSecurity",
+        "InvalidToken",
+        "MissingSecurityHeader",
+        "SignatureDoesNotMatch",
+        "TokenRefreshRequired",
+        "UnauthorizedAccess",
+        "Forbidden",
+        "403",
+        "401",
+    }
+)
+_TRANSIENT_CODES = frozenset(
+    {
+        "BandwidthLimitExceeded",
+        "ConditionalRequestConflict",  # AWS: concurrent conditional writes; retry
+        "InternalError",
+        "OperationAborted",
+        "PriorRequestNotComplete",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequestsException",
+    }
+)
+# exception class names (anywhere in the MRO of anything in the cause chain) from botocore,
+# aiohttp, fsspec and the builtins
+_DENIED_TYPES = frozenset(
+    {
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "CredentialRetrievalError",
+        "UnauthorizedSSOTokenError",
+        "SSOTokenLoadError",
+        "TokenRetrievalError",
+    }
+)
+_PERMANENT_TYPES = frozenset({"SSLError", "ClientSSLError", "ClientConnectorCertificateError"})
+_TRANSIENT_TYPES = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ProxyConnectionError",
+        "IncompleteReadError",
+        "ResponseStreamingError",
+        "HTTPClientError",
+        "ClientConnectionError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+        "ClientOSError",
+        "ClientPayloadError",
+        "ServerTimeoutError",
+        "ConnectionTimeoutError",
+        "SocketTimeoutError",
+        "FSTimeoutError",
+        "ResponseParserError",
+        "IncompleteRead",
+        "TimeoutError",
+        "ConnectionError",
+    }
+)
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.EAGAIN,
+        errno.EBUSY,  # s3fs's translation of 503 SlowDown
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+    }
+)
+# modules whose exceptions are storage failures (anything else is a bug: not translated)
+_STORAGE_MODULES = ("botocore", "aiobotocore", "aiohttp", "fsspec", "s3fs", "asyncio", "urllib3")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a storage exception means: ``kind`` is one of denied, no_bucket, not_found,
+    exists, precondition, transient, other; ``code``/``status`` come from an S3 response."""
+
+    kind: str
+    code: str | None = None
+    status: int | None = None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is seen for seen in out):
+            continue
+        out.append(e)
+        todo += [e.__cause__, e.__context__]
+    return out
+
+
+def classify(exc: BaseException) -> Failure:
+    """Sort a storage exception (s3fs, botocore, aiohttp, OS) into a :class:`Failure`."""
+    chain = _chain(exc)
+    code: str | None = None
+    status: int | None = None
+    names: set[str] = set()
+    errnos: set[int] = set()
+    for e in chain:
+        names.update(t.__name__ for t in type(e).__mro__)
+        if isinstance(e, OSError) and isinstance(e.errno, int):
+            errnos.add(e.errno)
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and code is None and status is None:
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    if code in _DENIED_CODES or status in (401, 403) or names & _DENIED_TYPES:
+        return Failure("denied", code, status)
+    if isinstance(exc, PermissionError) and code is None:
+        return Failure("denied", code, status)
+    if code == "NoSuchBucket":
+        return Failure("no_bucket", code, status)
+    if code == "PreconditionFailed" or status == 412:
+        return Failure("precondition", code, status)
+    if isinstance(exc, FileExistsError):
+        return Failure("exists", code, status)
+    if code in ("NoSuchKey", "NotFound", "404") or status == 404:
+        return Failure("not_found", code, status)
+    if isinstance(exc, FileNotFoundError):
+        return Failure("not_found", code, status)
+    if names & _PERMANENT_TYPES:
+        return Failure("other", code, status)
+    if (
+        code in _TRANSIENT_CODES
+        or (status is not None and (status >= 500 or status == 429))
+        or names & _TRANSIENT_TYPES
+        or errnos & _TRANSIENT_ERRNOS
+    ):
+        return Failure("transient", code, status)
+    return Failure("other", code, status)
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    return any((t.__module__ or "").split(".")[0] in _STORAGE_MODULES for t in type(exc).__mro__)
+
+
+def _detail(exc: BaseException, failure: Failure) -> str:
+    text = str(exc) or type(exc).__name__
+    extra = [str(x) for x in (failure.code, failure.status) if x is not None]
+    tag = "/".join(dict.fromkeys(extra))
+    return f"{text} [{tag}]" if tag and str(tag) not in text else text
 
 
 @dataclass(frozen=True)
@@ -39,6 +226,57 @@ class Capabilities:
     """``put(create_only=True)`` is atomic against a concurrent writer of the same key."""
     local: bool
     """Objects are files on this machine's filesystem."""
+    remote: bool = False
+    """Every operation is a network request (latency-bound: worth many in flight)."""
+
+
+@dataclass
+class Stats:
+    """Operations and bytes this backend object performed (for figures and tests)."""
+
+    gets: int = 0
+    puts: int = 0
+    lists: int = 0
+    deletes: int = 0
+    heads: int = 0
+    retries: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    @property
+    def requests(self) -> int:
+        return self.gets + self.puts + self.lists + self.deletes + self.heads
+
+    def as_dict(self) -> dict[str, int]:
+        keys = ("gets", "puts", "lists", "deletes", "heads", "retries", "bytes_in", "bytes_out")
+        return {k: getattr(self, k) for k in keys} | {"requests": self.requests}
+
+
+class _ByteBudget:
+    """Bytes of uploads in flight; ``acquire`` waits while the bound is reached (an object
+    larger than the bound is let through alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.used = 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self.cond:
+            while self.used and self.used + n > self.limit:
+                self.cond.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
 
 
 class Backend:
@@ -49,7 +287,26 @@ class Backend:
         self.root = root.rstrip("/")
         self.url = url
         is_local = isinstance(fs, LocalFileSystem)
-        self.capabilities = Capabilities(atomic_put=True, atomic_create=True, local=is_local)
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        self.capabilities = Capabilities(
+            atomic_put=True,
+            atomic_create=True,
+            local=is_local,
+            remote=any(p in S3_PROTOCOLS or p.startswith("http") for p in protocols),
+        )
+        self.stats = Stats()
+        self._io: ThreadPoolExecutor | None = None
+        self._budget: _ByteBudget | None = None
+        self._io_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_io=None, _budget=None, _io_lock=None, stats=Stats())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._io_lock = threading.Lock()
 
     # -- keys ---------------------------------------------------------------------------
     def path(self, key: str) -> str:
@@ -60,40 +317,76 @@ class Backend:
         """A human-readable location of ``key`` for error messages."""
         return f"{self.url.rstrip('/')}/{key}"
 
+    @property
+    def endpoint(self) -> str | None:
+        """The object-store endpoint URL, where one was configured."""
+        ep = getattr(self.fs, "endpoint_url", None)
+        if not ep:
+            ep = (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
+        return ep or None
+
+    def bucket(self, key: str = "") -> str:
+        """The first component of the object's path (the bucket, on object stores)."""
+        return self.fs._strip_protocol(self.path(key)).lstrip("/").split("/", 1)[0]
+
     # -- single-object operations --------------------------------------------------------
     def get(self, key: str) -> bytes:
         """The whole object. Raises ObjectNotFoundError if absent."""
-        return self._guard(key, lambda: self.fs.cat_file(self.path(key)))
+        data = self._guard(key, lambda: self.fs.cat_file(self.path(key)), op="gets")
+        self.stats.add(bytes_in=len(data))
+        return data
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the object."""
-        return self._guard(key, lambda: self.fs.cat_file(self.path(key), start=start, end=end))
+        data = self._guard(
+            key, lambda: self.fs.cat_file(self.path(key), start=start, end=end), op="gets"
+        )
+        self.stats.add(bytes_in=len(data))
+        return data
 
     def exists(self, key: str) -> bool:
-        return bool(self._guard(key, lambda: self.fs.exists(self.path(key))))
+        return bool(self._guard(key, lambda: self.fs.exists(self.path(key)), op="heads"))
 
     def size(self, key: str) -> int:
-        return int(self._guard(key, lambda: self.fs.size(self.path(key))))
+        return int(self._guard(key, lambda: self.fs.size(self.path(key)), op="heads"))
 
     def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
         """Store ``data`` under ``key`` atomically.
 
         With ``create_only`` the put fails with ObjectExistsError if the key exists, and
-        never replaces it, even against a concurrent writer.
+        never replaces it, even against a concurrent writer (S3: ``If-None-Match: *``).
         """
         if self.capabilities.local:
-            self._guard(key, lambda: self._put_local(key, data, create_only))
+            self._guard(key, lambda: self._put_local(key, data, create_only), create_only, "puts")
+            self.stats.add(bytes_out=len(data))
             return
         mode = "create" if create_only else "overwrite"
-        try:
-            self._guard(key, lambda: self.fs.pipe_file(self.path(key), bytes(data), mode=mode))
-        except FileExistsError as exc:
-            raise ObjectExistsError(f"{self.describe(key)} already exists") from exc
+        payload = bytes(data)
+        tries = [0]
+
+        def once() -> None:
+            tries[0] += 1
+            try:
+                self.fs.pipe_file(self.path(key), payload, mode=mode)
+            except Exception as exc:
+                # a retried create-only put may meet the object its own earlier try wrote
+                # (the response was lost): that is success, not a conflict
+                if (
+                    create_only
+                    and tries[0] > 1
+                    and classify(exc).kind in ("exists", "precondition")
+                    and self.fs.cat_file(self.path(key)) == payload
+                ):
+                    return
+                raise
+
+        self._guard(key, once, create_only, "puts")
+        self.stats.add(bytes_out=len(payload))
 
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are not an error."""
         try:
-            self._guard(key, lambda: self.fs.rm_file(self.path(key)))
+            self._guard(key, lambda: self.fs.rm_file(self.path(key)), op="deletes")
         except ObjectNotFoundError:
             pass
 
@@ -101,7 +394,7 @@ class Backend:
         """Keys under folder ``prefix`` (recursively), relative to the root, sorted."""
         base = self.path(prefix).rstrip("/")
         try:
-            found = self._guard(prefix, lambda: self.fs.find(base))
+            found = self._guard(prefix, lambda: self.fs.find(base), op="lists")
         except ObjectNotFoundError:
             return []
         root = self.fs._strip_protocol(self.root).rstrip("/") if self.root else ""
@@ -114,15 +407,46 @@ class Backend:
             keys.append(rel)
         return sorted(keys)
 
-    # -- batches ------------------------------------------------------------------------
+    # -- concurrency ----------------------------------------------------------------------
+    def _io_pool(self) -> tuple[ThreadPoolExecutor, _ByteBudget]:
+        with self._io_lock:
+            if self._io is None or self._budget is None:
+                self._io = ThreadPoolExecutor(
+                    max(1, knobs.get("IO_REQUESTS")), thread_name_prefix="ckptstore-io"
+                )
+                self._budget = _ByteBudget(knobs.get("IO_BYTES"))
+            return self._io, self._budget
+
+    def put_async(
+        self, key: str, data: bytes | memoryview, *, create_only: bool = False
+    ) -> Future[None]:
+        """Start a put on the I/O pool and return its future.
+
+        At most ``IO_REQUESTS`` requests run at once, and the caller waits here while the
+        uploads already started hold ``IO_BYTES`` bytes: encoders stay ahead of the network
+        by a bounded amount of memory.
+        """
+        pool, budget = self._io_pool()
+        n = len(data)
+        budget.acquire(n)
+        try:
+            fut = pool.submit(self.put, key, data, create_only=create_only)
+        except BaseException:
+            budget.release(n)
+            raise
+        fut.add_done_callback(lambda _: budget.release(n))
+        return fut
+
     def get_many(self, keys: Iterable[str], threads: int | None = None) -> dict[str, bytes]:
-        """Fetch many objects concurrently."""
+        """Fetch many objects concurrently (``IO_REQUESTS`` at a time by default)."""
         keys = list(dict.fromkeys(keys))
-        return dict(zip(keys, self.map(self.get, keys, threads), strict=True))
+        n = threads if threads is not None else knobs.get("IO_REQUESTS")
+        return dict(zip(keys, self.map(self.get, keys, n), strict=True))
 
     def put_many(self, items: Mapping[str, bytes], threads: int | None = None) -> None:
         """Store many objects concurrently (each atomically)."""
-        self.map(lambda kv: self.put(kv[0], kv[1]), list(items.items()), threads)
+        n = threads if threads is not None else knobs.get("IO_REQUESTS")
+        self.map(lambda kv: self.put(kv[0], kv[1]), list(items.items()), n)
 
     def map(self, fn: Callable[[Any], T], args: list[Any], threads: int | None = None) -> list[T]:
         """Run ``fn`` over ``args`` on a bounded thread pool, in order; first error raises."""
@@ -155,37 +479,160 @@ class Backend:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def _guard(self, key: str, fn: Callable[[], T]) -> T:
-        """Run one storage call, translating fsspec/OS errors into the ckptstore tree."""
+    def _where(self) -> str:
+        ep = self.endpoint
+        return f" at {ep}" if ep else ""
+
+    def translate(self, key: str, exc: BaseException, create_only: bool = False) -> CkptStoreError:
+        """The ckptstore error for a storage exception raised while handling ``key``."""
+        failure = classify(exc)
+        where = self.describe(key)
+        detail = _detail(exc, failure)
+        kind = failure.kind
+        if kind == "denied":
+            return AccessDeniedError(
+                f"access denied to {where}{self._where()}: {detail} — check the credentials "
+                f"(key/secret, profile, AWS_* environment variables) and their permissions "
+                f"on bucket {self.bucket(key)!r}"
+                if self.capabilities.remote
+                else f"permission denied on {where}: {detail}"
+            )
+        if kind == "no_bucket":
+            return BucketNotFoundError(
+                f"bucket {self.bucket(key)!r} does not exist{self._where()} (accessing "
+                f"{where}); create it first — ckptstore does not create buckets"
+            )
+        if kind in ("exists", "precondition") and create_only:
+            return ObjectExistsError(f"{where} already exists")
+        if kind == "not_found":
+            return ObjectNotFoundError(f"{where} not found")
+        if kind == "transient":
+            return StorageUnavailableError(
+                f"storage unavailable for {where}{self._where()}: {detail}"
+            )
+        return BackendError(f"storage error on {where}{self._where()}: {detail}")
+
+    def _guard(
+        self, key: str, fn: Callable[[], T], create_only: bool = False, op: str | None = None
+    ) -> T:
+        """Run one storage call: retry transient failures with backoff, translate the rest
+        into the ckptstore tree. ``op`` names the :class:`Stats` counter of each try."""
+        tries = 1 + max(0, knobs.get("RETRIES"))
+        base = max(0, knobs.get("RETRY_BASE_MS")) / 1000
+        t0 = time.monotonic()
+        for attempt in range(tries):
+            if op is not None:
+                self.stats.add(**{op: 1})
+            try:
+                return fn()
+            except CkptStoreError:
+                raise
+            except Exception as exc:
+                if not _is_storage_error(exc):
+                    raise
+                err = self.translate(key, exc, create_only)
+                if not isinstance(err, StorageUnavailableError):
+                    raise err from exc
+                if attempt + 1 >= tries:
+                    raise StorageUnavailableError(
+                        f"{err} (gave up after {tries} tries in {time.monotonic() - t0:.1f}s)"
+                    ) from exc
+                self.stats.add(retries=1)
+                time.sleep(min(5.0, base * 2**attempt) * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
+
+    # -- listing with metadata (gc, du) ----------------------------------------------------
+    def list_info(self, prefix: str) -> list[ObjectInfo]:
+        """Like :meth:`list`, with each object's size and last-modified time: Unix seconds
+        by the storage's clock (an overwrite counts as a modification), or None where the
+        filesystem does not say. One listing, no request per object."""
+        base = self.path(prefix).rstrip("/")
+        self.stats.add(lists=1)
         try:
-            return fn()
-        except (ObjectExistsError, ObjectNotFoundError):
-            raise
-        except FileNotFoundError as exc:
-            raise ObjectNotFoundError(f"{self.describe(key)} not found") from exc
-        except FileExistsError:
-            raise
-        except PermissionError as exc:
-            raise BackendError(f"permission denied on {self.describe(key)}: {exc}") from exc
-        except OSError as exc:
-            raise BackendError(f"storage error on {self.describe(key)}: {exc}") from exc
+            found = self._guard(prefix, lambda: self.fs.find(base, detail=True))
+        except ObjectNotFoundError:
+            return []
+        root = self.fs._strip_protocol(self.root).rstrip("/") if self.root else ""
+        out = []
+        for p, info in found.items():
+            p = self.fs._strip_protocol(p)
+            rel = p[len(root) + 1 :] if root and p.startswith(root + "/") else p.lstrip("/")
+            if "/.tmp-" in "/" + rel or rel.rsplit("/", 1)[-1].startswith(".tmp-"):
+                continue
+            out.append(ObjectInfo(rel, int(info.get("size") or 0), _modified(info)))
+        return sorted(out)
+
+
+class ObjectInfo(NamedTuple):
+    """One listed object: key (relative to the root), size in bytes, last-modified time."""
+
+    key: str
+    size: int
+    mtime: float | None
+
+
+def _modified(info: Mapping[str, Any]) -> float | None:
+    """Last-modified time of an fsspec ``info`` entry (local: mtime, s3: LastModified,
+    memory: created), as Unix seconds."""
+    for field_name in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(field_name)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+        try:
+            import datetime
+
+            return datetime.datetime.fromisoformat(str(value)).timestamp()
+        except ValueError:
+            continue
+    return None
+
+
+def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Defaults for s3fs, where the caller set none: bounded timeouts, botocore's own
+    retries off (ours apply, so a dead server costs a known time), no listings cache (other
+    processes commit checkpoints)."""
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", knobs.get("CONNECT_TIMEOUT"))
+    config.setdefault("read_timeout", knobs.get("READ_TIMEOUT"))
+    config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+    options["config_kwargs"] = config
+    options.setdefault("use_listings_cache", False)
+    return options
 
 
 def open_backend(url: str, storage_options: Mapping[str, Any] | None = None) -> Backend:
-    """Open the fsspec filesystem behind ``url``. Plain paths mean the local filesystem."""
+    """Open the fsspec filesystem behind ``url``. Plain paths mean the local filesystem.
+
+    ``storage_options`` go to the filesystem (s3fs: ``key``, ``secret``, ``token``,
+    ``endpoint_url``, ``profile``, ``client_kwargs={"region_name": ...}``, ...); s3fs also
+    reads the usual ``AWS_*`` environment variables.
+    """
     if not isinstance(url, (str, os.PathLike)):
         raise TypeError(f"store URL must be a string or path, not {type(url).__name__}")
     url = os.fspath(url)
+    options = dict(storage_options or {})
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol in S3_PROTOCOLS:
+        options = _s3_options(options)
     try:
-        fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        fs, root = fsspec.core.url_to_fs(url, **options)
     except ValueError as exc:
         if "protocol" in str(exc).lower():
             raise UnknownSchemeError(f"unknown URL scheme in {url!r}: {exc}") from exc
         raise
     except ImportError as exc:
+        hint = " (pip install 'ckptstore[s3]')" if protocol in S3_PROTOCOLS else ""
         raise UnknownSchemeError(
-            f"the filesystem for {url!r} needs a package that is not installed: {exc}"
+            f"the filesystem for {url!r} needs a package that is not installed{hint}: {exc}"
         ) from exc
+    if protocol in S3_PROTOCOLS and "retries" not in (
+        (storage_options or {}).get("config_kwargs") or {}
+    ):
+        fs.retries = 1  # s3fs's own retry loop: ours replaces it
     if isinstance(fs, LocalFileSystem):
         root = os.path.abspath(root)
     return Backend(fs, root, url)

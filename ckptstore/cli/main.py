@@ -81,17 +81,44 @@ def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
             out[key] = json.loads(value)
         except ValueError:
             out[key] = value
+    ctx = click.get_current_context(silent=True)
+    endpoint = ctx.meta.get(_ENDPOINT_KEY) if ctx is not None else None
+    if endpoint:
+        out["endpoint_url"] = endpoint
     return out
 
 
-storage_option = click.option(
+_ENDPOINT_KEY = "ckptstore.endpoint_url"
+
+
+def _remember_endpoint(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta[_ENDPOINT_KEY] = value
+
+
+_storage_option = click.option(
     "-o",
     "--storage-option",
     "storage_options",
     multiple=True,
     metavar="KEY=VALUE",
-    help="fsspec storage option, repeatable (e.g. -o anon=true).",
+    help="fsspec storage option, repeatable (e.g. -o anon=true, -o profile=prod).",
 )
+_endpoint_option = click.option(
+    "--endpoint-url",
+    metavar="URL",
+    expose_value=False,
+    callback=_remember_endpoint,
+    help="S3-compatible endpoint (MinIO, SeaweedFS, ...), the same as -o endpoint_url=URL. "
+    "Default: $AWS_ENDPOINT_URL, else AWS.",
+)
+
+
+def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``-o KEY=VALUE`` (repeatable) and ``--endpoint-url URL``."""
+    return _endpoint_option(_storage_option(fn))
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 step_option = click.option("--step", type=int, default=None, help="Checkpoint by step.")
 name_option = click.option("--name", default=None, help="Checkpoint by name.")

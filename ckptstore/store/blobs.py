@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -53,9 +53,14 @@ class BlobWriter:
         self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckptstore-enc")
         self.chunks_written = 0
+        self._uploads: set[Future[None]] = set()
 
     def close(self) -> None:
+        """Wait for every encode and upload this writer started."""
         self.pool.shutdown(wait=True)
+        with self._lock:
+            uploads = list(self._uploads)
+        wait(uploads)
 
     def __enter__(self) -> BlobWriter:
         return self
@@ -88,7 +93,7 @@ class BlobWriter:
         row_bytes = nbytes // rows if rows else nbytes
         ranges = row_ranges(rows, row_bytes, self.chunk_bytes, first_row)
         futures = [
-            self.pool.submit(self._write_chunk, view[a * row_bytes : b * row_bytes], pipeline, a, b)
+            self._start_chunk(view[a * row_bytes : b * row_bytes], pipeline, a, b)
             for a, b in ranges
         ]
         result: Future[Blob] = Future()
@@ -114,34 +119,83 @@ class BlobWriter:
             f.add_done_callback(on_done)
         return result
 
-    def _write_chunk(
+    def _start_chunk(
         self, piece: memoryview, pipeline: Pipeline, start: int, stop: int
-    ) -> ChunkRef:
+    ) -> Future[ChunkRef]:
+        """Hash and encode ``piece`` on the pool; its future completes once the chunk is
+        stored (the upload runs on the backend's I/O pool, so encoders move on)."""
+        out: Future[ChunkRef] = Future()
+
+        def run() -> None:
+            try:
+                self._write_chunk(piece, pipeline, start, stop, out)
+            except BaseException as exc:
+                if not out.done():
+                    out.set_exception(exc)
+
+        self.pool.submit(run)
+        return out
+
+    def _write_chunk(
+        self,
+        piece: memoryview,
+        pipeline: Pipeline,
+        start: int,
+        stop: int,
+        out: Future[ChunkRef],
+    ) -> None:
         key = content_key(pipeline, piece)
         with self._lock:
             size = self._known.get(key)
             if size is not None:
-                return ChunkRef(key, start, stop, size, new=False)
+                out.set_result(ChunkRef(key, start, stop, size, new=False))
+                return
             pending = self._pending.get(key)
             if pending is None:
                 mine: Future[int] = Future()
                 self._pending[key] = mine
         if pending is not None:  # the same bytes are being written by another thread now
-            return ChunkRef(key, start, stop, pending.result(), new=False)
-        try:
-            stored = frame(pipeline.encode(piece))
-            self.repo.backend.put(layout.chunk_key(key.hex()), stored)
-        except BaseException as exc:
-            mine.set_exception(exc)
+
+            def shared(f: Future[int]) -> None:
+                exc = f.exception()
+                if exc is not None:
+                    out.set_exception(exc)
+                else:
+                    out.set_result(ChunkRef(key, start, stop, f.result(), new=False))
+
+            pending.add_done_callback(shared)
+            return
+
+        def failed(exc: BaseException) -> None:
             with self._lock:
                 self._pending.pop(key, None)
+            mine.set_exception(exc)
+            out.set_exception(exc)
+
+        try:
+            stored = frame(pipeline.encode(piece))
+            upload = self.repo.backend.put_async(layout.chunk_key(key.hex()), stored)
+        except BaseException as exc:
+            failed(exc)
             raise
         with self._lock:
-            self._known[key] = len(stored)
-            self._pending.pop(key, None)
-            self.chunks_written += 1
-        mine.set_result(len(stored))
-        return ChunkRef(key, start, stop, len(stored), new=True)
+            self._uploads.add(upload)
+
+        def uploaded(f: Future[None]) -> None:
+            with self._lock:
+                self._uploads.discard(f)
+            exc = f.exception()
+            if exc is not None:
+                failed(exc)
+                return
+            with self._lock:
+                self._known[key] = len(stored)
+                self._pending.pop(key, None)
+                self.chunks_written += 1
+            mine.set_result(len(stored))
+            out.set_result(ChunkRef(key, start, stop, len(stored), new=True))
+
+        upload.add_done_callback(uploaded)
 
 
 class BlobReader:

@@ -1,0 +1,347 @@
+"""Against a real S3 server: SeaweedFS on 127.0.0.1, started by the test session.
+
+The backend conformance suite, save/load/load_full/Store/CLI round trips, create-only
+commits, credentials from the environment, and faults: the server killed in the middle of a
+save, down at load, hanging, wrong credentials, a missing bucket, a chunk deleted behind the
+store's back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import ckptstore
+from ckptstore.backend import Backend, open_backend
+from ckptstore.errors import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    CheckpointExistsError,
+    ChunkNotFoundError,
+    CkptStoreError,
+    ObjectExistsError,
+    StorageUnavailableError,
+)
+from ckptstore.store import Repository, layout
+from ckptstore.testing.backend_suite import BackendSuite
+from ckptstore.testing.s3server import READER_KEY, READER_SECRET
+from tests.conftest import S3_BUCKET, start_s3_server
+from tests.helpers import assert_same, model_and_optimizer, template_like
+
+
+def state(seed: int = 0, width: int = 128) -> dict:
+    model, opt = model_and_optimizer(seed, width)
+    return {"model": model.state_dict(), "optim": opt.state_dict(), "epoch": seed}
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ckptstore.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def chunk_keys(url: str, options: dict) -> list[str]:
+    return open_backend(url, options).list(layout.CHUNKS)
+
+
+# -- conformance --------------------------------------------------------------------------
+class TestS3Backend(BackendSuite):
+    @pytest.fixture
+    def backend(self, s3_url, s3_options) -> Backend:
+        return open_backend(s3_url, s3_options)
+
+    def test_capabilities(self, backend: Backend) -> None:
+        assert backend.capabilities.remote and not backend.capabilities.local
+        assert backend.endpoint and backend.endpoint.startswith("http://127.0.0.1:")
+
+    def test_put_async_bounded(self, backend: Backend, monkeypatch) -> None:
+        monkeypatch.setenv("CKPTSTORE_IO_BYTES", str(3000))
+        backend._io = None  # rebuilt with the knob above
+        items = {f"a/{i}": bytes([i]) * 1000 for i in range(20)}
+        futures = [backend.put_async(k, v) for k, v in items.items()]
+        for f in futures:
+            f.result()
+        assert backend.get_many(list(items)) == items
+        assert backend._budget is not None and backend._budget.used == 0
+
+    def test_stats_count_requests(self, backend: Backend) -> None:
+        backend.put("s/1", b"abc")
+        backend.get("s/1")
+        backend.list("s")
+        st = backend.stats
+        assert (st.puts, st.gets, st.lists, st.bytes_out, st.bytes_in) == (1, 1, 1, 3, 3)
+
+
+# -- round trips ----------------------------------------------------------------------------
+def test_save_load_roundtrip(s3_url, s3_options):
+    sd = state(1)
+    info = ckptstore.save(sd, s3_url, step=10, storage_options=s3_options)
+    assert info.new_chunks > 0 and info.new_bytes > 0
+    out = template_like(sd)
+    ckptstore.load(out, s3_url, storage_options=s3_options)
+    assert_same(sd, out)
+    assert_same(sd, ckptstore.load_full(s3_url, step=10, storage_options=s3_options))
+
+    # a second save of the same state uploads only its manifest
+    again = ckptstore.save(sd, s3_url, step=11, storage_options=s3_options)
+    assert again.new_chunks == 0 and again.new_bytes == again.manifest_bytes
+
+    store = ckptstore.Store(s3_url, storage_options=s3_options)
+    assert [c.step for c in store.list()] == [10, 11]
+    assert store.latest() == layout.step_name(11)
+    assert store.verify().ok
+    assert store.inspect(step=10).tensors
+
+
+def test_dcp_writer_reader(s3_url, s3_options):
+    import torch.distributed.checkpoint as dcp
+
+    sd = {"w": torch.randn(300, 700), "b": torch.arange(5)}
+    dcp.save(sd, storage_writer=ckptstore.Writer(s3_url, step=1, storage_options=s3_options))
+    out = template_like(sd)
+    dcp.load(out, storage_reader=ckptstore.Reader(s3_url, step=1, storage_options=s3_options))
+    assert_same(sd, out)
+
+
+def test_resharding_on_load(s3_url, s3_options):
+    """Save row blocks as separate shards of one tensor (what a 2-rank save writes) and read
+    back other boxes: only the chunks overlapping each box are fetched."""
+    full = torch.randn(512, 1024)
+    ckptstore.save({"w": full}, s3_url, step=1, storage_options=s3_options, chunk_bytes=1 << 18)
+    got = ckptstore.load_full(s3_url, storage_options=s3_options)
+    assert_same({"w": full}, got)
+    repo = Repository.open(s3_url, s3_options)
+    from ckptstore.store.blobs import BlobReader
+
+    shard = repo.manifest(repo.resolve()).tensors["w"].shards[0]
+    reader = BlobReader(repo)
+    rows = reader.read_rows(shard.blob, 128, 192, "w").view("float32").reshape(64, 1024)
+    assert torch.equal(torch.from_numpy(rows.copy()), full[128:192])
+    assert reader.objects_fetched == 1  # 64 rows of 4 KiB live in one 256 KiB chunk
+
+
+def test_cli_ls_inspect_verify(s3_url, s3_server):
+    ckptstore.save(state(2), s3_url, step=5, storage_options=s3_server.storage_options())
+    creds = ["-o", "key=ckptstore-test", "-o", "secret=ckptstore-test-secret"]
+    ep = ["--endpoint-url", s3_server.endpoint_url]
+    proc = cli("ls", s3_url, *ep, *creds, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["step"] for r in json.loads(proc.stdout)] == [5]
+    proc = cli("inspect", s3_url, *ep, *creds, "--json")
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("verify", s3_url, *ep, *creds, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"]
+    # the same from the environment alone
+    proc = cli("ls", s3_url, "--json", env=s3_server.env())
+    assert proc.returncode == 0, proc.stderr
+    assert [r["step"] for r in json.loads(proc.stdout)] == [5]
+
+
+def test_credentials_and_endpoint_from_environment(s3_url, s3_server, monkeypatch):
+    import s3fs
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        sd = {"w": torch.randn(64, 64)}
+        ckptstore.save(sd, s3_url, step=1)  # no storage_options at all
+        assert_same(sd, ckptstore.load_full(s3_url))
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+# -- create-only commits ---------------------------------------------------------------------
+def test_manifest_is_create_only(s3_url, s3_options):
+    sd = {"w": torch.randn(256, 256)}
+    ckptstore.save(sd, s3_url, step=1, storage_options=s3_options)
+    with pytest.raises(CheckpointExistsError):
+        ckptstore.save({"w": torch.zeros(256, 256)}, s3_url, step=1, storage_options=s3_options)
+    # the commit itself refuses, even when the early existence check is passed by (a race)
+    repo = Repository.open(s3_url, s3_options)
+    manifest = repo.manifest(layout.step_name(1))
+    with pytest.raises(CheckpointExistsError):
+        repo.commit(manifest)
+    backend = open_backend(s3_url, s3_options)
+    with pytest.raises(ObjectExistsError) as info:
+        backend.put(layout.STORE_JSON, b"{}", create_only=True)
+    assert "store.json" in str(info.value)
+    assert_same(sd, ckptstore.load_full(s3_url, storage_options=s3_options))
+
+
+# -- permanent errors: at once, naming bucket and key ------------------------------------------
+def test_wrong_credentials(s3_url, s3_options):
+    ckptstore.save({"w": torch.randn(128, 128)}, s3_url, step=1, storage_options=s3_options)
+    bad = {**s3_options, "secret": "not-the-secret"}
+    t0 = time.monotonic()
+    with pytest.raises(AccessDeniedError) as info:
+        ckptstore.load_full(s3_url, storage_options=bad)
+    assert time.monotonic() - t0 < 5  # not retried
+    assert S3_BUCKET in str(info.value) and "store.json" in str(info.value)
+    assert isinstance(info.value, PermissionError)
+    with pytest.raises(AccessDeniedError):
+        ckptstore.save({"w": torch.zeros(2)}, s3_url, step=2, storage_options=bad)
+    with pytest.raises(AccessDeniedError):
+        ckptstore.Store(s3_url, storage_options={**s3_options, "key": "nobody"})
+
+
+def test_read_only_identity_can_load_not_save(s3_url, s3_options):
+    sd = {"w": torch.randn(300, 300)}
+    ckptstore.save(sd, s3_url, step=1, storage_options=s3_options)
+    reader = {**s3_options, "key": READER_KEY, "secret": READER_SECRET}
+    assert_same(sd, ckptstore.load_full(s3_url, storage_options=reader))
+    with pytest.raises(AccessDeniedError) as info:
+        ckptstore.save({"w": torch.randn(300, 300)}, s3_url, step=2, storage_options=reader)
+    assert "chunks/" in str(info.value) or "checkpoints/" in str(info.value)
+    assert [c.step for c in ckptstore.Store(s3_url, reader).list()] == [1]
+
+
+def test_missing_bucket(s3_server, s3_options):
+    url = "s3://no-such-bucket-here/run"
+    with pytest.raises(BucketNotFoundError) as info:
+        ckptstore.save({"w": torch.randn(4, 4)}, url, step=1, storage_options=s3_options)
+    assert "'no-such-bucket-here'" in str(info.value)
+    with pytest.raises(BucketNotFoundError):
+        ckptstore.load_full(url, storage_options=s3_options)
+    proc = cli("ls", url, env=s3_server.env())
+    assert proc.returncode != 0
+    assert "BucketNotFoundError" in proc.stderr and "no-such-bucket-here" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_chunk_deleted_behind_the_store(s3_url, s3_server, s3_options):
+    sd = {"w": torch.randn(1024, 512), "v": torch.randn(1024, 512)}
+    ckptstore.save(sd, s3_url, step=1, storage_options=s3_options, chunk_bytes=1 << 19)
+    repo = Repository.open(s3_url, s3_options)
+    victim = repo.manifest(layout.step_name(1)).tensors["v"].shards[0].blob.chunks[1]
+    key = layout.chunk_key(victim.key.hex())
+    open_backend(s3_url, s3_options).delete(key)
+    with pytest.raises(ChunkNotFoundError) as info:
+        ckptstore.load(template_like(sd), s3_url, storage_options=s3_options)
+    assert key in str(info.value) and "'v'" in str(info.value)
+    with pytest.raises(ChunkNotFoundError):
+        ckptstore.load_full(s3_url, storage_options=s3_options)
+    report = ckptstore.Store(s3_url, s3_options).verify()
+    assert not report.ok and [p.chunk for p in report.problems] == [key]
+    proc = cli("verify", s3_url, env=s3_server.env())
+    assert proc.returncode == 1 and key in proc.stderr
+
+
+# -- transient faults: a server that dies, is down, or hangs --------------------------------------
+@pytest.fixture
+def own_server(tmp_path):
+    """A SeaweedFS of this test's own, to kill and restart."""
+    server = start_s3_server(tmp_path / "data")
+    yield server
+    server.stop()
+
+
+def test_server_killed_mid_save(own_server, monkeypatch):
+    monkeypatch.setenv("CKPTSTORE_RETRIES", "2")
+    monkeypatch.setenv("CKPTSTORE_RETRY_BASE_MS", "50")
+    opts = own_server.storage_options()
+    url = f"s3://{S3_BUCKET}/killed"
+    first = {"w": torch.randn(512, 512), "step": 1}
+    ckptstore.save(first, url, step=1, storage_options=opts)
+
+    # kill the server from an upload thread once a few chunks of a 32-chunk save are stored
+    real_put = Backend.put
+    seen = [0]
+    lock = threading.Lock()
+
+    def put(self, key, data, *, create_only=False):
+        if key.startswith("chunks/"):
+            with lock:
+                seen[0] += 1
+                if seen[0] == 6:
+                    own_server.kill()
+        return real_put(self, key, data, create_only=create_only)
+
+    monkeypatch.setattr(Backend, "put", put)
+    second = {"w": torch.randn(8192, 1024), "step": 2}  # 32 MiB, 1 MiB chunks
+    t0 = time.monotonic()
+    with pytest.raises(CkptStoreError) as info:
+        ckptstore.save(second, url, step=2, storage_options=opts, chunk_bytes=1 << 20)
+    assert time.monotonic() - t0 < 30
+    assert isinstance(info.value, StorageUnavailableError), repr(info.value)
+    assert "storage unavailable" in str(info.value) and "127.0.0.1" in str(info.value)
+    monkeypatch.setattr(Backend, "put", real_put)
+
+    own_server.start()  # same data dir, same ports
+    store = ckptstore.Store(url, storage_options=opts)
+    assert [c.step for c in store.list()] == [1]  # nothing committed by the failed save
+    assert store.verify().ok
+    assert_same(first, ckptstore.load_full(url, storage_options=opts))
+    info2 = ckptstore.save(second, url, step=2, storage_options=opts, chunk_bytes=1 << 20)
+    assert info2.new_chunks > 0
+    assert_same(second, ckptstore.load_full(url, step=2, storage_options=opts))
+
+
+def test_server_down_at_load(own_server):
+    opts = own_server.storage_options()
+    url = f"s3://{S3_BUCKET}/down"
+    ckptstore.save({"w": torch.randn(64, 64)}, url, step=1, storage_options=opts)
+    own_server.kill()
+    t0 = time.monotonic()  # default knobs: the bound users get
+    with pytest.raises(StorageUnavailableError) as info:
+        ckptstore.load({"w": torch.empty(64, 64)}, url, storage_options=opts)
+    assert time.monotonic() - t0 < 20
+    assert own_server.endpoint_url in str(info.value) and "store.json" in str(info.value)
+    assert isinstance(info.value, ConnectionError)
+    proc = cli("ls", url, "--endpoint-url", own_server.endpoint_url, env=own_server.env())
+    assert proc.returncode == 5 and "StorageUnavailableError" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_hanging_server_times_out(monkeypatch):
+    """A server that accepts connections and never answers: bounded by the read timeout."""
+    pytest.importorskip("s3fs")
+    monkeypatch.setenv("CKPTSTORE_READ_TIMEOUT", "1")
+    monkeypatch.setenv("CKPTSTORE_RETRIES", "1")
+    monkeypatch.setenv("CKPTSTORE_RETRY_BASE_MS", "10")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        opts = {
+            "key": "k",
+            "secret": "s",
+            "endpoint_url": f"http://127.0.0.1:{listener.getsockname()[1]}",
+        }
+        t0 = time.monotonic()
+        with pytest.raises(StorageUnavailableError) as info:
+            ckptstore.Store(f"s3://{S3_BUCKET}/hang", storage_options=opts)
+        assert time.monotonic() - t0 < 15
+        assert "2 tries" in str(info.value)
+    finally:
+        stop.set()
+        t.join()
+        for s in held:
+            s.close()
+        listener.close()
