@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ckptstore.codecs.policy import QuantizeSpec
 from ckptstore.dcp.bridge import from_bytes, torch_dtype
 from ckptstore.dcp.reader import LoadInfo, Reader, load_object
 from ckptstore.dcp.writer import SaveInfo, Writer
@@ -74,12 +75,17 @@ def save(
     chunk_bytes: int | None = None,
     inline_bytes: int | None = None,
     threads: int | None = None,
+    quantize: QuantizeSpec = None,
 ) -> SaveInfo:
     """Save ``state_dict`` as checkpoint ``step``/``name`` of the store at ``url``.
 
     Collective under torch.distributed (every rank calls it with its shards); plain
     single-process use needs no process group. Returns the same :class:`SaveInfo` on every
     rank. Raises CheckpointExistsError rather than overwrite a checkpoint.
+
+    ``quantize`` (default lossless): a quantizer name ("fp16", "bf16", "int8",
+    "int8:<block>") for every eligible tensor, or a mapping of fqn glob patterns to names
+    (first match wins, None keeps a tensor lossless). See docs/quantization.md.
     """
     writer = Writer(
         url,
@@ -90,6 +96,7 @@ def save(
         inline_bytes=inline_bytes,
         threads=threads,
         int_keys=_int_key_paths(state_dict),
+        quantize=quantize,
     )
     t0 = time.monotonic()
     _run(
@@ -122,6 +129,7 @@ def async_save(
     chunk_bytes: int | None = None,
     inline_bytes: int | None = None,
     threads: int | None = None,
+    quantize: QuantizeSpec = None,
 ) -> Future[SaveInfo]:
     """Like :func:`save`, but returns once the state is copied to host memory.
 
@@ -140,6 +148,7 @@ def async_save(
         inline_bytes=inline_bytes,
         threads=threads,
         int_keys=_int_key_paths(state_dict),
+        quantize=quantize,
     )
     t0 = time.monotonic()
     started = _run(

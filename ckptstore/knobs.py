@@ -24,6 +24,8 @@ _DEFAULTS: dict[str, int] = {
     "FSYNC": 1,
     # host copies (of GPU or non-contiguous tensors) a sync save keeps in flight at most
     "STAGE_BYTES": 512 * 1024 * 1024,
+    # tensors smaller than this (whole tensor) are never quantized: norms, biases, counters
+    "QUANTIZE_MIN_BYTES": 64 * 1024,
     # object storage: how many times a request that failed transiently (5xx, throttling,
     # connection reset, timeout) is tried again, and the first backoff in milliseconds
     # (doubled per try, with jitter, capped at 5 s)
@@ -36,6 +38,16 @@ _DEFAULTS: dict[str, int] = {
     # bytes those uploads hold (the encoders wait while it is reached)
     "IO_REQUESTS": 16,
     "IO_BYTES": 256 * 1024 * 1024,
+    # leases (docs/format.md, "Leases and garbage collection"), in seconds: a lease lives
+    # this long after its last renewal (holders renew every TTL/5)
+    "LEASE_TTL": 300,
+    # most clock difference assumed between any two machines (and the storage's clock);
+    # every time comparison between writers, gc and object mtimes leaves this margin
+    "CLOCK_SKEW": 30,
+    # gc never deletes an unreferenced chunk younger than this (default of --grace)
+    "GC_GRACE": 3600,
+    # how long a commit waits for a running gc to publish what it deletes
+    "GC_WAIT": 600,
 }
 
 

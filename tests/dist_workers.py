@@ -260,3 +260,25 @@ def _assert_same(a: Any, b: Any, path: str) -> None:
             _assert_same(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def quant_worker(rank: int, world: int, port: int, url: str) -> None:
+    """Save DTensor shards and replicated tensors with a quantization policy."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import ckptstore
+
+    _init(rank, world, port)
+    mesh = init_device_mesh("cpu", (world,))
+    g = global_tensors()
+    state = {
+        "model": {
+            "big": distribute_tensor(g["big"], mesh, [Shard(0)]),
+            "col": distribute_tensor(g["col"], mesh, [Shard(1)]),
+        },
+        "optim": {"exp_avg": g["grid"], "step": torch.tensor(3.0)},
+    }
+    policy = {"optim.*exp_avg*": "bf16", "model.*": "int8", "*": None}
+    ckptstore.save(state, url, step=1, quantize=policy, chunk_bytes=CHUNK)
+    dist.destroy_process_group()

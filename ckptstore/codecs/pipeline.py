@@ -11,6 +11,7 @@ import msgpack
 from ckptstore import knobs
 from ckptstore.codecs.base import Buffer, Codec
 from ckptstore.codecs.bytegroup import ByteGroup
+from ckptstore.codecs.quantize import Cast, Int8Block, LossyCodec
 from ckptstore.codecs.registry import get_codec
 from ckptstore.codecs.zstd import Zstd
 
@@ -44,6 +45,8 @@ class Pipeline:
 
     def __init__(self, codecs: Sequence[Codec]) -> None:
         self.codecs = list(codecs)
+        if any(isinstance(c, LossyCodec) for c in self.codecs[1:]):
+            raise ValueError("a lossy codec may only be the first of a pipeline")
         self.config: list[dict[str, Any]] = [c.get_config() for c in self.codecs]
         self.spec: bytes = msgpack.packb(self.config)  # canonical: configs are ordered dicts
 
@@ -54,6 +57,12 @@ class Pipeline:
     @property
     def lossless(self) -> bool:
         return all(c.lossless for c in self.codecs)
+
+    def split(self) -> tuple[LossyCodec | None, Pipeline]:
+        """The lossy first stage (or None) and the lossless rest of the chain."""
+        if self.codecs and isinstance(self.codecs[0], LossyCodec):
+            return self.codecs[0], Pipeline(self.codecs[1:])
+        return None, self
 
     def encode(self, data: Buffer) -> Buffer:
         for codec in self.codecs:
@@ -98,3 +107,25 @@ def default_pipeline(dtype: str) -> Pipeline:
             [ByteGroup(width, rotate=width in (2, 4, 8)), Zstd(segments=width, entropy=True)]
         )
     return Pipeline([ByteGroup(itemsize), Zstd(level=level, segments=1)])
+
+
+QUANTIZERS = ("fp16", "bf16", "int8")
+
+
+def quantized_pipeline(name: str, dtype: str) -> Pipeline:
+    """The chain for quantizer ``name`` ("fp16", "bf16", "int8" or "int8:<block>") applied
+    to elements of ``dtype``; raises ValueError for names or dtypes it cannot apply to."""
+    kind, _, arg = name.partition(":")
+    if kind in ("fp16", "bf16"):
+        if arg:
+            raise ValueError(f"quantizer {name!r} takes no parameter")
+        target = "float16" if kind == "fp16" else "bfloat16"
+        return Pipeline(
+            [Cast(dtype, target), ByteGroup(2, rotate=True), Zstd(segments=2, entropy=True)]
+        )
+    if kind == "int8":
+        block = int(arg) if arg else 64
+        return Pipeline([Int8Block(dtype, block), Zstd(level=knobs.get("ZSTD_LEVEL"))])
+    raise ValueError(
+        f"unknown quantizer {name!r}: use one of {', '.join(QUANTIZERS)} or int8:<block>"
+    )

@@ -9,6 +9,7 @@ set_up_storage_writer → prepare_local_plan → prepare_global_plan → write_d
 from __future__ import annotations
 
 import io
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from torch.futures import Future
 
 from ckptstore import knobs
 from ckptstore.codecs.pipeline import default_pipeline
+from ckptstore.codecs.policy import QuantizePolicy, QuantizeSpec
 from ckptstore.dcp.bridge import dtype_name, raw_size, to_host_bytes
 from ckptstore.dcp.metadata import manifest_from_metadata
 from ckptstore.errors import CheckpointExistsError
@@ -90,8 +92,10 @@ class Writer(StorageWriter):
         inline_bytes: int | None = None,
         threads: int | None = None,
         int_keys: list[list[Any]] | None = None,
+        quantize: QuantizeSpec = None,
     ) -> None:
         super().__init__()
+        self.policy = QuantizePolicy(quantize)  # validates names now, not mid-save
         self.url = str(url)
         self.step = step
         self.name = layout.resolve_name(step, name)
@@ -171,7 +175,12 @@ class Writer(StorageWriter):
                     rows = tensor.shape[0] if tensor.dim() > 0 else 1
                     offsets = item.tensor_data.chunk.offsets if item.tensor_data else ()
                     first_row = int(offsets[0]) if len(offsets) else 0
-                    pipeline = default_pipeline(dtype_name(tensor.dtype))
+                    global_shape = item.tensor_data.size if item.tensor_data else tensor.shape
+                    pipeline = self.policy.pipeline_for(
+                        item.index.fqn,
+                        dtype_name(tensor.dtype),
+                        math.prod(global_shape) * tensor.element_size(),
+                    )
                     fut = writer.submit(
                         raw, pipeline, rows=rows, first_row=first_row, keep_alive=owner
                     )

@@ -8,7 +8,7 @@ uploaded again. Readers fetch only the chunks that overlap the rows asked for.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
@@ -16,6 +16,7 @@ import numpy as np
 from ckptstore import knobs
 from ckptstore.codecs.base import Buffer, byte_view
 from ckptstore.codecs.pipeline import Pipeline
+from ckptstore.codecs.quantize import QuantStats
 from ckptstore.errors import (
     ChunkNotFoundError,
     CkptStoreError,
@@ -86,9 +87,17 @@ class BlobWriter:
         del raw  # only ``view`` (and keep_alive) may hold the buffer from here on
         nbytes = len(view)
         if nbytes <= self.inline_bytes:
-            payload = pipeline.encode(view)
+            lossy, tail = pipeline.split()
+            stats = None
+            if lossy is None:
+                payload = pipeline.encode(view)
+            else:
+                body, stats = lossy.quantize(view)
+                payload = tail.encode(body)
             done: Future[Blob] = Future()
-            done.set_result(Blob(pipeline.config, nbytes, rows, inline=frame(payload)))
+            done.set_result(
+                Blob(pipeline.config, nbytes, rows, inline=frame(payload), qstats=stats)
+            )
             return done
         row_bytes = nbytes // rows if rows else nbytes
         ranges = row_ranges(rows, row_bytes, self.chunk_bytes, first_row)
@@ -112,7 +121,9 @@ class BlobWriter:
                 result.set_exception(errors[0])
             else:
                 chunks = [f.result() for f in futures]
-                result.set_result(Blob(pipeline.config, nbytes, rows, chunks=chunks))
+                blob = Blob(pipeline.config, nbytes, rows, chunks=chunks)
+                blob.qstats = _sum_stats(c.stats for c in chunks)
+                result.set_result(blob)
             futures.clear()
 
         for f in futures:
@@ -144,11 +155,16 @@ class BlobWriter:
         stop: int,
         out: Future[ChunkRef],
     ) -> None:
-        key = content_key(pipeline, piece)
+        lossy, tail = pipeline.split()
+        if lossy is None:
+            body, stats, key = piece, None, content_key(pipeline, piece)
+        else:  # the key hashes what the lossy stage produced: equal input → equal output
+            body, stats = lossy.quantize(piece)
+            key = content_key(pipeline, body)
         with self._lock:
             size = self._known.get(key)
             if size is not None:
-                out.set_result(ChunkRef(key, start, stop, size, new=False))
+                out.set_result(ChunkRef(key, start, stop, size, new=False, stats=stats))
                 return
             pending = self._pending.get(key)
             if pending is None:
@@ -161,7 +177,7 @@ class BlobWriter:
                 if exc is not None:
                     out.set_exception(exc)
                 else:
-                    out.set_result(ChunkRef(key, start, stop, f.result(), new=False))
+                    out.set_result(ChunkRef(key, start, stop, f.result(), False, stats))
 
             pending.add_done_callback(shared)
             return
@@ -173,7 +189,7 @@ class BlobWriter:
             out.set_exception(exc)
 
         try:
-            stored = frame(pipeline.encode(piece))
+            stored = frame(tail.encode(body))
             upload = self.repo.backend.put_async(layout.chunk_key(key.hex()), stored)
         except BaseException as exc:
             failed(exc)
@@ -193,9 +209,19 @@ class BlobWriter:
                 self._pending.pop(key, None)
                 self.chunks_written += 1
             mine.set_result(len(stored))
-            out.set_result(ChunkRef(key, start, stop, len(stored), new=True))
+            out.set_result(ChunkRef(key, start, stop, len(stored), new=True, stats=stats))
 
         upload.add_done_callback(uploaded)
+
+
+def _sum_stats(parts: Iterable[QuantStats | None]) -> QuantStats | None:
+    total: QuantStats | None = None
+    for part in parts:
+        if part is not None:
+            if total is None:
+                total = QuantStats()
+            total.add(part)
+    return total
 
 
 class BlobReader:
@@ -210,6 +236,13 @@ class BlobReader:
 
     def fetch_chunk(self, ref: ChunkRef, pipeline: Pipeline, row_bytes: int, where: str) -> Buffer:
         """Fetch, check and decode one chunk; returns its raw bytes."""
+        return self.fetch_chunk_parts(ref, pipeline, row_bytes, where)[1]
+
+    def fetch_chunk_parts(
+        self, ref: ChunkRef, pipeline: Pipeline, row_bytes: int, where: str
+    ) -> tuple[Buffer, Buffer]:
+        """Fetch and check one chunk; returns (what its key hashes, its raw bytes): the
+        lossy stage's output and its decoding, or the raw bytes twice when lossless."""
         key = layout.chunk_key(ref.key.hex())
         try:
             stored = self.repo.backend.get(key)
@@ -222,14 +255,18 @@ class BlobReader:
             self.objects_fetched += 1
         loc = f"{self.repo.backend.describe(key)} of {where}"
         payload = unframe(stored, loc)
+        lossy, tail = pipeline.split()
         try:
-            raw = pipeline.decode(payload)
+            body = tail.decode(payload)
+            raw = body if lossy is None else lossy.decode(body)
         except (CkptStoreError, ValueError, TypeError) as exc:
             raise CorruptChunkError(f"chunk {loc} cannot be decoded: {exc}") from exc
         expected = (ref.row_stop - ref.row_start) * row_bytes
         if byte_view(raw).nbytes != expected:
-            raise CorruptChunkError(f"chunk {loc} decoded to {len(raw)} bytes, expected {expected}")
-        return raw
+            raise CorruptChunkError(
+                f"chunk {loc} decoded to {byte_view(raw).nbytes} bytes, expected {expected}"
+            )
+        return body, raw
 
     def read_rows(
         self,

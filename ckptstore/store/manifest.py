@@ -16,6 +16,7 @@ import msgpack
 import xxhash
 
 from ckptstore.codecs.pipeline import DTYPES
+from ckptstore.codecs.quantize import QuantStats
 from ckptstore.errors import FormatVersionError, ManifestError
 from ckptstore.store.layout import FORMAT_VERSION
 
@@ -32,6 +33,8 @@ class ChunkRef:
     row_stop: int
     stored: int
     new: bool
+    stats: QuantStats | None = field(default=None, compare=False)
+    """Error of a lossy codec on this chunk, at save time only (not stored per chunk)."""
 
     def pack(self) -> list[Any]:
         return [self.key, self.row_start, self.row_stop, self.stored, self.new]
@@ -57,6 +60,8 @@ class Blob:
     rows: int
     inline: bytes | None = None
     chunks: list[ChunkRef] = field(default_factory=list)
+    qstats: QuantStats | None = None
+    """Error a lossy codec introduced in this blob (sums over its chunks)."""
 
     @property
     def stored_bytes(self) -> int:
@@ -76,6 +81,8 @@ class Blob:
             out["inline"] = self.inline
         else:
             out["chunks"] = [c.pack() for c in self.chunks]
+        if self.qstats is not None:
+            out["qstats"] = self.qstats.pack()
         return out
 
     @classmethod
@@ -87,7 +94,8 @@ class Blob:
         chunks = [] if inline is not None else [ChunkRef.unpack(c) for c in v["chunks"]]
         if inline is not None and not isinstance(inline, bytes):
             raise ValueError("inline payload is not bytes")
-        return cls(codec, int(v["nbytes"]), int(v["rows"]), inline, chunks)
+        qstats = QuantStats.unpack(v["qstats"]) if v.get("qstats") is not None else None
+        return cls(codec, int(v["nbytes"]), int(v["rows"]), inline, chunks, qstats)
 
 
 @dataclass
@@ -109,6 +117,16 @@ class TensorEntry:
     @property
     def logical_bytes(self) -> int:
         return sum(s.blob.nbytes for s in self.shards)
+
+    @property
+    def error(self) -> QuantStats | None:
+        """Quantization error over all shards, or None for a lossless tensor."""
+        total: QuantStats | None = None
+        for s in self.shards:
+            if s.blob.qstats is not None:
+                total = total or QuantStats()
+                total.add(s.blob.qstats)
+        return total
 
 
 @dataclass

@@ -67,6 +67,13 @@ class TensorReport:
     """Stored bytes of chunks this tensor did not write itself: written by an earlier
     checkpoint, or by another tensor of the same save (tied weights). Inline data counts
     as written."""
+    max_abs_error: float | None = None
+    """Largest |x − x̂| a lossy codec introduced (None: stored lossless)."""
+    rel_l2_error: float | None = None
+    """‖x − x̂‖ / ‖x‖ over the tensor (None: stored lossless)."""
+    fallback_chunks: int = 0
+    """Chunks a lossy codec stored more exactly than asked (fp16 overflow/underflow patches,
+    int8 chunks with inf/NaN kept lossless)."""
 
     @property
     def ratio(self) -> float:
@@ -102,6 +109,7 @@ def inspect(repo: Repository, name: str) -> InspectReport:
         blobs = [s.blob for s in t.shards]
         stored = sum(b.stored_bytes for b in blobs)
         shared = sum(b.stored_bytes - b.new_bytes for b in blobs)
+        err = t.error
         tensors.append(
             TensorReport(
                 fqn=fqn,
@@ -113,6 +121,9 @@ def inspect(repo: Repository, name: str) -> InspectReport:
                 logical_bytes=t.logical_bytes,
                 stored_bytes=stored,
                 shared_bytes=shared,
+                max_abs_error=None if err is None else err.max_abs,
+                rel_l2_error=None if err is None else err.rel_l2,
+                fallback_chunks=0 if err is None else err.fallback,
             )
         )
     objects = {fqn: b.stored_bytes for fqn, b in m.objects.items()}
@@ -183,9 +194,11 @@ def verify(
         try:
             pipeline = Pipeline.from_config(blob.codec)
             row_bytes = blob.nbytes // blob.rows if blob.rows else blob.nbytes
-            raw = reader.fetch_chunk(ref, pipeline, row_bytes, where)
-            if pipeline.lossless and content_key(pipeline, raw) != ref.key:
+            body, raw = reader.fetch_chunk_parts(ref, pipeline, row_bytes, where)
+            # the key hashes the lossy stage's output (the raw bytes when lossless)
+            if content_key(pipeline, body) != ref.key:
                 return ref.key, "decoded content does not match the chunk's key", ref.stored
+            del raw
         except CkptStoreError as exc:
             return ref.key, str(exc), ref.stored
         return ref.key, None, ref.stored

@@ -1,0 +1,64 @@
+"""Which tensors get which codec chain: the quantization policy of a save.
+
+``quantize`` is None (everything lossless), one quantizer name for every eligible tensor,
+or a mapping of fqn glob patterns to quantizer names (first match wins; None keeps a
+tensor lossless), e.g. ``{"optim.*.exp_avg*": "bf16", "model.*.weight": "int8", "*": None}``.
+Only floating tensors of at least ``QUANTIZE_MIN_BYTES`` (whole tensor, not shard — every
+rank must choose alike) are eligible; integer and bool tensors, step counters and small
+tensors (norms, biases) always stay lossless.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+
+from ckptstore import knobs
+from ckptstore.codecs.pipeline import DTYPES, Pipeline, default_pipeline, quantized_pipeline
+
+QuantizeSpec = str | Mapping[str, str | None] | None
+
+_CAN_QUANTIZE = {
+    "fp16": ("float32", "float64"),
+    "bf16": ("float32", "float64"),
+    "int8": ("float32", "float64", "bfloat16", "float16"),
+}
+
+
+class QuantizePolicy:
+    def __init__(self, spec: QuantizeSpec = None, *, min_bytes: int | None = None) -> None:
+        if spec is None or isinstance(spec, str):
+            rules = [] if spec is None else [("*", spec)]
+        elif isinstance(spec, Mapping):
+            rules = list(spec.items())
+        else:
+            raise TypeError(
+                f"quantize must be None, a name or a mapping, not {type(spec).__name__}"
+            )
+        for pattern, name in rules:
+            if not isinstance(pattern, str):
+                raise TypeError(f"quantize pattern {pattern!r} is not a string")
+            if name is not None:
+                quantized_pipeline(name, "float32")  # raises ValueError for unknown names
+        self.rules: list[tuple[str, str | None]] = rules
+        self.min_bytes = knobs.get("QUANTIZE_MIN_BYTES", min_bytes)
+
+    @property
+    def active(self) -> bool:
+        return any(name is not None for _, name in self.rules)
+
+    def choose(self, fqn: str) -> str | None:
+        """The quantizer the rules give ``fqn`` (before eligibility), or None."""
+        for pattern, name in self.rules:
+            if fnmatch.fnmatchcase(fqn, pattern):
+                return name
+        return None
+
+    def pipeline_for(self, fqn: str, dtype: str, tensor_bytes: int) -> Pipeline:
+        """The chain for a shard of tensor ``fqn`` whose whole tensor has ``tensor_bytes``."""
+        name = self.choose(fqn)
+        if name is None or tensor_bytes < self.min_bytes or dtype not in DTYPES:
+            return default_pipeline(dtype)
+        if dtype not in _CAN_QUANTIZE[name.partition(":")[0]]:
+            return default_pipeline(dtype)  # ints, bools, or already as narrow as asked
+        return quantized_pipeline(name, dtype)

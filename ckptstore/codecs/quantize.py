@@ -1,0 +1,301 @@
+"""Lossy first stages: fp16/bf16 casts and blockwise int8, with the error they introduce.
+
+Each works on the raw bytes of a floating dtype named in its config (``source``) and is
+decoded back to that dtype. A lossy codec must be the first codec of a pipeline; its output
+(not the raw input) is what the chunk key hashes, so two saves of the same bytes with the
+same codec config dedup, and a store could quantize on the device before the host copy.
+
+Per chunk the codecs guard against silent damage:
+
+- ``cast`` to fp16: elements outside fp16's normal range — a finite value that would
+  overflow to ±inf, or a non-zero value below 2⁻¹⁴ that would become subnormal (losing
+  precision) or 0 — are kept exactly (as float32) in a patch list stored with the chunk when
+  they are at most 1/64 of it; a chunk with more of them is stored as bf16 instead (fp32's
+  range). ``inspect`` counts both as fallback chunks. inf/NaN pass through unchanged.
+- ``int8block``: a chunk holding inf or NaN is stored lossless (the source bytes); blocks
+  whose scale does not fit fp16 make the chunk keep fp32 scales.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ckptstore.codecs.base import Buffer, Codec, byte_view
+from ckptstore.codecs.registry import register
+from ckptstore.errors import CorruptChunkError
+
+SOURCES = ("float64", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class QuantStats:
+    """Error a lossy stage introduced on one chunk (sums, so chunks and shards add up)."""
+
+    sq_err: float = 0.0
+    sq_ref: float = 0.0
+    max_abs: float = 0.0
+    fallback: int = 0
+    chunks: int = 0
+
+    def add(self, other: QuantStats) -> None:
+        self.sq_err += other.sq_err
+        self.sq_ref += other.sq_ref
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.fallback += other.fallback
+        self.chunks += other.chunks
+
+    @property
+    def rel_l2(self) -> float:
+        """‖x − x̂‖ / ‖x‖ over finite elements."""
+        return float(np.sqrt(self.sq_err / self.sq_ref)) if self.sq_ref > 0 else 0.0
+
+    def pack(self) -> list[float | int]:
+        return [self.sq_err, self.sq_ref, self.max_abs, self.fallback, self.chunks]
+
+    @classmethod
+    def unpack(cls, v: list[Any]) -> QuantStats:
+        sq_err, sq_ref, max_abs, fallback, chunks = v
+        return cls(float(sq_err), float(sq_ref), float(max_abs), int(fallback), int(chunks))
+
+
+def to_float(data: Buffer, source: str) -> np.ndarray:
+    """Elements of ``source`` dtype as float32 (float64 stays float64)."""
+    if source == "float64":
+        return np.frombuffer(data, dtype=np.float64)
+    if source == "float32":
+        return np.frombuffer(data, dtype=np.float32)
+    if source == "float16":
+        return np.frombuffer(data, dtype=np.float16).astype(np.float32)
+    if source == "bfloat16":
+        return (np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    raise ValueError(f"unsupported source dtype {source!r}")
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bit patterns, round to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> 16) | 0x0040).astype(np.uint16)  # keep sign, quiet NaN
+    return rounded
+
+
+def from_float(x: np.ndarray, source: str) -> bytes:
+    """float32/float64 elements back to ``source`` dtype bytes."""
+    if source == "float64":
+        return x.astype(np.float64).tobytes()
+    if source == "float32":
+        return x.astype(np.float32).tobytes()
+    if source == "float16":
+        return x.astype(np.float16).tobytes()
+    if source == "bfloat16":
+        return bf16_bits(x.astype(np.float32)).tobytes()
+    raise ValueError(f"unsupported source dtype {source!r}")
+
+
+def _stats(x: np.ndarray, approx: np.ndarray, fallback: int) -> QuantStats:
+    """Error sums over the finite elements of ``x`` (BLAS dots: fast, ~1e-6 relative)."""
+    if not np.isfinite(x).all():
+        finite = np.isfinite(x)
+        x, approx = x[finite], approx[finite]
+    if x.size == 0:
+        return QuantStats(fallback=fallback, chunks=1)
+    diff = x - approx.astype(x.dtype, copy=False)
+    return QuantStats(
+        sq_err=float(np.dot(diff, diff)),
+        sq_ref=float(np.dot(x, x)),
+        max_abs=float(np.abs(diff).max()),
+        fallback=fallback,
+        chunks=1,
+    )
+
+
+class LossyCodec(Codec):
+    lossless = False
+
+    def quantize(self, data: Buffer) -> tuple[bytes, QuantStats]:
+        """Encode ``data`` and report the error; ``encode`` is this without the stats."""
+        raise NotImplementedError
+
+    def encode(self, data: Buffer) -> Buffer:
+        return self.quantize(data)[0]
+
+
+def _check_source(source: str) -> str:
+    if source not in SOURCES:
+        raise ValueError(f"quantization source must be one of {SOURCES}, got {source!r}")
+    return source
+
+
+_CAST_HEADER = struct.Struct("<BB")  # kind, reserved — 2 bytes keeps 2-byte grouping aligned
+_AS_FP16, _AS_BF16, _AS_FP16_PATCHED = 0, 1, 2
+_PATCH_COUNT = struct.Struct("<I")
+_MAX_PATCHED_FRACTION = 64  # patch at most 1/64 of a chunk's elements (8 bytes each)
+_FP16_MIN_NORMAL = 2.0**-14
+
+
+@register
+class Cast(LossyCodec):
+    """float32/float64 → fp16 or bf16 (2 bytes per element)."""
+
+    codec_id = "cast"
+
+    def __init__(self, source: str, target: str) -> None:
+        if target not in ("float16", "bfloat16"):
+            raise ValueError(f"cast target must be float16 or bfloat16, got {target!r}")
+        if _check_source(source) not in ("float32", "float64"):
+            raise ValueError(f"cast to {target} needs a float32/float64 source, not {source}")
+        self.source, self.target = source, target
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id, "source": self.source, "target": self.target}
+
+    def short(self) -> str:
+        return "fp16" if self.target == "float16" else "bf16"
+
+    def quantize(self, data: Buffer) -> tuple[bytes, QuantStats]:
+        """fp16: elements outside fp16's normal range are patched exactly (few) or the chunk
+        is stored as bf16 (many) — either way the chunk counts as a fallback."""
+        x = to_float(data, self.source)
+        if self.target == "bfloat16":
+            body = bf16_bits(x.astype(np.float32))
+            approx = (body.astype(np.uint32) << 16).view(np.float32)
+            return _CAST_HEADER.pack(_AS_BF16, 0) + body.tobytes(), _stats(x, approx, 0)
+        with np.errstate(over="ignore", under="ignore"):
+            body = x.astype(np.float16)
+        approx = body.astype(x.dtype)
+        # outside fp16's normal range: overflow to inf, or subnormal/zero (precision lost)
+        tiny = (x != 0) & (np.abs(x) < _FP16_MIN_NORMAL)
+        bad = np.flatnonzero((np.isfinite(x) & ~np.isfinite(body)) | tiny)
+        if bad.size == 0:
+            return _CAST_HEADER.pack(_AS_FP16, 0) + body.tobytes(), _stats(x, approx, 0)
+        if bad.size * _MAX_PATCHED_FRACTION > x.size:  # too many: the chunk becomes bf16
+            body = bf16_bits(x.astype(np.float32))
+            approx = (body.astype(np.uint32) << 16).view(np.float32)
+            return _CAST_HEADER.pack(_AS_BF16, 0) + body.tobytes(), _stats(x, approx, 1)
+        values = x[bad].astype(np.float32)
+        approx[bad] = values
+        out = b"".join(
+            [
+                _CAST_HEADER.pack(_AS_FP16_PATCHED, 0),
+                body.tobytes(),
+                bad.astype(np.uint32).tobytes(),
+                values.tobytes(),
+                _PATCH_COUNT.pack(bad.size),
+            ]
+        )
+        return out, _stats(x, approx, 1)
+
+    def decode(self, data: Buffer) -> Buffer:
+        view = byte_view(data)
+        if len(view) < _CAST_HEADER.size or (len(view) - _CAST_HEADER.size) % 2:
+            raise CorruptChunkError(f"cast payload of {len(view)} bytes is malformed")
+        kind, _ = _CAST_HEADER.unpack_from(view)
+        body = view[_CAST_HEADER.size :]
+        patches = 0
+        if kind == _AS_FP16_PATCHED:
+            if len(body) < _PATCH_COUNT.size:
+                raise CorruptChunkError("cast payload lost its patch count")
+            (patches,) = _PATCH_COUNT.unpack_from(body, len(body) - _PATCH_COUNT.size)
+            end = len(body) - _PATCH_COUNT.size - 8 * patches
+            if end < 0 or end % 2:
+                raise CorruptChunkError(f"cast payload with {patches} patches is malformed")
+            idx = np.frombuffer(body, dtype=np.uint32, count=patches, offset=end)
+            vals = np.frombuffer(body, dtype=np.float32, count=patches, offset=end + 4 * patches)
+            body = body[:end]
+        if kind in (_AS_FP16, _AS_FP16_PATCHED):
+            wide = np.frombuffer(body, dtype=np.float16).astype(
+                np.float64 if self.source == "float64" else np.float32
+            )
+            if patches:
+                if idx.size and int(idx.max()) >= wide.size:
+                    raise CorruptChunkError("cast patch index beyond the data")
+                wide[idx] = vals
+        elif kind == _AS_BF16:
+            wide = (np.frombuffer(body, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            raise CorruptChunkError(f"cast payload has unknown kind {kind}")
+        return from_float(wide, self.source)
+
+
+_INT8_HEADER = struct.Struct("<BxxxQ")  # kind, element count
+_FP16_SCALES, _FP32_SCALES, _RAW = 0, 1, 2
+
+
+@register
+class Int8Block(LossyCodec):
+    """Symmetric absmax int8 per block of ``block`` elements, one scale per block.
+
+    Layout: header (u8 kind, 3 pad, u64 n), then ceil(n/block)·block int8 values, then one
+    fp16 (kind 0) or fp32 (kind 1) scale per block; kind 2 holds the source bytes as they
+    were (a chunk with inf/NaN).
+    """
+
+    codec_id = "int8block"
+
+    def __init__(self, source: str, block: int = 64) -> None:
+        if not 8 <= block <= 65536:
+            raise ValueError(f"int8 block size must be 8..65536, got {block}")
+        self.source = _check_source(source)
+        self.block = int(block)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id, "source": self.source, "block": self.block}
+
+    def short(self) -> str:
+        return f"int8/{self.block}"
+
+    def quantize(self, data: Buffer) -> tuple[bytes, QuantStats]:
+        x = to_float(data, self.source)
+        n = x.size
+        if not np.isfinite(x).all():
+            return _INT8_HEADER.pack(_RAW, n) + bytes(byte_view(data)), QuantStats(
+                fallback=1,
+                chunks=1,
+                sq_ref=float(np.square(x[np.isfinite(x)], dtype=np.float64).sum()),
+            )
+        xf = x.astype(np.float32)
+        blocks = -(-n // self.block)
+        padded = np.zeros(blocks * self.block, dtype=np.float32)
+        padded[:n] = xf
+        b = padded.reshape(blocks, self.block)
+        scale = np.abs(b).max(axis=1) / 127.0
+        with np.errstate(over="ignore"):  # too large for fp16: caught by ``fits`` below
+            s16 = scale.astype(np.float16)
+            low = s16.astype(np.float32) < scale  # rounded down: |x|/s could pass 127
+            s16[low] = np.nextafter(s16[low], np.float16(np.inf))
+        fits = np.isfinite(s16) & ((scale == 0) | (s16.astype(np.float32) >= _FP16_MIN_NORMAL))
+        if fits.all():
+            kind, stored, s = _FP16_SCALES, s16, s16.astype(np.float32)
+        else:
+            kind, stored, s = _FP32_SCALES, scale.astype(np.float32), scale.astype(np.float32)
+        safe = np.where(s == 0, 1.0, s)[:, None]
+        q = np.clip(np.rint(b / safe), -127, 127).astype(np.int8)
+        approx = (q.astype(np.float32) * s[:, None]).reshape(-1)[:n]
+        out = _INT8_HEADER.pack(kind, n) + q.tobytes() + stored.tobytes()
+        return out, _stats(x, approx, 0)
+
+    def decode(self, data: Buffer) -> Buffer:
+        view = byte_view(data)
+        try:
+            kind, n = _INT8_HEADER.unpack_from(view)
+        except struct.error as exc:
+            raise CorruptChunkError(f"int8 payload is truncated: {exc}") from exc
+        body = view[_INT8_HEADER.size :]
+        if kind == _RAW:
+            return body
+        blocks = -(-n // self.block)
+        width = {_FP16_SCALES: 2, _FP32_SCALES: 4}.get(kind)
+        if width is None or len(body) != blocks * self.block + blocks * width:
+            raise CorruptChunkError(f"int8 payload (kind {kind}, n {n}) has {len(body)} bytes")
+        q = np.frombuffer(body, dtype=np.int8, count=blocks * self.block)
+        scales = np.frombuffer(
+            body, dtype=np.float16 if width == 2 else np.float32, offset=blocks * self.block
+        ).astype(np.float32)
+        x = (q.reshape(blocks, self.block).astype(np.float32) * scales[:, None]).reshape(-1)
+        return from_float(x[:n], self.source)
