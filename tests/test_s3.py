@@ -8,6 +8,7 @@ store's back.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ import torch
 
 import ckptstore
 from ckptstore.backend import Backend, open_backend
+from ckptstore.backend.fsspec_backend import io_pool
 from ckptstore.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -67,14 +69,22 @@ class TestS3Backend(BackendSuite):
         assert backend.endpoint and backend.endpoint.startswith("http://127.0.0.1:")
 
     def test_put_async_bounded(self, backend: Backend, monkeypatch) -> None:
-        monkeypatch.setenv("CKPTSTORE_IO_BYTES", str(3000))
-        backend._io = None  # rebuilt with the knob above
+        monkeypatch.setenv("CKPTSTORE_IO_BYTES", str(3000))  # a pool of its own
+        _, budget = io_pool()
+        peak = [0]
+        real_put = backend.put
+
+        def put(key, data, *, create_only=False):
+            peak[0] = max(peak[0], budget.used)
+            return real_put(key, data, create_only=create_only)
+
+        monkeypatch.setattr(backend, "put", put)
         items = {f"a/{i}": bytes([i]) * 1000 for i in range(20)}
         futures = [backend.put_async(k, v) for k, v in items.items()]
         for f in futures:
             f.result()
         assert backend.get_many(list(items)) == items
-        assert backend._budget is not None and backend._budget.used == 0
+        assert 0 < peak[0] <= 3000 and budget.used == 0
 
     def test_stats_count_requests(self, backend: Backend) -> None:
         backend.put("s/1", b"abc")
@@ -164,6 +174,37 @@ def test_credentials_and_endpoint_from_environment(s3_url, s3_server, monkeypatc
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+def test_request_counts(s3_url, s3_options, monkeypatch):
+    """One PUT per new chunk, none for chunks a committed checkpoint already holds (no
+    existence check per chunk), one GET per chunk at load and no HEAD before it."""
+    import s3fs
+
+    calls: collections.Counter[tuple[str, str]] = collections.Counter()
+    original = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        key = str(kwargs.get("Key", ""))
+        area = key.split("/")[1] if key.count("/") >= 1 else key
+        calls[(method, area)] += 1
+        return await original(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    sd = {"w": torch.randn(2048, 1024), "v": torch.randn(1024, 1024)}  # 3 chunks of 4 MiB
+    info = ckptstore.save(sd, s3_url, step=1, storage_options=s3_options)
+    assert info.chunks == info.new_chunks == 3
+    assert calls[("put_object", "chunks")] == 3
+    assert calls[("put_object", "checkpoints")] == 1
+    calls.clear()
+    again = ckptstore.save(sd, s3_url, step=2, storage_options=s3_options)
+    assert again.new_chunks == 0
+    assert calls[("put_object", "chunks")] == 0 and calls[("head_object", "chunks")] == 0
+    assert calls[("put_object", "checkpoints")] == 1
+    calls.clear()
+    ckptstore.load(template_like(sd), s3_url, step=1, storage_options=s3_options)
+    assert calls[("get_object", "chunks")] == 3
+    assert sum(n for (method, _), n in calls.items() if method == "head_object") == 0
+
+
 # -- create-only commits ---------------------------------------------------------------------
 def test_manifest_is_create_only(s3_url, s3_options):
     sd = {"w": torch.randn(256, 256)}
@@ -205,7 +246,7 @@ def test_read_only_identity_can_load_not_save(s3_url, s3_options):
     assert_same(sd, ckptstore.load_full(s3_url, storage_options=reader))
     with pytest.raises(AccessDeniedError) as info:
         ckptstore.save({"w": torch.randn(300, 300)}, s3_url, step=2, storage_options=reader)
-    assert "chunks/" in str(info.value) or "checkpoints/" in str(info.value)
+    assert s3_url + "/" in str(info.value) and "'ckpt'" in str(info.value)  # key and bucket
     assert [c.step for c in ckptstore.Store(s3_url, reader).list()] == [1]
 
 

@@ -18,6 +18,7 @@ decides how long a dead server is waited for.
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import random
 import threading
@@ -279,6 +280,23 @@ class _ByteBudget:
             self.cond.notify_all()
 
 
+_IO_LOCK = threading.Lock()
+_IO: dict[tuple[int, int, int], tuple[ThreadPoolExecutor, _ByteBudget]] = {}
+
+
+def io_pool() -> tuple[ThreadPoolExecutor, _ByteBudget]:
+    """The process's upload pool and its byte bound, shared by every backend and save (so
+    concurrent saves together stay within ``IO_BYTES``). Made anew in a forked child, or
+    when the knobs change."""
+    key = (os.getpid(), max(1, knobs.get("IO_REQUESTS")), knobs.get("IO_BYTES"))
+    with _IO_LOCK:
+        found = _IO.get(key)
+        if found is None:
+            pool = ThreadPoolExecutor(key[1], thread_name_prefix="ckptstore-io")
+            found = _IO[key] = (pool, _ByteBudget(key[2]))
+        return found
+
+
 class Backend:
     """Byte objects under a root URL: get / put / list / delete, single and batched."""
 
@@ -295,18 +313,11 @@ class Backend:
             remote=any(p in S3_PROTOCOLS or p.startswith("http") for p in protocols),
         )
         self.stats = Stats()
-        self._io: ThreadPoolExecutor | None = None
-        self._budget: _ByteBudget | None = None
-        self._io_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_io=None, _budget=None, _io_lock=None, stats=Stats())
+        state["stats"] = Stats()
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._io_lock = threading.Lock()
 
     # -- keys ---------------------------------------------------------------------------
     def path(self, key: str) -> str:
@@ -408,15 +419,6 @@ class Backend:
         return sorted(keys)
 
     # -- concurrency ----------------------------------------------------------------------
-    def _io_pool(self) -> tuple[ThreadPoolExecutor, _ByteBudget]:
-        with self._io_lock:
-            if self._io is None or self._budget is None:
-                self._io = ThreadPoolExecutor(
-                    max(1, knobs.get("IO_REQUESTS")), thread_name_prefix="ckptstore-io"
-                )
-                self._budget = _ByteBudget(knobs.get("IO_BYTES"))
-            return self._io, self._budget
-
     def put_async(
         self, key: str, data: bytes | memoryview, *, create_only: bool = False
     ) -> Future[None]:
@@ -426,7 +428,7 @@ class Backend:
         uploads already started hold ``IO_BYTES`` bytes: encoders stay ahead of the network
         by a bounded amount of memory.
         """
-        pool, budget = self._io_pool()
+        pool, budget = io_pool()
         n = len(data)
         budget.acquire(n)
         try:
@@ -601,6 +603,11 @@ def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
     config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
     options["config_kwargs"] = config
     options.setdefault("use_listings_cache", False)
+    cls = fsspec.get_filesystem_class("s3")
+    if "max_concurrency" in inspect.signature(cls.__init__).parameters:
+        # our I/O pool runs the requests in parallel; with s3fs's default (10) every whole-
+        # object get of a chunk would first cost a HEAD to size a parallel ranged read
+        options.setdefault("max_concurrency", 1)
     return options
 
 
@@ -629,10 +636,14 @@ def open_backend(url: str, storage_options: Mapping[str, Any] | None = None) -> 
         raise UnknownSchemeError(
             f"the filesystem for {url!r} needs a package that is not installed{hint}: {exc}"
         ) from exc
-    if protocol in S3_PROTOCOLS and "retries" not in (
-        (storage_options or {}).get("config_kwargs") or {}
-    ):
-        fs.retries = 1  # s3fs's own retry loop: ours replaces it
+    if protocol in S3_PROTOCOLS:
+        if "retries" not in ((storage_options or {}).get("config_kwargs") or {}):
+            fs.retries = 1  # s3fs's own retry loop: ours replaces it
+        if "mode" not in inspect.signature(fs._pipe_file).parameters:
+            raise BackendError(
+                f"the installed s3fs ({getattr(type(fs), '__module__', '?')}) is too old for "
+                "create-only puts (pipe_file mode='create'): pip install -U s3fs"
+            )
     if isinstance(fs, LocalFileSystem):
         root = os.path.abspath(root)
     return Backend(fs, root, url)
