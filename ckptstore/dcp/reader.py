@@ -193,6 +193,8 @@ class Reader(StorageReader):
                     _copy_overlap(raw, c0, c1, shard, req, target)
 
         threads = knobs.get("THREADS", self.threads)
+        if repo.backend.capabilities.remote and self.threads is None:
+            threads = max(threads, knobs.get("IO_REQUESTS"))  # latency-bound: more in flight
         tasks = list(work.values())
         if threads > 1 and len(tasks) > 1:
             with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-load") as pool:

@@ -7,7 +7,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ckptstore.codecs.pipeline import Pipeline
-from ckptstore.errors import CkptStoreError
+from ckptstore.errors import (
+    ChunkNotFoundError,
+    CkptStoreError,
+    CorruptChunkError,
+    ManifestError,
+    UnknownCodecError,
+)
 from ckptstore.store import layout
 from ckptstore.store.blobs import BlobReader
 from ckptstore.store.chunks import content_key
@@ -130,6 +136,11 @@ def inspect(repo: Repository, name: str) -> InspectReport:
     return InspectReport(CheckpointSummary.of(m), tensors, objects)
 
 
+# errors that mean the stored data is damaged; anything else (an unreachable server,
+# denied access) aborts verify instead of marking every chunk as bad
+DAMAGE = (CorruptChunkError, ChunkNotFoundError, ManifestError, UnknownCodecError)
+
+
 @dataclass
 class Problem:
     checkpoint: str
@@ -182,7 +193,7 @@ def verify(
             if blob.inline is not None:
                 try:
                     reader.read_rows(blob, 0, blob.rows, f"{fqn!r} of checkpoint {m.name!r}")
-                except CkptStoreError as exc:
+                except DAMAGE as exc:
                     report.problems.append(Problem(m.name, fqn, "(inline)", str(exc)))
                 continue
             for ref in blob.chunks:
@@ -199,7 +210,7 @@ def verify(
             if content_key(pipeline, body) != ref.key:
                 return ref.key, "decoded content does not match the chunk's key", ref.stored
             del raw
-        except CkptStoreError as exc:
+        except DAMAGE as exc:  # storage outages and refusals are raised, not reported
             return ref.key, str(exc), ref.stored
         return ref.key, None, ref.stored
 
