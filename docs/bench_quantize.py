@@ -57,7 +57,7 @@ def run(name: str, state) -> None:
             tensors = ckptstore.Store(d).inspect().tensors
         errs = [t.rel_l2_error for t in tensors if t.rel_l2_error is not None]
         total_err = sum(e * e for e in errs) ** 0.5 if errs else 0.0
-        enc, dec = _codec_speed(state, codec) if codec else (float("nan"), float("nan"))
+        enc, dec = _codec_speed(state, codec)
         print(
             f"{codec or 'lossless':<10} {info.ratio:>6.3f}× {max(errs, default=0):>13.2e} "
             f"{total_err / max(1, len(errs)) ** 0.5:>13.2e} {enc:>9.0f} {dec:>9.0f}"
