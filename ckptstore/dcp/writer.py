@@ -238,4 +238,5 @@ def _one_writer_per_chunk(manifest: Manifest) -> None:
         for c in blob.chunks:
             if c.new and c.key in seen:
                 c.new = False
-            seen.add(c.key)
+            elif c.new:  # only a write counts: a reuse seen first must not unmark it
+                seen.add(c.key)
