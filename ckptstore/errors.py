@@ -83,4 +83,22 @@ class ObjectExistsError(BackendError, FileExistsError):
     """A create-only put found the key already taken (raised by the backend layer)."""
 
 
+class LeaseError(CkptStoreError):
+    """A lease (of a save in flight, or of a gc run) could not be taken, kept or read."""
+
+
+class LeaseExpiredError(LeaseError):
+    """This process could not renew its lease in time: a gc elsewhere may have taken it for
+    dead, so the save (or gc) stops rather than commit (or delete). Nothing was committed."""
+
+
+class GcBusyError(LeaseError):
+    """Another gc (or rm) holds the store's gc lock; try again when it has finished."""
+
+
+class ConcurrentGcError(CkptStoreError):
+    """A gc running beside this save deleted (or is deleting) a chunk the save meant to
+    reference, so the save did not commit. Nothing was committed; saving again succeeds."""
+
+
 __all__ = [name for name in dir() if name.endswith("Error")]

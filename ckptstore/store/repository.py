@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+import uuid
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -140,12 +142,17 @@ class Repository:
         return found
 
     def scan(self) -> tuple[list[Manifest], dict[str, CkptStoreError]]:
-        """Readable manifests, oldest first, and the error of each unreadable one by name."""
+        """Readable manifests, oldest first, and the error of each unreadable one by name.
+
+        A manifest removed (by gc or rm) between the listing and its read is skipped: the
+        checkpoint no longer exists, which is not damage."""
         bad: dict[str, CkptStoreError] = {}
 
         def read(name: str) -> Manifest | None:
             try:
                 return self.manifest(name)
+            except CheckpointNotFoundError:
+                return None
             except CkptStoreError as exc:
                 bad[name] = exc
                 return None
@@ -209,3 +216,66 @@ class Repository:
         with self._lock:
             self._manifests[manifest.name] = manifest
         return len(data)
+
+    # -- dropping checkpoints (gc, rm; docs/format.md "Leases and garbage collection") ----
+    def trash(self, name: str, *, deleted: float | None = None) -> tuple[str | None, int]:
+        """Drop checkpoint ``name``: copy its manifest to ``trash/`` (create-only put), then
+        delete the manifest. From then on the checkpoint does not exist; the trash entry
+        keeps its chunks from gc while a save that may have read its manifest runs.
+
+        Returns the trash key (None when the manifest was unreadable: it is deleted
+        outright, as no save's dedup index can have used it) and the manifest's size."""
+        key = layout.manifest_key(layout.check_name(name))
+        try:
+            data = self.backend.get(key)
+        except ObjectNotFoundError:
+            raise CheckpointNotFoundError(
+                f"checkpoint {name!r} not found in {self.url} (no {key})"
+            ) from None
+        readable = True
+        try:
+            Manifest.decode(data, self.backend.describe(key))
+        except (ManifestError, FormatVersionError):
+            readable = False
+        tkey = None
+        if readable:
+            when = time.time() if deleted is None else deleted
+            tkey = layout.trash_key(name, int(when * 1000), uuid.uuid4().hex[:8])
+            self.backend.put(tkey, data, create_only=True)
+        self.backend.delete(key)
+        with self._lock:
+            self._manifests.pop(name, None)
+        return tkey, len(data)
+
+    def trash_entries(self) -> list[TrashEntry]:
+        """The manifests in ``trash/``, oldest deletion first. Raises ManifestError if one
+        cannot be read (gc must then not guess which chunks it protects)."""
+        keys = [k for k in self.backend.list(layout.TRASH) if layout.parse_trash_key(k)]
+
+        def read(key: str) -> TrashEntry | None:
+            name, ms = layout.parse_trash_key(key)  # type: ignore[misc]
+            try:
+                data = self.backend.get(key)
+            except ObjectNotFoundError:
+                return None
+            m = Manifest.decode(data, self.backend.describe(key))
+            m.manifest_bytes = len(data)
+            return TrashEntry(key, name, ms / 1000, m)
+
+        found = [e for e in self.backend.map(read, keys) if e is not None]
+        return sorted(found, key=lambda e: (e.deleted, e.key))
+
+
+class TrashEntry:
+    """A dropped checkpoint's manifest in ``trash/``: when it was dropped, what it named."""
+
+    __slots__ = ("deleted", "key", "manifest", "name")
+
+    def __init__(self, key: str, name: str, deleted: float, manifest: Manifest) -> None:
+        self.key = key
+        self.name = name
+        self.deleted = deleted
+        self.manifest = manifest
+
+    def __repr__(self) -> str:
+        return f"TrashEntry({self.key!r})"

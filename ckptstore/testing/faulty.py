@@ -26,7 +26,11 @@ class FaultPlan:
     """Flip one bit in the middle of every object read whose path matches."""
     truncate_get_match: str | None = None
     """Return only the first half of every object read whose path matches."""
+    fail_delete_after: int | None = None
+    """Let this many matching deletes succeed, then fail every later one."""
+    delete_match: str = "*"
     puts: int = 0
+    deletes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -45,6 +49,16 @@ class FaultyFileSystem(MemoryFileSystem):
             if n > plan.fail_put_after:
                 raise OSError(f"injected put failure #{n} on {path}")
         return super().pipe_file(path, value, mode=mode, **kwargs)
+
+    def rm_file(self, path):
+        plan = type(self).plan
+        if fnmatch.fnmatch(path, plan.delete_match) and plan.fail_delete_after is not None:
+            with plan.lock:
+                plan.deletes += 1
+                n = plan.deletes
+            if n > plan.fail_delete_after:
+                raise OSError(f"injected delete failure #{n} on {path}")
+        return super().rm_file(path)
 
     def cat_file(self, path, start=None, end=None, **kwargs):
         data = super().cat_file(path, start=start, end=end, **kwargs)
@@ -105,3 +119,37 @@ class failing_puts:  # noqa: N801 - used like a function: ``with failing_puts(af
         from ckptstore.backend import Backend
 
         Backend.put = self._original  # type: ignore[method-assign]
+
+
+class failing_deletes:  # noqa: N801 - used like a function: ``with failing_deletes(after=2):``
+    """Make every Backend in this process fail deletes whose key contains ``match`` after
+    ``after`` of them succeeded — a gc that breaks part-way, on any storage."""
+
+    def __init__(self, after: int, match: str = "") -> None:
+        self.after = after
+        self.match = match
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> failing_deletes:
+        from ckptstore.backend import Backend
+
+        self._original = original = Backend.delete
+        outer = self
+
+        def delete(backend, key):
+            if outer.match in key:
+                with outer._lock:
+                    outer.count += 1
+                    n = outer.count
+                if n > outer.after:
+                    raise BackendError(f"injected delete failure #{n} on {backend.describe(key)}")
+            return original(backend, key)
+
+        Backend.delete = delete  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from ckptstore.backend import Backend
+
+        Backend.delete = self._original  # type: ignore[method-assign]

@@ -1,0 +1,557 @@
+"""Retention and garbage collection: plan, then execute (as restic's prune does).
+
+:func:`plan` is read-only: which checkpoints the retention policy keeps and drops, and
+which chunk objects a gc run now would delete or hold back. ``gc --dry-run`` prints it and
+stops. :func:`execute` takes the store's gc lock, drops the checkpoints (their manifests go
+to ``trash/``), then observes the store in a fixed order and deletes the chunks no kept
+checkpoint, no trash entry still needed and no running save may reference — after
+publishing that list, so a save about to commit can check it. The rules and why they are
+safe are in docs/format.md ("Leases and garbage collection"); docs/gc.md explains the
+commands. No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ckptstore import knobs
+from ckptstore.backend.fsspec_backend import ObjectInfo
+from ckptstore.errors import (
+    CheckpointNotFoundError,
+    CkptStoreError,
+    GcBusyError,
+    ObjectNotFoundError,
+)
+from ckptstore.store import layout, leases
+from ckptstore.store.manifest import Manifest
+from ckptstore.store.repository import Repository, TrashEntry
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+"""``progress(phase, done, total)``: phase is "drop" or "delete"."""
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|min|s|m|h|d|w)")
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in ``"0s"``, ``"90"``, ``"30m"``, ``"2h"``, ``"1h30m"``, ``"7d"``, ``"1w"``."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"duration must not be negative, got {text!r}")
+        return float(text)
+    s = str(text).strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    pos, total = 0, 0.0
+    for m in _PART.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if not s or pos != len(s):
+        raise ValueError(
+            f"invalid duration {text!r}: use e.g. 0s, 90s, 30m, 2h, 1h30m, 7d (or seconds)"
+        )
+    return total
+
+
+def grace_knob(override: str | float | None = None) -> float:
+    return parse_duration(override) if override is not None else float(knobs.get("GC_GRACE"))
+
+
+# -- retention -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Retention:
+    """Which checkpoints a gc keeps. With no rule given, every checkpoint is kept (gc then
+    only collects garbage). With any rule, a checkpoint is kept if some rule keeps it, and
+    the latest checkpoint is always kept."""
+
+    keep_last: int | None = None
+    """The last N checkpoints in commit order."""
+    keep_every: int | None = None
+    """Checkpoints whose step is a multiple of K."""
+    keep: tuple[str, ...] = ()
+    """Checkpoints by name (a bare number means that step)."""
+
+    def __post_init__(self) -> None:
+        for label, v in (("keep_last", self.keep_last), ("keep_every", self.keep_every)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{label} must be a positive int, got {v!r}")
+        object.__setattr__(self, "keep", tuple(str(k) for k in self.keep))
+
+    @property
+    def active(self) -> bool:
+        return self.keep_last is not None or self.keep_every is not None or bool(self.keep)
+
+    def reasons(self, manifests: Sequence[Manifest]) -> dict[str, list[str]]:
+        """Name → why it is kept ([] = dropped), for ``manifests`` oldest first."""
+        out: dict[str, list[str]] = {m.name: [] for m in manifests}
+        if not self.active:
+            return {name: ["all"] for name in out}
+        if manifests:
+            out[manifests[-1].name].append("latest")
+        if self.keep_last is not None:
+            for m in manifests[-self.keep_last :]:
+                out[m.name].append(f"last {self.keep_last}")
+        if self.keep_every is not None:
+            for m in manifests:
+                if m.step is not None and m.step % self.keep_every == 0:
+                    out[m.name].append(f"every {self.keep_every}")
+        for wanted in self.keep:
+            hits = [m.name for m in manifests if m.name == wanted]
+            if not hits and wanted.isdigit():
+                step = int(wanted)
+                hits = [m.name for m in manifests if m.step == step]
+            if not hits:
+                raise CheckpointNotFoundError(
+                    f"--keep {wanted!r}: no checkpoint by that name or step (nothing deleted)"
+                )
+            for name in hits:
+                out[name].append("keep")
+        return {name: list(dict.fromkeys(r)) for name, r in out.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keep_last": self.keep_last, "keep_every": self.keep_every, "keep": list(self.keep)}
+
+
+# -- the decision shared by plan and execute ----------------------------------------------------
+@dataclass
+class _Decision:
+    doomed: list[ObjectInfo]
+    held_by_grace: list[ObjectInfo]
+    held_by_saves: list[ObjectInfo]
+    keep_trash: list[TrashEntry]
+    purge_trash: list[TrashEntry]
+    live_saves: list[leases.LeaseInfo]
+    referenced: set[bytes]
+
+
+def _decide(
+    chunks: Iterable[ObjectInfo],
+    lease_infos: Iterable[leases.LeaseInfo],
+    manifests: Iterable[Manifest],
+    trash: Iterable[TrashEntry],
+    *,
+    now: float,
+    grace: float,
+    skew: float,
+) -> _Decision:
+    """Which listed chunk objects may go. A chunk is deleted only if no committed manifest
+    names it, no trash entry that a running save may have read names it, it is older than
+    the grace period, and it is older than every running save's lease (minus the skew
+    margin). Objects whose age is unknown are kept."""
+    saves = [x for x in lease_infos if x.kind == "save" and x.live(now, skew)]
+    oldest = min((x.created for x in saves), default=None)
+    referenced: set[bytes] = set()
+    for m in manifests:
+        referenced |= m.chunk_keys()
+    keep_trash, purge_trash = [], []
+    for t in trash:
+        needed = oldest is not None and t.deleted >= oldest - skew
+        (keep_trash if needed else purge_trash).append(t)
+    held: set[bytes] = set()
+    for t in keep_trash:
+        held |= t.manifest.chunk_keys()
+    grace_cut = now - grace
+    save_cut = oldest - skew if oldest is not None else None
+    doomed, by_grace, by_saves = [], [], []
+    for c in chunks:
+        key = layout.chunk_digest(c.key)
+        if key is None or key in referenced:
+            continue
+        if key in held or (save_cut is not None and (c.mtime is None or c.mtime >= save_cut)):
+            by_saves.append(c)
+        elif c.mtime is None or c.mtime >= grace_cut:
+            by_grace.append(c)
+        else:
+            doomed.append(c)
+    return _Decision(doomed, by_grace, by_saves, keep_trash, purge_trash, saves, referenced)
+
+
+def _size(objs: Iterable[ObjectInfo]) -> int:
+    return sum(o.size for o in objs)
+
+
+# -- plan ---------------------------------------------------------------------------------------
+@dataclass
+class CheckpointPlan:
+    name: str
+    step: int | None
+    created: float
+    keep: bool
+    reasons: list[str]
+    manifest_bytes: int
+
+
+@dataclass
+class GcPlan:
+    """What a gc run would do now (``--dry-run`` prints this and nothing else happens)."""
+
+    url: str
+    retention: dict[str, Any]
+    grace: float
+    checkpoints: list[CheckpointPlan]
+    chunks_total: int = 0
+    """Chunk objects in the store now, and their bytes."""
+    bytes_total: int = 0
+    chunks_kept: int = 0
+    """Chunk objects the kept checkpoints reference, and their bytes (+ kept manifests)."""
+    bytes_kept: int = 0
+    chunks_freed: int = 0
+    """Chunk objects a run now deletes, and their bytes (+ dropped manifests)."""
+    bytes_freed: int = 0
+    chunks_held: int = 0
+    """Unreferenced chunk objects a run now keeps: younger than the grace period, or
+    possibly needed by a save in flight."""
+    bytes_held: int = 0
+    held_by_saves: int = 0
+    saves_in_flight: list[str] = field(default_factory=list)
+    trash_entries: int = 0
+
+    @property
+    def kept(self) -> list[str]:
+        return [c.name for c in self.checkpoints if c.keep]
+
+    @property
+    def dropped(self) -> list[str]:
+        return [c.name for c in self.checkpoints if not c.keep]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kept"] = self.kept
+        d["dropped"] = self.dropped
+        return d
+
+
+def _list_state(
+    repo: Repository,
+) -> tuple[list[ObjectInfo], list[leases.LeaseInfo], list[Manifest]]:
+    """Chunks, then leases, then manifests — the order execute() relies on."""
+    chunks = repo.backend.list_info(layout.CHUNKS)
+    lease_infos = leases.read_leases(repo.backend)
+    manifests = repo.manifests()  # an unreadable manifest raises: never guess its chunks
+    return chunks, lease_infos, manifests
+
+
+def plan(
+    repo: Repository,
+    retention: Retention | None = None,
+    *,
+    grace: str | float | None = None,
+    skew: float | None = None,
+) -> GcPlan:
+    """Read-only: what a gc run with this policy would keep, drop, delete and hold back."""
+    retention = retention or Retention()
+    grace_s = grace_knob(grace)
+    skew_s = leases.skew_knob(skew)
+    chunks, lease_infos, manifests = _list_state(repo)
+    trash = repo.trash_entries()
+    reasons = retention.reasons(manifests)
+    kept = [m for m in manifests if reasons[m.name]]
+    dropped = [m for m in manifests if not reasons[m.name]]
+    now = time.time()
+    # as execute() would see it: the dropped manifests in the trash since now
+    as_trash = [TrashEntry(f"(dropping {m.name})", m.name, now, m) for m in dropped]
+    d = _decide(chunks, lease_infos, kept, [*trash, *as_trash], now=now, grace=grace_s, skew=skew_s)
+    sizes = {layout.chunk_digest(c.key): c.size for c in chunks}
+    kept_keys = d.referenced
+    out = GcPlan(
+        url=repo.url,
+        retention=retention.to_dict(),
+        grace=grace_s,
+        checkpoints=[
+            CheckpointPlan(
+                m.name, m.step, m.created, bool(reasons[m.name]), reasons[m.name], m.manifest_bytes
+            )
+            for m in manifests
+        ],
+        chunks_total=len(chunks),
+        bytes_total=_size(chunks),
+        chunks_kept=sum(1 for k in kept_keys if k in sizes),
+        bytes_kept=sum(sizes[k] for k in kept_keys if k in sizes)
+        + sum(m.manifest_bytes for m in kept),
+        chunks_freed=len(d.doomed),
+        bytes_freed=_size(d.doomed) + sum(m.manifest_bytes for m in dropped),
+        chunks_held=len(d.held_by_grace) + len(d.held_by_saves),
+        bytes_held=_size(d.held_by_grace) + _size(d.held_by_saves),
+        held_by_saves=len(d.held_by_saves),
+        saves_in_flight=[x.describe() for x in d.live_saves],
+        trash_entries=len(trash),
+    )
+    return out
+
+
+# -- execute ------------------------------------------------------------------------------------
+@dataclass
+class GcReport:
+    """What a gc run did."""
+
+    url: str
+    dropped: list[str]
+    chunks_deleted: int = 0
+    bytes_deleted: int = 0
+    """Chunk bytes deleted plus the bytes of the dropped manifests."""
+    chunks_held: int = 0
+    bytes_held: int = 0
+    held_by_saves: int = 0
+    saves_in_flight: int = 0
+    trash_purged: int = 0
+    trash_kept: int = 0
+    leases_cleaned: int = 0
+    seconds: float = 0.0
+    plan_published: bool = False
+    dry_run: bool = False
+    plan: GcPlan | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["plan"] = self.plan.to_dict() if self.plan is not None else None
+        return d
+
+
+_BATCH = 256
+
+
+def execute(
+    repo: Repository,
+    retention: Retention | None = None,
+    *,
+    grace: str | float | None = None,
+    skew: float | None = None,
+    ttl: float | None = None,
+    wait: float = 0.0,
+    progress: Progress | None = None,
+    drop: Sequence[str] | None = None,
+) -> GcReport:
+    """Drop what ``retention`` does not keep (or exactly the names in ``drop``), then delete
+    every chunk object no longer needed. Holds the store's gc lock throughout
+    (:class:`~ckptstore.errors.GcBusyError` if another gc holds it for ``wait`` seconds).
+
+    Order (docs/format.md): lock → drop manifests into trash → list chunks → read leases →
+    read manifests and trash → decide → publish the plan → delete chunks → purge trash and
+    dead leases → done. An error part-way leaves a valid store: nothing is deleted before
+    the plan is published, and only unreferenced chunks are ever in a plan."""
+    t0 = time.monotonic()
+    retention = retention or Retention()
+    grace_s = grace_knob(grace)
+    backend = repo.backend
+    lock = leases.acquire_gc(backend, wait=wait, ttl=ttl, skew=skew)
+    skew_s = lock.skew
+    report = GcReport(url=repo.url, dropped=[])
+    published = False
+    try:
+        # 1. drop (a policy needs every manifest readable: we could not know what an
+        # unreadable one needs; rm names its checkpoints and may remove an unreadable one)
+        if drop is not None:
+            names = set(repo.names())
+            missing = [n for n in drop if n not in names]
+            if missing:
+                raise CheckpointNotFoundError(
+                    f"checkpoint(s) {missing} not found in {repo.url} (nothing deleted)"
+                )
+            to_drop = list(drop)
+        else:
+            manifests = repo.manifests()
+            reasons = retention.reasons(manifests)
+            to_drop = [m.name for m in manifests if not reasons[m.name]]
+        if to_drop:
+            lock.update(dropped=to_drop)
+        for i, name in enumerate(to_drop):
+            lock.check("drop checkpoints")
+            _, size = repo.trash(name)
+            report.dropped.append(name)
+            report.bytes_deleted += size
+            if progress:
+                progress("drop", i + 1, len(to_drop))
+        if drop is None:  # rm drops only; gc goes on to sweep
+            published = _sweep(repo, lock, report, grace_s, skew_s, progress)
+    except BaseException:
+        if report.plan_published:  # saves must keep seeing the plan: mark it finished
+            try:
+                lock.update(state="done", finished=time.time())
+            except Exception as exc:  # noqa: BLE001 - the record expires, which says the same
+                log.warning("gc could not mark its record done: %s", exc)
+            lock.stop()
+        else:
+            lock.release()
+        raise
+    finally:
+        report.seconds = time.monotonic() - t0
+    _finish(repo, lock, published)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _sweep(
+    repo: Repository,
+    lock: leases.Lease,
+    report: GcReport,
+    grace_s: float,
+    skew_s: float,
+    progress: Progress | None,
+) -> bool:
+    """Steps 2-4 of :func:`execute`. Returns whether a plan was published."""
+    backend = repo.backend
+    # 2. observe, in this order: chunks, leases, manifests, trash
+    chunks, lease_infos, manifests = _list_state(repo)
+    trash = repo.trash_entries()
+    now = time.time()
+    d = _decide(chunks, lease_infos, manifests, trash, now=now, grace=grace_s, skew=skew_s)
+    report.chunks_held = len(d.held_by_grace) + len(d.held_by_saves)
+    report.bytes_held = _size(d.held_by_grace) + _size(d.held_by_saves)
+    report.held_by_saves = len(d.held_by_saves)
+    report.saves_in_flight = len(d.live_saves)
+    report.trash_kept = len(d.keep_trash)
+    # 3. publish the plan, then delete exactly that
+    if d.doomed:
+        lock.check("publish its plan")
+        keys = [layout.chunk_digest(c.key) for c in d.doomed]
+        backend.put(layout.gc_plan_key(lock.id), leases.encode_plan(k for k in keys if k))
+        lock.update(
+            state="planned",
+            plan={
+                "key": layout.gc_plan_key(lock.id),
+                "chunks": len(d.doomed),
+                "bytes": _size(d.doomed),
+            },
+        )
+        report.plan_published = True  # from here on saves see what we delete
+        for start in range(0, len(d.doomed), _BATCH):
+            lock.check("delete chunks")
+            batch = d.doomed[start : start + _BATCH]
+            backend.map(lambda c: backend.delete(c.key), batch)
+            report.chunks_deleted += len(batch)
+            report.bytes_deleted += _size(batch)
+            if progress:
+                progress("delete", report.chunks_deleted, len(d.doomed))
+    # 4. the trash entries no running save needs, and dead leases / old gc records
+    lock.check("purge the trash")
+    backend.map(lambda t: backend.delete(t.key), d.purge_trash)
+    report.trash_purged = len(d.purge_trash)
+    report.leases_cleaned = _clean_leases(repo, lease_infos, lock, now, skew_s)
+    return report.plan_published
+
+
+def _finish(repo: Repository, lock: leases.Lease, published: bool) -> None:
+    """Mark the record done; delete it (and its plan) right away when no save is in flight,
+    since then no save can ever need it."""
+    if not published:
+        lock.release()
+        return
+    lock.update(state="done", finished=time.time())
+    lock.stop()
+    now = time.time()
+    try:
+        busy = any(
+            x.kind == "save" and x.live(now, lock.skew) for x in leases.read_leases(repo.backend)
+        )
+        if not busy:
+            repo.backend.delete(lock.key)
+            repo.backend.delete(layout.gc_plan_key(lock.id))
+    except CkptStoreError as exc:
+        log.warning("gc could not tidy its record: %s", exc)
+
+
+def _clean_leases(
+    repo: Repository,
+    lease_infos: list[leases.LeaseInfo],
+    lock: leases.Lease,
+    now: float,
+    skew: float,
+) -> int:
+    """Delete expired save leases, gc records no running save can need any more, and plan
+    objects whose record is gone. Returns how many objects went."""
+    backend = repo.backend
+    saves = [x for x in lease_infos if x.kind == "save" and x.live(now, skew)]
+    gone: list[str] = []
+    for x in lease_infos:
+        if x.kind == "save" and not x.live(now, skew):
+            gone.append(x.key)
+        elif x.kind == "gc" and x.id != lock.id:
+            end = x.end(now, skew)
+            if end == float("inf"):
+                continue
+            if not any(s.created <= end + skew for s in saves):
+                gone.append(x.key)
+                gone.append(layout.gc_plan_key(x.id))  # after its record: see format.md
+    records = {x.id for x in lease_infos if x.kind == "gc"} | {lock.id}
+    for key in backend.list(layout.LEASES):
+        if key.endswith(".plan"):
+            lid = key[len(layout.LEASES) + 4 : -5]  # leases/gc-<id>.plan
+            if lid not in records and key not in gone:
+                gone.append(key)
+    n = 0
+    for key in gone:
+        try:
+            backend.delete(key)
+            n += 1
+        except ObjectNotFoundError:
+            pass
+    return n
+
+
+# -- rm -----------------------------------------------------------------------------------------
+def remove(
+    repo: Repository,
+    names: Sequence[str],
+    *,
+    wait: float = 0.0,
+    ttl: float | None = None,
+    skew: float | None = None,
+) -> GcReport:
+    """Drop the named checkpoints under the gc lock; their chunks go at the next gc."""
+    if not names:
+        raise ValueError("name at least one checkpoint to remove")
+    return execute(repo, drop=list(dict.fromkeys(names)), wait=wait, ttl=ttl, skew=skew)
+
+
+# -- retention after a save (ckptstore.save(..., keep_last=N)) ---------------------------------
+_background: dict[str, threading.Thread] = {}
+_background_lock = threading.Lock()
+
+
+def retain_in_background(
+    url: str,
+    retention: Retention,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    grace: str | float | None = None,
+) -> Future[GcReport | None]:
+    """Run a gc with ``retention`` on a background thread and return its future.
+
+    At most one such gc runs per store in this process: while one runs, the future of a
+    new request resolves to None at once (the running gc, or the next save's, does the
+    work). So does a gc that finds another gc holding the lock. Other errors are logged
+    and set on the future; the checkpoint just saved is never affected. The thread is not
+    a daemon: the interpreter waits for it at exit rather than kill it mid-run."""
+    out: Future[GcReport | None] = Future()
+    with _background_lock:
+        running = _background.get(url)
+        if running is not None and running.is_alive():
+            out.set_result(None)
+            return out
+
+        def run() -> None:
+            try:
+                repo = Repository.open(url, storage_options)
+                out.set_result(execute(repo, retention, grace=grace))
+            except GcBusyError as exc:
+                log.info("retention gc skipped: %s", exc)
+                out.set_result(None)
+            except BaseException as exc:  # noqa: BLE001 - reported, never raised in training
+                log.warning("retention gc of %s failed: %s", url, exc)
+                out.set_exception(exc)
+
+        thread = threading.Thread(target=run, name="ckptstore-retention", daemon=False)
+        _background[url] = thread
+        thread.start()
+    return out
