@@ -19,7 +19,7 @@ from ckptstore.dcp.bridge import from_bytes, torch_dtype
 from ckptstore.dcp.reader import LoadInfo, Reader, load_object
 from ckptstore.dcp.writer import SaveInfo, Writer
 from ckptstore.errors import CkptStoreError, MismatchError
-from ckptstore.store import reports
+from ckptstore.store import gc, reports, usage
 from ckptstore.store.blobs import BlobReader
 from ckptstore.store.repository import Repository
 
@@ -76,6 +76,7 @@ def save(
     inline_bytes: int | None = None,
     threads: int | None = None,
     quantize: QuantizeSpec = None,
+    keep_last: int | None = None,
 ) -> SaveInfo:
     """Save ``state_dict`` as checkpoint ``step``/``name`` of the store at ``url``.
 
@@ -86,7 +87,11 @@ def save(
     ``quantize`` (default lossless): a quantizer name ("fp16", "bf16", "int8",
     "int8:<block>") for every eligible tensor, or a mapping of fqn glob patterns to names
     (first match wins, None keeps a tensor lossless). See docs/quantization.md.
+
+    ``keep_last=N``: after the commit, rank 0 runs ``gc --keep-last N`` on a background
+    thread (``info.retention`` is its future); other ranks do not wait for it.
     """
+    retention = None if keep_last is None else gc.Retention(keep_last=keep_last)
     writer = Writer(
         url,
         step=step,
@@ -99,21 +104,26 @@ def save(
         quantize=quantize,
     )
     t0 = time.monotonic()
-    _run(
-        lambda: dcp.save(
-            state_dict,
-            storage_writer=writer,
-            planner=planner,
-            process_group=process_group,
-            no_dist=not _distributed(),
+    try:
+        _run(
+            lambda: dcp.save(
+                state_dict,
+                storage_writer=writer,
+                planner=planner,
+                process_group=process_group,
+                no_dist=not _distributed(),
+            )
         )
-    )
+    finally:
+        writer.release_lease()  # (the commit released it already when all went well)
     info = writer.save_info
     if info is not None:
         info.seconds = time.monotonic() - t0  # the whole call, planning included
     if _distributed():  # only the coordinator saw every rank's results: share its figures
         info = _broadcast(info, process_group)
     assert info is not None
+    if retention is not None and writer.is_coordinator:
+        info.retention = gc.retain_in_background(url, retention, storage_options=storage_options)
     return info
 
 
@@ -130,6 +140,7 @@ def async_save(
     inline_bytes: int | None = None,
     threads: int | None = None,
     quantize: QuantizeSpec = None,
+    keep_last: int | None = None,
 ) -> Future[SaveInfo]:
     """Like :func:`save`, but returns once the state is copied to host memory.
 
@@ -137,8 +148,10 @@ def async_save(
     values at the call. Encoding, upload and the commit run on a background thread; the
     returned future gives the :class:`SaveInfo` (or raises the save's error). Staging needs
     one host copy of this rank's share of the state, freed when the future completes. Wait
-    for one async save before starting the next (``fut.result()``).
+    for one async save before starting the next (``fut.result()``). ``keep_last`` as in
+    :func:`save`: rank 0 starts the gc once the commit is done.
     """
+    retention = None if keep_last is None else gc.Retention(keep_last=keep_last)
     writer = Writer(
         url,
         step=step,
@@ -171,10 +184,16 @@ def async_save(
                 repo = Repository.open(url, storage_options)
                 info = SaveInfo.of(repo.manifest(writer.name))
             info.seconds = time.monotonic() - t0
+            if retention is not None and (not _distributed() or dist.get_rank(process_group) == 0):
+                info.retention = gc.retain_in_background(
+                    url, retention, storage_options=storage_options
+                )
             result.set_result(info)
         except CheckpointException as exc:
+            writer.release_lease()
             result.set_exception(_unwrap(exc))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller via the future
+            writer.release_lease()
             result.set_exception(exc)
 
     upload.add_done_callback(finished)
@@ -381,10 +400,11 @@ def _unflatten(
 
 
 class Store:
-    """A store at ``url``: list, inspect and verify its checkpoints."""
+    """A store at ``url``: list, inspect, verify, gc, delete, du and diff its checkpoints."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = url
+        self.storage_options = dict(storage_options or {})
         self.repo = Repository.open(url, storage_options)
 
     def list(self) -> list[reports.CheckpointSummary]:
@@ -405,6 +425,48 @@ class Store:
         """Re-read every chunk of one checkpoint (or of all) and check it."""
         target = None if name is None and step is None else self.repo.resolve(step, name)
         return reports.verify(self.repo, target)
+
+    def gc(
+        self,
+        *,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        keep: tuple[str, ...] | list[str] = (),
+        grace: str | float | None = None,
+        dry_run: bool = False,
+        wait: float = 0.0,
+    ) -> gc.GcReport:
+        """Drop the checkpoints the policy does not keep, then delete the chunks nothing
+        needs (see docs/gc.md). With no policy, only garbage is collected. ``grace``:
+        seconds or "2h"-style; unreferenced chunks younger than it stay. The plan is in
+        ``report.plan``; with ``dry_run`` nothing else happens."""
+        retention = gc.Retention(keep_last=keep_last, keep_every=keep_every, keep=tuple(keep))
+        plan = gc.plan(self.repo, retention, grace=grace)
+        if dry_run:
+            return gc.GcReport(url=self.repo.url, dropped=[], dry_run=True, plan=plan)
+        report = gc.execute(self.repo, retention, grace=grace, wait=wait)
+        report.plan = plan
+        return report
+
+    def delete(self, name: str | None = None, *, step: int | None = None, wait: float = 0.0) -> str:
+        """Remove one checkpoint (by name or step); its chunks go at the next gc."""
+        if name is None and step is None:
+            raise ValueError("give the name or step of the checkpoint to delete")
+        target = self.repo.resolve(step, name)
+        gc.remove(self.repo, [target], wait=wait)
+        return target
+
+    def du(self) -> usage.DuReport:
+        """Logical vs stored bytes, dedup and compression, per-checkpoint unique bytes."""
+        return usage.du(self.repo)
+
+    def diff(self, a: str | int, b: str | int) -> usage.DiffReport:
+        """What changed from checkpoint ``a`` to ``b`` (names, or ints for steps)."""
+
+        def pick(x: str | int) -> str:
+            return self.repo.resolve(step=x) if isinstance(x, int) else self.repo.resolve(name=x)
+
+        return usage.diff(self.repo, pick(a), pick(b))
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"

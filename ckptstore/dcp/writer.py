@@ -12,9 +12,10 @@ import io
 import math
 import time
 import uuid
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future as ThreadFuture
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from ckptstore.codecs.policy import QuantizePolicy, QuantizeSpec
 from ckptstore.dcp.bridge import dtype_name, raw_size, to_host_bytes
 from ckptstore.dcp.metadata import manifest_from_metadata
 from ckptstore.errors import CheckpointExistsError
-from ckptstore.store import layout
+from ckptstore.store import layout, leases
 from ckptstore.store.blobs import BlobWriter
 from ckptstore.store.manifest import Blob, Manifest
 from ckptstore.store.repository import Repository
@@ -52,6 +53,9 @@ class SaveInfo:
     chunks: int = 0
     new_chunks: int = 0
     manifest_bytes: int = 0
+    retention: Any = field(default=None, repr=False, compare=False)
+    """With ``keep_last``: on rank 0, the future of the gc started after this save (its
+    ``GcReport``, or None when another gc was running); None elsewhere."""
 
     @property
     def ratio(self) -> float:
@@ -108,12 +112,15 @@ class Writer(StorageWriter):
         self.rank: int | None = None
         self.save_info: SaveInfo | None = None
         self._repo: Repository | None = None
+        self._lease: leases.Lease | None = None  # the coordinator's, during a save
+        self._lease_finalizer: weakref.finalize | None = None
         self._t0 = 0.0
         self._save_id = ""
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_repo"] = None
+        state["_lease"] = state["_lease_finalizer"] = None
         return state
 
     # -- DCP protocol -------------------------------------------------------------------
@@ -130,6 +137,7 @@ class Writer(StorageWriter):
         self.save_info = None
         self._t0 = time.monotonic()
         self._save_id = uuid.uuid4().hex
+        self.release_lease()  # left by an earlier save that failed on another rank
 
     def _repository(self) -> Repository:
         if self._repo is None:
@@ -143,12 +151,39 @@ class Writer(StorageWriter):
                 f"checkpoint {self.name!r} already exists in {self.url}; "
                 "checkpoints are never overwritten"
             )
+        self._hold_lease()
         return plan
+
+    def _hold_lease(self) -> None:
+        """The coordinator takes the save lease before any rank reads the dedup index
+        (every rank's write_data comes after the coordinator's prepare_local_plan); gc keeps
+        what the save may reference while it lives (docs/format.md)."""
+        if self.is_coordinator and self._lease is None:
+            lease = leases.Lease.acquire(self._repository().backend, "save", checkpoint=self.name)
+            self._lease_finalizer = weakref.finalize(self, lease.release)  # if dropped
+            self._lease = lease
+
+    def release_lease(self) -> None:
+        """Give up the save lease (after the commit, or when the save failed)."""
+        lease, self._lease = self._lease, None
+        if self._lease_finalizer is not None:
+            self._lease_finalizer.detach()
+            self._lease_finalizer = None
+        if lease is not None:
+            lease.release()
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         return plans
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        self._hold_lease()  # (already held unless DCP skipped prepare_local_plan)
+        try:
+            return self._write_data(plan, planner)
+        except BaseException:
+            self.release_lease()
+            raise
+
+    def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         repo = self._repository()
         pending: list[tuple[Any, ThreadFuture[Blob]]] = []
         with BlobWriter(
@@ -219,7 +254,16 @@ class Writer(StorageWriter):
         )
         manifest.int_keys = self.int_keys
         _one_writer_per_chunk(manifest)
-        self._repository().commit(manifest)
+        try:
+            if self._lease is not None:  # no gc running beside us deletes what we name
+                repo = self._repository()
+                leases.check_commit(
+                    repo.backend, self._lease, manifest.chunk_keys(), checkpoint=self.name
+                )
+                self._lease.check(f"commit checkpoint {self.name!r}")
+            self._repository().commit(manifest)
+        finally:
+            self.release_lease()
         self.save_info = SaveInfo.of(manifest)
         self.save_info.seconds = time.monotonic() - self._t0
 
