@@ -1,0 +1,328 @@
+"""Looking after a store: ``gc``, ``rm``, ``du``, ``diff``. None of them imports torch."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ckptstore.cli.common import (
+    _repo,
+    handle_errors,
+    json_option,
+    storage_option,
+)
+from ckptstore.cli.render import console, emit_json, err_console, human_bytes, ratio, when
+
+
+def _duration(_: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    from ckptstore.store.gc import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+def _pick(repo: Any, text: str) -> str:
+    """A checkpoint by name, or by step when ``text`` is a number that names none."""
+    if text.isdigit() and not repo.exists(text):
+        return repo.resolve(step=int(text))
+    return repo.resolve(name=text)
+
+
+def _progress(as_json: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=as_json,
+    )
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "-"
+
+
+# -- gc -------------------------------------------------------------------------------------------
+@click.command("gc")
+@click.argument("url")
+@click.option("--keep-last", type=click.IntRange(min=1), default=None, help="Keep the last N.")
+@click.option(
+    "--keep-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep checkpoints whose step is a multiple of K.",
+)
+@click.option(
+    "--keep",
+    "keep",
+    multiple=True,
+    metavar="NAME",
+    help="Keep this checkpoint (name, or a step number); repeatable.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the plan; delete nothing.")
+@click.option(
+    "--grace",
+    callback=_duration,
+    default=None,
+    metavar="DURATION",
+    help="Keep unreferenced chunks younger than this (e.g. 0s, 30m, 2h). "
+    "Default: $CKPTSTORE_GC_GRACE seconds, else 1h.",
+)
+@click.option(
+    "--wait",
+    callback=_duration,
+    default="0s",
+    show_default=True,
+    metavar="DURATION",
+    help="How long to wait for another gc to finish before giving up.",
+)
+@storage_option
+@json_option
+@handle_errors
+def gc_cmd(
+    url: str,
+    keep_last: int | None,
+    keep_every: int | None,
+    keep: tuple[str, ...],
+    dry_run: bool,
+    grace: float | None,
+    wait: float,
+    storage_options: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Drop the checkpoints the retention policy does not keep, then delete every chunk no
+    kept checkpoint references. Safe beside running saves (docs/gc.md).
+
+    With no --keep* option every checkpoint is kept and only garbage is collected (chunks
+    of removed checkpoints and of failed saves). With any, the latest checkpoint is always
+    kept. The plan is printed first; --dry-run stops there.
+    """
+    from ckptstore.store import gc
+
+    repo = _repo(url, storage_options)
+    retention = gc.Retention(keep_last=keep_last, keep_every=keep_every, keep=keep)
+    with err_console.status("planning…") if not as_json else nullcontext():
+        plan = gc.plan(repo, retention, grace=grace)
+    if not as_json:
+        _show_plan(plan, dry_run)
+    if dry_run:
+        if as_json:
+            emit_json({"dry_run": True, "plan": plan.to_dict(), "result": None})
+        return
+    with _progress(as_json) as progress:
+        tasks: dict[str, Any] = {}
+
+        def advance(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                label = "dropping checkpoints" if phase == "drop" else "deleting chunks"
+                tasks[phase] = progress.add_task(label, total=total)
+            progress.update(tasks[phase], completed=done, total=total)
+
+        report = gc.execute(repo, retention, grace=grace, wait=wait, progress=advance)
+    report.plan = plan
+    if as_json:
+        emit_json({"dry_run": False, "plan": plan.to_dict(), "result": report.to_dict()})
+        return
+    console.print(
+        f"gc done in {report.seconds:.2f}s: dropped {len(report.dropped)} checkpoint(s), "
+        f"deleted {report.chunks_deleted} chunk(s), freed {human_bytes(report.bytes_deleted)}"
+    )
+    if report.chunks_held:
+        console.print(
+            f"kept {report.chunks_held} unreferenced chunk(s) ({human_bytes(report.bytes_held)}) "
+            f"for now: {report.held_by_saves} for {report.saves_in_flight} save(s) in flight, "
+            f"the rest younger than the grace period"
+        )
+
+
+def _show_plan(plan: Any, dry_run: bool) -> None:
+    table = Table(title=f"{plan.url} — gc plan")
+    for col in ("checkpoint", "step", "created", "action", "why kept"):
+        table.add_column(col, justify="right" if col == "step" else "left")
+    for c in plan.checkpoints:
+        table.add_row(
+            c.name,
+            "" if c.step is None else str(c.step),
+            when(c.created),
+            "keep" if c.keep else "[red]drop[/red]",
+            ", ".join(c.reasons),
+        )
+    if plan.checkpoints:
+        console.print(table)
+    else:
+        console.print(f"{plan.url}: no checkpoints")
+    console.print(
+        f"checkpoints: keep {len(plan.kept)}, drop {len(plan.dropped)}\n"
+        f"chunks: {plan.chunks_total} objects, {human_bytes(plan.bytes_total)}; kept "
+        f"{plan.chunks_kept} ({human_bytes(plan.bytes_kept)} with manifests); to delete "
+        f"{plan.chunks_freed} ({human_bytes(plan.bytes_freed)} with manifests)"
+    )
+    if plan.chunks_held:
+        console.print(
+            f"held back: {plan.chunks_held} unreferenced chunk(s) "
+            f"({human_bytes(plan.bytes_held)}): {plan.held_by_saves} for "
+            f"{len(plan.saves_in_flight)} save(s) in flight, the rest younger than the grace "
+            f"period ({plan.grace:g}s)"
+        )
+    if dry_run:
+        console.print("dry run: nothing was deleted")
+
+
+# -- rm -------------------------------------------------------------------------------------------
+@click.command("rm")
+@click.argument("url")
+@click.option("--step", "steps", type=int, multiple=True, help="Checkpoint by step; repeatable.")
+@click.option("--name", "names", multiple=True, help="Checkpoint by name; repeatable.")
+@click.option(
+    "--wait",
+    callback=_duration,
+    default="0s",
+    show_default=True,
+    metavar="DURATION",
+    help="How long to wait for a running gc to finish before giving up.",
+)
+@storage_option
+@json_option
+@handle_errors
+def rm_cmd(
+    url: str,
+    steps: tuple[int, ...],
+    names: tuple[str, ...],
+    wait: float,
+    storage_options: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Remove checkpoints. Their chunks are deleted by the next gc (those no other
+    checkpoint references)."""
+    from ckptstore.store import gc
+
+    if not steps and not names:
+        raise click.UsageError("give --step N or --name NAME (repeatable)")
+    repo = _repo(url, storage_options)
+    targets = [repo.resolve(step=s) for s in steps] + [repo.resolve(name=n) for n in names]
+    report = gc.remove(repo, targets, wait=wait)
+    if as_json:
+        emit_json({"removed": report.dropped, "bytes_deleted": report.bytes_deleted})
+        return
+    for name in report.dropped:
+        console.print(f"removed {name}")
+    console.print("their chunks go at the next `ckptstore gc`")
+
+
+# -- du -------------------------------------------------------------------------------------------
+@click.command("du")
+@click.argument("url")
+@storage_option
+@json_option
+@handle_errors
+def du_cmd(url: str, storage_options: tuple[str, ...], as_json: bool) -> None:
+    """Space: logical vs stored bytes, dedup and compression factors, and per checkpoint
+    the bytes only it holds (what removing it would free)."""
+    from ckptstore.store import usage
+
+    repo = _repo(url, storage_options)
+    with err_console.status("listing the store…") if not as_json else nullcontext():
+        report = usage.du(repo)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    table = Table(title=f"{url} — {len(report.checkpoints)} checkpoint(s)")
+    for col in ("checkpoint", "step", "logical", "stored", "ratio", "written", "only here"):
+        table.add_column(col, justify="left" if col == "checkpoint" else "right")
+    for c in report.checkpoints:
+        table.add_row(
+            c.name,
+            "" if c.step is None else str(c.step),
+            human_bytes(c.logical_bytes),
+            human_bytes(c.stored_bytes),
+            ratio(c.logical_bytes, c.stored_bytes),
+            human_bytes(c.new_bytes),
+            human_bytes(c.unique_bytes),
+        )
+    if report.checkpoints:
+        console.print(table)
+    console.print(
+        f"logical {human_bytes(report.logical_bytes)} → referenced "
+        f"{human_bytes(report.referenced_bytes)} (compression {report.compression_factor:.3f}×)"
+        f" → unique {human_bytes(report.unique_bytes)} in {report.unique_chunks} chunk(s) "
+        f"(dedup {report.dedup_factor:.3f}×; overall {report.total_factor:.3f}×)\n"
+        f"on storage: {human_bytes(report.physical_bytes)} in {report.chunk_objects} chunk "
+        f"object(s); unreferenced {report.garbage_chunks} ({human_bytes(report.garbage_bytes)})"
+        f"; trash {report.trash_entries} ({human_bytes(report.trash_bytes)}); "
+        f"{report.lease_objects} lease object(s)"
+    )
+    if report.missing_chunks:
+        console.print(
+            f"[red]{report.missing_chunks} referenced chunk(s) missing: run ckptstore verify[/red]"
+        )
+
+
+# -- diff -----------------------------------------------------------------------------------------
+@click.command("diff")
+@click.argument("url")
+@click.option("--from", "a", required=True, metavar="A", help="Checkpoint (name or step).")
+@click.option("--to", "b", required=True, metavar="B", help="Checkpoint (name or step).")
+@click.option("--all", "show_all", is_flag=True, help="List unchanged tensors too.")
+@storage_option
+@json_option
+@handle_errors
+def diff_cmd(
+    url: str,
+    a: str,
+    b: str,
+    show_all: bool,
+    storage_options: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Tensors added, removed, changed and unchanged from checkpoint A to B; bytes B shares
+    with A and bytes new in B. Reads the two manifests only."""
+    from ckptstore.store import usage
+
+    repo = _repo(url, storage_options)
+    report = usage.diff(repo, _pick(repo, a), _pick(repo, b))
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    console.print(
+        f"{report.a} → {report.b}: {len(report.added)} added, {len(report.removed)} removed, "
+        f"{len(report.changed)} changed, {len(report.unchanged)} unchanged"
+    )
+    if report.changed or report.added or report.removed or (show_all and report.unchanged):
+        table = Table()
+        for col in ("item", "change", "chunks new", "new bytes", "detail"):
+            table.add_column(col, justify="right" if col in ("chunks new", "new bytes") else "left")
+        for fqn in report.added:
+            table.add_row(fqn, "[green]added[/green]", "", "", "")
+        for fqn in report.removed:
+            table.add_row(fqn, "[red]removed[/red]", "", "", "")
+        for c in report.changed:
+            table.add_row(
+                c.fqn,
+                "changed",
+                f"{c.chunks_changed}/{c.chunks}",
+                human_bytes(c.new_bytes),
+                c.detail,
+            )
+        if show_all:
+            for fqn in report.unchanged:
+                table.add_row(fqn, "unchanged", "", "", "")
+        console.print(table)
+    console.print(
+        f"{report.b}: {human_bytes(report.b_stored_bytes)} stored, of which "
+        f"{human_bytes(report.shared_bytes)} shared with {report.a} "
+        f"({_pct(report.shared_bytes, report.b_stored_bytes)}), "
+        f"{human_bytes(report.new_bytes)} new"
+    )
+
+
+COMMANDS = (gc_cmd, rm_cmd, du_cmd, diff_cmd)
