@@ -114,3 +114,19 @@ def test_console_script_installed():
     exe = os.path.join(os.path.dirname(sys.executable), "ckptstore")
     proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and ckptstore.__version__ in proc.stdout
+
+
+def test_inspect_shows_quantization_error(local_url):
+    ckptstore.save(
+        {"w": torch.randn(1024, 256), "b": torch.randn(16)},
+        local_url,
+        step=1,
+        quantize={"w": "int8", "*": None},
+    )
+    out = run("inspect", local_url).stdout
+    assert "rel. L2 err" in out and "int8/64" in out and "exact" in out
+    rep = json.loads(run("inspect", local_url, "--json").stdout)
+    w = next(t for t in rep["tensors"] if t["fqn"] == "w")
+    assert 0 < w["rel_l2_error"] < 1e-2 and w["max_abs_error"] > 0
+    b = next(t for t in rep["tensors"] if t["fqn"] == "b")
+    assert b["rel_l2_error"] is None

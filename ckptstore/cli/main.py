@@ -101,7 +101,17 @@ def inspect_cmd(
     for col in ("tensor", "dtype", "shape", "codec", "chunks", "logical", "stored", "ratio"):
         table.add_column(col, justify="left" if col in ("tensor", "codec") else "right")
     table.add_column("shared", justify="right")
+    lossy = any(t.rel_l2_error is not None for t in report.tensors)
+    if lossy:  # quantized tensors: the error they were stored with
+        table.add_column("rel. L2 err", justify="right")
+        table.add_column("max abs err", justify="right")
     for t in report.tensors:
+        error_cells = []
+        if lossy and t.rel_l2_error is not None:
+            fb = f" ({t.fallback_chunks} fallback)" if t.fallback_chunks else ""
+            error_cells = [f"{t.rel_l2_error:.2e}{fb}", f"{t.max_abs_error:.2e}"]
+        elif lossy:
+            error_cells = ["exact", "exact"]
         table.add_row(
             t.fqn,
             t.dtype,
@@ -112,6 +122,7 @@ def inspect_cmd(
             human_bytes(t.stored_bytes),
             ratio(t.logical_bytes, t.stored_bytes),
             f"{100 * t.shared_bytes / t.stored_bytes:.0f}%" if t.stored_bytes else "-",
+            *error_cells,
         )
     console.print(table)
     if report.objects:
