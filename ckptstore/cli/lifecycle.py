@@ -129,7 +129,6 @@ def gc_cmd(
             progress.update(tasks[phase], completed=done, total=total)
 
         report = gc.execute(repo, retention, grace=grace, wait=wait, progress=advance)
-    report.plan = plan
     if as_json:
         emit_json({"dry_run": False, "plan": plan.to_dict(), "result": report.to_dict()})
         return
