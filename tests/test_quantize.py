@@ -253,3 +253,22 @@ def test_fp16_chunk_of_tiny_values_falls_back_to_bf16():
     assert stats.fallback == 1
     assert np.abs(back - x).max() <= np.abs(x).max() * 2**-8
     assert stats.rel_l2 < 3e-3
+
+
+@pytest.mark.parametrize("target", ["float16", "bfloat16"])
+@pytest.mark.parametrize("source", ["float32", "float64"])
+def test_casts_never_turn_finite_values_into_inf_or_zero(source, target):
+    """Near the top of float32's range bf16 rounds to inf; float64 goes beyond float32;
+    tiny values round to 0. Such elements are kept exactly (patched)."""
+    dt = np.float64 if source == "float64" else np.float32
+    x = np.linspace(-1, 1, 1024).astype(dt)
+    x[1], x[2] = np.finfo(np.float32).max * 0.999, -np.finfo(np.float32).max
+    x[3] = 1e-44 if source == "float32" else 1e-300
+    if source == "float64":
+        x[4] = 1e300
+    c = Cast(source, target)
+    enc, stats = c.quantize(x)
+    back = np.frombuffer(c.decode(enc), dt)
+    assert np.isfinite(back).all()
+    bad = [1, 2, 3] + ([4] if source == "float64" else [])
+    assert np.array_equal(back[bad], x[bad]) and stats.fallback == 1

@@ -105,14 +105,15 @@ def _stats(x: np.ndarray, approx: np.ndarray, fallback: int) -> QuantStats:
         x, approx = x[finite], approx[finite]
     if x.size == 0:
         return QuantStats(fallback=fallback, chunks=1)
-    diff = x - approx.astype(x.dtype, copy=False)
-    return QuantStats(
-        sq_err=float(np.dot(diff, diff)),
-        sq_ref=float(np.dot(x, x)),
-        max_abs=float(np.abs(diff).max()),
-        fallback=fallback,
-        chunks=1,
-    )
+    with np.errstate(over="ignore", invalid="ignore"):  # sums of squares of ~1e38 values
+        diff = x - approx.astype(x.dtype, copy=False)
+        return QuantStats(
+            sq_err=float(np.dot(diff, diff)),
+            sq_ref=float(np.dot(x, x)),
+            max_abs=float(np.abs(diff).max()),
+            fallback=fallback,
+            chunks=1,
+        )
 
 
 class LossyCodec(Codec):
@@ -133,7 +134,7 @@ def _check_source(source: str) -> str:
 
 
 _CAST_HEADER = struct.Struct("<BB")  # kind, reserved — 2 bytes keeps 2-byte grouping aligned
-_AS_FP16, _AS_BF16, _AS_FP16_PATCHED = 0, 1, 2
+_AS_FP16, _AS_BF16, _PATCHED = 0, 1, 2  # kind = base | _PATCHED
 _PATCH_COUNT = struct.Struct("<I")
 _MAX_PATCHED_FRACTION = 64  # patch at most 1/64 of a chunk's elements (8 bytes each)
 _FP16_MIN_NORMAL = 2.0**-14
@@ -159,34 +160,39 @@ class Cast(LossyCodec):
         return "fp16" if self.target == "float16" else "bf16"
 
     def quantize(self, data: Buffer) -> tuple[bytes, QuantStats]:
-        """fp16: elements outside fp16's normal range are patched exactly (few) or the chunk
-        is stored as bf16 (many) — either way the chunk counts as a fallback."""
+        """Cast, then keep exactly (patch) every element the cast would damage: a finite
+        value that became ±inf, a non-zero value that became 0 — and for fp16 any value
+        below its normal range. A fp16 chunk with more than 1/64 such elements is stored
+        as bf16 instead. Patched or bf16-instead-of-fp16 chunks count as fallbacks."""
         x = to_float(data, self.source)
-        if self.target == "bfloat16":
-            body = bf16_bits(x.astype(np.float32))
-            approx = (body.astype(np.uint32) << 16).view(np.float32)
-            return _CAST_HEADER.pack(_AS_BF16, 0) + body.tobytes(), _stats(x, approx, 0)
-        with np.errstate(over="ignore", under="ignore"):
-            body = x.astype(np.float16)
-        approx = body.astype(x.dtype)
-        # outside fp16's normal range: overflow to inf, or subnormal/zero (precision lost)
-        tiny = (x != 0) & (np.abs(x) < _FP16_MIN_NORMAL)
-        bad = np.flatnonzero((np.isfinite(x) & ~np.isfinite(body)) | tiny)
-        if bad.size == 0:
-            return _CAST_HEADER.pack(_AS_FP16, 0) + body.tobytes(), _stats(x, approx, 0)
-        if bad.size * _MAX_PATCHED_FRACTION > x.size:  # too many: the chunk becomes bf16
-            body = bf16_bits(x.astype(np.float32))
-            approx = (body.astype(np.uint32) << 16).view(np.float32)
-            return _CAST_HEADER.pack(_AS_BF16, 0) + body.tobytes(), _stats(x, approx, 1)
-        values = x[bad].astype(np.float32)
-        approx[bad] = values
+        fallback = 0
+        kind = _AS_BF16
+        if self.target == "float16":
+            with np.errstate(over="ignore", under="ignore"):
+                body = x.astype(np.float16)
+            tiny = (x != 0) & (np.abs(x) < _FP16_MIN_NORMAL)  # subnormal or 0 in fp16
+            bad = (np.isfinite(x) & ~np.isfinite(body)) | tiny
+            if np.count_nonzero(bad) * _MAX_PATCHED_FRACTION <= x.size:
+                kind, approx = _AS_FP16, body.astype(x.dtype)
+            else:  # too many to patch: the chunk becomes bf16 (fp32's range)
+                fallback = 1
+        if kind == _AS_BF16:
+            with np.errstate(over="ignore"):
+                body = bf16_bits(x.astype(np.float32))
+            approx = (body.astype(np.uint32) << 16).view(np.float32).astype(x.dtype)
+            bad = (np.isfinite(x) & ~np.isfinite(approx)) | ((x != 0) & (approx == 0))
+        idx = np.flatnonzero(bad)
+        if idx.size == 0:
+            return _CAST_HEADER.pack(kind, 0) + body.tobytes(), _stats(x, approx, fallback)
+        values = x[idx]  # in the source's own width: exact
+        approx[idx] = values
         out = b"".join(
             [
-                _CAST_HEADER.pack(_AS_FP16_PATCHED, 0),
+                _CAST_HEADER.pack(kind | _PATCHED, 0),
                 body.tobytes(),
-                bad.astype(np.uint32).tobytes(),
+                idx.astype(np.uint32).tobytes(),
                 values.tobytes(),
-                _PATCH_COUNT.pack(bad.size),
+                _PATCH_COUNT.pack(idx.size),
             ]
         )
         return out, _stats(x, approx, 1)
@@ -196,30 +202,31 @@ class Cast(LossyCodec):
         if len(view) < _CAST_HEADER.size or (len(view) - _CAST_HEADER.size) % 2:
             raise CorruptChunkError(f"cast payload of {len(view)} bytes is malformed")
         kind, _ = _CAST_HEADER.unpack_from(view)
+        if kind not in (_AS_FP16, _AS_BF16, _AS_FP16 | _PATCHED, _AS_BF16 | _PATCHED):
+            raise CorruptChunkError(f"cast payload has unknown kind {kind}")
         body = view[_CAST_HEADER.size :]
+        wide_dtype = np.float64 if self.source == "float64" else np.float32
         patches = 0
-        if kind == _AS_FP16_PATCHED:
+        if kind & _PATCHED:
             if len(body) < _PATCH_COUNT.size:
                 raise CorruptChunkError("cast payload lost its patch count")
             (patches,) = _PATCH_COUNT.unpack_from(body, len(body) - _PATCH_COUNT.size)
-            end = len(body) - _PATCH_COUNT.size - 8 * patches
+            width = np.dtype(wide_dtype).itemsize
+            end = len(body) - _PATCH_COUNT.size - (4 + width) * patches
             if end < 0 or end % 2:
                 raise CorruptChunkError(f"cast payload with {patches} patches is malformed")
             idx = np.frombuffer(body, dtype=np.uint32, count=patches, offset=end)
-            vals = np.frombuffer(body, dtype=np.float32, count=patches, offset=end + 4 * patches)
+            vals = np.frombuffer(body, dtype=wide_dtype, count=patches, offset=end + 4 * patches)
             body = body[:end]
-        if kind in (_AS_FP16, _AS_FP16_PATCHED):
-            wide = np.frombuffer(body, dtype=np.float16).astype(
-                np.float64 if self.source == "float64" else np.float32
-            )
-            if patches:
-                if idx.size and int(idx.max()) >= wide.size:
-                    raise CorruptChunkError("cast patch index beyond the data")
-                wide[idx] = vals
-        elif kind == _AS_BF16:
-            wide = (np.frombuffer(body, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        if kind & 1 == _AS_FP16:
+            wide = np.frombuffer(body, dtype=np.float16).astype(wide_dtype)
         else:
-            raise CorruptChunkError(f"cast payload has unknown kind {kind}")
+            bits = np.frombuffer(body, dtype=np.uint16).astype(np.uint32) << 16
+            wide = bits.view(np.float32).astype(wide_dtype)
+        if patches:
+            if int(idx.max()) >= wide.size:
+                raise CorruptChunkError("cast patch index beyond the data")
+            wide[idx] = vals
         return from_float(wide, self.source)
 
 

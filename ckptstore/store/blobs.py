@@ -105,10 +105,50 @@ class BlobWriter:
             self._start_chunk(view[a * row_bytes : b * row_bytes], pipeline, a, b)
             for a, b in ranges
         ]
+        return self._gather(futures, pipeline, nbytes, rows, held=[keep_alive, view])
+
+    def submit_quantized(
+        self,
+        quantize_rows: Callable[[int, int], tuple[bytes, QuantStats]],
+        pipeline: Pipeline,
+        *,
+        nbytes: int,
+        rows: int,
+        first_row: int = 0,
+    ) -> Future[Blob]:
+        """Like :meth:`submit` for a lossy ``pipeline`` whose first stage the caller runs
+        itself, chunk by chunk — on the GPU, before the copy to host: ``quantize_rows(a, b)``
+        returns that stage's output (and error) for rows [a, b). It is called here, on the
+        caller's thread, with the same chunk boundaries :meth:`submit` would cut."""
+        lossy, tail = pipeline.split()
+        if lossy is None:
+            raise ValueError("submit_quantized needs a pipeline with a lossy first stage")
+        if nbytes <= self.inline_bytes:
+            body, stats = quantize_rows(0, rows)
+            done: Future[Blob] = Future()
+            blob = Blob(pipeline.config, nbytes, rows, inline=frame(tail.encode(body)))
+            blob.qstats = stats
+            done.set_result(blob)
+            return done
+        row_bytes = nbytes // rows if rows else nbytes
+        futures = [
+            self._start_chunk(memoryview(b""), pipeline, a, b, pre=quantize_rows(a, b))
+            for a, b in row_ranges(rows, row_bytes, self.chunk_bytes, first_row)
+        ]
+        return self._gather(futures, pipeline, nbytes, rows, held=[])
+
+    def _gather(
+        self,
+        futures: list[Future[ChunkRef]],
+        pipeline: Pipeline,
+        nbytes: int,
+        rows: int,
+        held: list[object],
+    ) -> Future[Blob]:
+        """One Blob future from its chunks' futures; ``held`` is released when done."""
         result: Future[Blob] = Future()
         remaining = [len(futures)]
         lock = threading.Lock()
-        held = [keep_alive, view]  # released as soon as the last chunk is done
 
         def on_done(_: Future[ChunkRef]) -> None:
             with lock:
@@ -131,7 +171,12 @@ class BlobWriter:
         return result
 
     def _start_chunk(
-        self, piece: memoryview, pipeline: Pipeline, start: int, stop: int
+        self,
+        piece: memoryview,
+        pipeline: Pipeline,
+        start: int,
+        stop: int,
+        pre: tuple[bytes, QuantStats] | None = None,
     ) -> Future[ChunkRef]:
         """Hash and encode ``piece`` on the pool; its future completes once the chunk is
         stored (the upload runs on the backend's I/O pool, so encoders move on)."""
@@ -139,7 +184,7 @@ class BlobWriter:
 
         def run() -> None:
             try:
-                self._write_chunk(piece, pipeline, start, stop, out)
+                self._write_chunk(piece, pipeline, start, stop, out, pre)
             except BaseException as exc:
                 if not out.done():
                     out.set_exception(exc)
@@ -154,12 +199,13 @@ class BlobWriter:
         start: int,
         stop: int,
         out: Future[ChunkRef],
+        pre: tuple[bytes, QuantStats] | None = None,
     ) -> None:
         lossy, tail = pipeline.split()
         if lossy is None:
             body, stats, key = piece, None, content_key(pipeline, piece)
         else:  # the key hashes what the lossy stage produced: equal input → equal output
-            body, stats = lossy.quantize(piece)
+            body, stats = pre if pre is not None else lossy.quantize(piece)
             key = content_key(pipeline, body)
         with self._lock:
             size = self._known.get(key)
