@@ -26,6 +26,8 @@ _DEFAULTS: dict[str, int] = {
     "STAGE_BYTES": 512 * 1024 * 1024,
     # tensors smaller than this (whole tensor) are never quantized: norms, biases, counters
     "QUANTIZE_MIN_BYTES": 64 * 1024,
+    # 1: quantize CPU tensors with the device (torch) path too; GPU tensors always use it
+    "DEVICE_QUANTIZE": 0,
     # object storage: how many times a request that failed transiently (5xx, throttling,
     # connection reset, timeout) is tried again, and the first backoff in milliseconds
     # (doubled per try, with jitter, capped at 5 s)

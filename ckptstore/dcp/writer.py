@@ -27,6 +27,7 @@ from torch.futures import Future
 from ckptstore import knobs
 from ckptstore.codecs.pipeline import default_pipeline
 from ckptstore.codecs.policy import QuantizePolicy, QuantizeSpec
+from ckptstore.dcp import device_quant
 from ckptstore.dcp.bridge import dtype_name, raw_size, to_host_bytes
 from ckptstore.dcp.metadata import manifest_from_metadata
 from ckptstore.errors import CheckpointExistsError
@@ -202,11 +203,6 @@ class Writer(StorageWriter):
                     fut = writer.submit(buf, default_pipeline("bytes"), rows=len(buf))
                 else:
                     tensor: torch.Tensor = data
-                    copies = tensor.device.type != "cpu" or not tensor.is_contiguous()
-                    if copies:  # bound host memory: wait for earlier copies to be encoded
-                        while staged and sum(n for n, _ in staged) + raw_size(tensor) > budget:
-                            staged.pop(0)[1].result()
-                    raw, owner = to_host_bytes(tensor)
                     rows = tensor.shape[0] if tensor.dim() > 0 else 1
                     offsets = item.tensor_data.chunk.offsets if item.tensor_data else ()
                     first_row = int(offsets[0]) if len(offsets) else 0
@@ -216,6 +212,15 @@ class Writer(StorageWriter):
                         dtype_name(tensor.dtype),
                         math.prod(global_shape) * tensor.element_size(),
                     )
+                    if _quantize_on_device(tensor, pipeline):
+                        fut = _submit_on_device(writer, tensor, pipeline, rows, first_row)
+                        pending.append((item, fut))
+                        continue
+                    copies = tensor.device.type != "cpu" or not tensor.is_contiguous()
+                    if copies:  # bound host memory: wait for earlier copies to be encoded
+                        while staged and sum(n for n, _ in staged) + raw_size(tensor) > budget:
+                            staged.pop(0)[1].result()
+                    raw, owner = to_host_bytes(tensor)
                     fut = writer.submit(
                         raw, pipeline, rows=rows, first_row=first_row, keep_alive=owner
                     )
@@ -273,6 +278,31 @@ class Writer(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | Any) -> bool:
         return False  # never picked automatically by dcp for a bare path
+
+
+def _quantize_on_device(tensor: torch.Tensor, pipeline: Any) -> bool:
+    """GPU tensors with a lossy pipeline are quantized where they live, so only the
+    quantized bytes are copied to the host (CKPTSTORE_DEVICE_QUANTIZE=1 does it for CPU
+    tensors too — the tests use that to run this path without a GPU)."""
+    lossy, _ = pipeline.split()
+    if lossy is None or not device_quant.supports(lossy) or tensor.numel() == 0:
+        return False
+    return tensor.device.type != "cpu" or bool(knobs.get("DEVICE_QUANTIZE"))
+
+
+def _submit_on_device(
+    writer: BlobWriter, tensor: torch.Tensor, pipeline: Any, rows: int, first_row: int
+) -> ThreadFuture[Blob]:
+    lossy, _ = pipeline.split()
+    flat = tensor.detach().contiguous().reshape(-1)
+    per_row = flat.numel() // max(rows, 1)
+    return writer.submit_quantized(
+        lambda a, b: device_quant.quantize(lossy, flat[a * per_row : b * per_row]),
+        pipeline,
+        nbytes=flat.numel() * flat.element_size(),
+        rows=rows,
+        first_row=first_row,
+    )
 
 
 def _one_writer_per_chunk(manifest: Manifest) -> None:
