@@ -63,6 +63,11 @@ def _run(fn: Callable[[], Any]) -> Any:
         raise err from exc
 
 
+def _writer(state_dict: StateDict, url: str, **options: Any) -> Writer:
+    """The Writer of a save/async_save call; records which dict keys were ints."""
+    return Writer(url, int_keys=_int_key_paths(state_dict), **options)
+
+
 def save(
     state_dict: StateDict,
     url: str,
@@ -92,7 +97,8 @@ def save(
     thread (``info.retention`` is its future); other ranks do not wait for it.
     """
     retention = None if keep_last is None else gc.Retention(keep_last=keep_last)
-    writer = Writer(
+    writer = _writer(
+        state_dict,
         url,
         step=step,
         name=name,
@@ -100,7 +106,6 @@ def save(
         chunk_bytes=chunk_bytes,
         inline_bytes=inline_bytes,
         threads=threads,
-        int_keys=_int_key_paths(state_dict),
         quantize=quantize,
     )
     t0 = time.monotonic()
@@ -152,7 +157,8 @@ def async_save(
     :func:`save`: rank 0 starts the gc once the commit is done.
     """
     retention = None if keep_last is None else gc.Retention(keep_last=keep_last)
-    writer = Writer(
+    writer = _writer(
+        state_dict,
         url,
         step=step,
         name=name,
@@ -160,7 +166,6 @@ def async_save(
         chunk_bytes=chunk_bytes,
         inline_bytes=inline_bytes,
         threads=threads,
-        int_keys=_int_key_paths(state_dict),
         quantize=quantize,
     )
     t0 = time.monotonic()

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,16 @@ def _init(rank: int, world: int, port: int) -> None:
     dist.init_process_group(
         "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )
+
+
+def _finish() -> None:
+    """End a worker once every rank is done. Process-group and thread teardown at exit
+    aborted a rank now and then under gloo ("terminate called without an active
+    exception"); everything the parent checks is on disk by now, so leave at once."""
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _dump(out: str, tag: str, rank: int, data: dict) -> None:
@@ -144,7 +155,7 @@ def save_worker(rank: int, world: int, port: int, url: str, out: str) -> None:
         torch.save(ref, Path(out, f"ref-{world}.pt"))
     dinfo = ckptstore.save(dtensor_state(world), url, name=f"dtensors-{world}", chunk_bytes=CHUNK)
     _dump(out, f"save{world}", rank, {"info": info.__dict__, "dtensors": dinfo.__dict__})
-    dist.destroy_process_group()
+    _finish()
 
 
 def load_worker(rank: int, world: int, port: int, url: str, out: str, sources: list) -> None:
@@ -191,7 +202,7 @@ def load_worker(rank: int, world: int, port: int, url: str, out: str, sources: l
     )
     assert torch.equal(grid.full_tensor(), g["grid"]), "2-D mesh → 1-D Shard(0)"
     _dump(out, f"load{world}", rank, report)
-    dist.destroy_process_group()
+    _finish()
 
 
 def failure_worker(rank: int, world: int, port: int, url: str, out: str) -> None:
@@ -235,7 +246,7 @@ def failure_worker(rank: int, world: int, port: int, url: str, out: str) -> None
             seen[label] = f"{type(exc).__name__}: {exc}"
     seen["names"] = [c.name for c in ckptstore.Store(url).list()]
     _dump(out, "fail", rank, seen)
-    dist.destroy_process_group()
+    _finish()
 
 
 class _nothing:
@@ -281,4 +292,4 @@ def quant_worker(rank: int, world: int, port: int, url: str) -> None:
     }
     policy = {"optim.*exp_avg*": "bf16", "model.*": "int8", "*": None}
     ckptstore.save(state, url, step=1, quantize=policy, chunk_bytes=CHUNK)
-    dist.destroy_process_group()
+    _finish()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import torch
@@ -59,3 +61,16 @@ def model_and_optimizer(seed: int = 0, width: int = 256):
         opt.step()
         opt.zero_grad()
     return model, opt
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``ckptstore ARGS`` as a subprocess, as a user runs it; raises on failure if ``check``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptstore.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
+    return proc

@@ -12,18 +12,9 @@ import torch
 
 import ckptstore
 from ckptstore.store import Repository, layout
+from tests.helpers import run_cli
 
-
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "ckptstore.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
-    return proc
+run = run_cli
 
 
 @pytest.fixture
