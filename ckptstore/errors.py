@@ -75,6 +75,11 @@ class StorageUnavailableError(BackendError, ConnectionError):
     connection reset, timeout), through every retry."""
 
 
+class StorageFullError(BackendError):
+    """The storage has no space left, or a quota is reached (ENOSPC, EDQUOT; S3 servers'
+    storage-full and quota answers). Not retried; nothing partial is left under the key."""
+
+
 class ObjectNotFoundError(BackendError, FileNotFoundError):
     """The backend has no object under that key (raised by the backend layer)."""
 

@@ -12,9 +12,9 @@ from torch.distributed.checkpoint import DefaultSavePlanner
 
 import ckptstore
 from ckptstore import errors
-from ckptstore.backend import Backend
+from ckptstore.backend import FsspecBackend, open_backend
 from ckptstore.store import Repository, gc, layout, leases
-from ckptstore.testing.faulty import failing_deletes, failing_puts
+from ckptstore.testing.faulty import FaultyBackend
 from tests.helpers import assert_same
 
 CHUNK = 64 * 1024  # 16 rows of 1024 float32 per chunk
@@ -289,35 +289,12 @@ def test_fresh_chunks_of_a_save_in_flight_are_kept(store_url, small_skew):
     assert_same(state, ckptstore.load_full(store_url, step=2))
 
 
-class _Gate:
-    """Pause every Backend.delete of a key under ``prefix`` until ``go`` is set (a gc
-    mid-sweep); with ``release_after``, a timer sets ``go`` that many seconds after the
-    first pause."""
-
-    def __init__(self, prefix: str, release_after: float | None = None) -> None:
-        self.prefix = prefix
-        self.release_after = release_after
-        self.reached = threading.Event()
-        self.go = threading.Event()
-
-    def __enter__(self) -> _Gate:
-        self._original = original = Backend.delete
-        gate = self
-
-        def delete(backend, key):
-            if key.startswith(gate.prefix):
-                if not gate.reached.is_set() and gate.release_after is not None:
-                    threading.Timer(gate.release_after, gate.go.set).start()
-                gate.reached.set()
-                assert gate.go.wait(60)
-            return original(backend, key)
-
-        Backend.delete = delete  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.go.set()
-        Backend.delete = self._original  # type: ignore[method-assign]
+def _gated(url: str, prefix: str, release_after: float | None = None):
+    """The store's backend, wrapped so that every delete of a key under ``prefix`` waits
+    until the returned gate is released (a gc mid-sweep); with ``release_after``, a timer
+    releases it that many seconds after the first delete was held."""
+    faulty = FaultyBackend(open_backend(url))
+    return faulty, faulty.pause("delete", prefix + "/*", release_after=release_after)
 
 
 def _garbage_x(url: str) -> dict:
@@ -330,9 +307,9 @@ def _garbage_x(url: str) -> dict:
     return content
 
 
-def _gc_in_thread(url: str, result: dict) -> threading.Thread:
+def _gc_in_thread(backend: FaultyBackend, result: dict) -> threading.Thread:
     runner = threading.Thread(
-        target=lambda: result.setdefault("r", ckptstore.Store(url).gc(grace=0)), daemon=True
+        target=lambda: result.setdefault("r", ckptstore.Store(backend).gc(grace=0)), daemon=True
     )
     runner.start()
     return runner
@@ -343,12 +320,12 @@ def test_commit_check_refuses_a_chunk_a_running_gc_deletes_after_the_write(store
     The save sees the published plan, waits for the gc, finds them gone: no commit."""
     content = _garbage_x(store_url)
     result: dict = {}
-    with _Gate(layout.CHUNKS + "/", release_after=2.0) as gate:
-        runner = _gc_in_thread(store_url, result)
-        assert gate.reached.wait(60)  # plan published, deletes held for 2 s
-        with pytest.raises(errors.ConcurrentGcError, match="deleted 4 chunk"):
-            _save(content, store_url, step=3)
-        runner.join(60)
+    backend, gate = _gated(store_url, layout.CHUNKS, release_after=2.0)
+    runner = _gc_in_thread(backend, result)
+    assert gate.wait_reached(60)  # plan published, deletes held for 2 s
+    with pytest.raises(errors.ConcurrentGcError, match="deleted 4 chunk"):
+        _save(content, store_url, step=3)
+    runner.join(60)
     assert result["r"].chunks_deleted == 4
     assert _names(store_url) == [layout.step_name(2)]
     assert ckptstore.Store(store_url).verify().ok
@@ -360,11 +337,11 @@ def test_commit_check_refuses_a_chunk_a_running_gc_deletes_after_the_write(store
 def test_commit_check_accepts_chunks_rewritten_after_the_gc_deleted_them(store_url, small_skew):
     content = _garbage_x(store_url)
     result: dict = {}
-    with _Gate(layout.TRASH + "/", release_after=2.0) as gate:  # chunks gone, gc not done
-        runner = _gc_in_thread(store_url, result)
-        assert gate.reached.wait(60)
-        info = _save(content, store_url, step=3)  # waits for the gc, finds x present
-        runner.join(60)
+    backend, gate = _gated(store_url, layout.TRASH, release_after=2.0)  # chunks gone, gc not done
+    runner = _gc_in_thread(backend, result)
+    assert gate.wait_reached(60)
+    info = _save(content, store_url, step=3)  # waits for the gc, finds x present
+    runner.join(60)
     assert info.new_chunks == 4 and result["r"].chunks_deleted == 4
     assert ckptstore.Store(store_url).verify().ok
     assert_same(content, ckptstore.load_full(store_url, step=3))
@@ -374,11 +351,14 @@ def test_commit_check_gives_up_on_a_gc_that_does_not_finish(store_url, small_ske
     content = _garbage_x(store_url)
     monkeypatch.setenv("CKPTSTORE_GC_WAIT", "1")
     result: dict = {}
-    with _Gate(layout.CHUNKS + "/") as gate:
-        runner = _gc_in_thread(store_url, result)
-        assert gate.reached.wait(60)
+    backend, gate = _gated(store_url, layout.CHUNKS)
+    runner = _gc_in_thread(backend, result)
+    try:
+        assert gate.wait_reached(60)
         with pytest.raises(errors.ConcurrentGcError, match="did not finish deleting"):
             _save(content, store_url, step=3)
+    finally:
+        gate.release()
     runner.join(60)
     assert _names(store_url) == [layout.step_name(2)]
     assert ckptstore.Store(store_url).verify().ok
@@ -417,19 +397,20 @@ def test_expired_save_lease_does_not_commit(local_url, monkeypatch):
 
 
 def test_save_lease_lives_during_the_save_only(local_url):
+    # still patches the class: save() opens its backend from the URL (no backend object yet)
     seen = []
-    original = Backend.put
+    original = FsspecBackend.put
 
     def spy(backend, key, data, *, create_only=False):
         if key.startswith(layout.CHECKPOINTS):
             seen.append(backend.list(layout.LEASES))
         return original(backend, key, data, create_only=create_only)
 
-    Backend.put = spy  # type: ignore[method-assign]
+    FsspecBackend.put = spy  # type: ignore[method-assign]
     try:
         _save(_state(1), local_url, step=1)
     finally:
-        Backend.put = original  # type: ignore[method-assign]
+        FsspecBackend.put = original  # type: ignore[method-assign]
     assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith("leases/save-")
     assert Repository.open(local_url).backend.list(layout.LEASES) == []
 
@@ -531,9 +512,10 @@ def test_gc_failing_deletes_part_way_leaves_a_valid_store(store_url, after):
     states = {i: _state(i, frozen) for i in range(5)}
     for i, st in states.items():
         _save(st, store_url, step=i)
-    with failing_deletes(after=after, match=layout.CHUNKS + "/"):
-        with pytest.raises(errors.BackendError, match="injected delete failure"):
-            ckptstore.Store(store_url).gc(keep_last=2, grace=0)
+    faulty = FaultyBackend(open_backend(store_url))
+    faulty.fail_deletes(layout.CHUNKS + "/*", after=after)
+    with pytest.raises(errors.BackendError, match="injected delete failure"):
+        ckptstore.Store(faulty).gc(keep_last=2, grace=0)
     assert _names(store_url) == [layout.step_name(3), layout.step_name(4)]
     assert ckptstore.Store(store_url).verify().ok
     for i in (3, 4):
@@ -563,9 +545,10 @@ def test_gc_failing_while_dropping_keeps_the_checkpoint(store_url):
     for i in range(3):
         _save(_state(i), store_url, step=i)
     before = _chunks(store_url)
-    with failing_puts(after=0, match=layout.TRASH + "/"):
-        with pytest.raises(errors.BackendError, match="injected put failure"):
-            ckptstore.Store(store_url).gc(keep_last=1, grace=0)
+    faulty = FaultyBackend(open_backend(store_url))
+    faulty.fail_puts(layout.TRASH + "/*")
+    with pytest.raises(errors.BackendError, match="injected put failure"):
+        ckptstore.Store(faulty).gc(keep_last=1, grace=0)
     assert len(_names(store_url)) == 3 and _chunks(store_url) == before
     assert ckptstore.Store(store_url).verify().ok
 

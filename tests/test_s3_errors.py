@@ -15,6 +15,7 @@ from ckptstore.errors import (
     BucketNotFoundError,
     ObjectExistsError,
     ObjectNotFoundError,
+    StorageFullError,
     StorageUnavailableError,
 )
 
@@ -53,7 +54,10 @@ def s3_error(code: str, status: int, message: str = "msg", condition: str | None
         (lambda: ConnectionResetError(errno.ECONNRESET, "reset"), "transient"),
         (lambda: TimeoutError(), "transient"),
         (lambda: s3_error("InvalidArgument", 400), "other"),
-        (lambda: OSError(errno.ENOSPC, "disk full"), "other"),
+        (lambda: OSError(errno.ENOSPC, "disk full"), "full"),
+        (lambda: OSError(errno.EDQUOT, "quota"), "full"),
+        (lambda: s3_error("XMinioStorageFull", 507, "minimum free drive threshold"), "full"),
+        (lambda: OSError(errno.EIO, "i/o"), "other"),
         (lambda: FileNotFoundError("x"), "not_found"),
     ],
 )
@@ -112,6 +116,8 @@ def test_retries_are_bounded(fast_retries, monkeypatch):
         (lambda: s3_error("NoSuchBucket", 404), BucketNotFoundError),
         (lambda: s3_error("NoSuchKey", 404), ObjectNotFoundError),
         (lambda: s3_error("InvalidArgument", 400), BackendError),
+        (lambda: s3_error("XMinioStorageFull", 507), StorageFullError),
+        (lambda: OSError(errno.ENOSPC, "No space left on device"), StorageFullError),
     ],
 )
 def test_permanent_errors_fail_at_once(fast_retries, monkeypatch, exc, cls):
@@ -155,3 +161,14 @@ def test_non_storage_exceptions_are_not_translated(monkeypatch):
     monkeypatch.setattr(backend.fs, "cat_file", Flaky(backend.fs.cat_file, TypeError("a bug")))
     with pytest.raises(TypeError):
         backend.get("k")
+
+
+def test_storage_full_on_put_is_not_retried(fast_retries, monkeypatch):
+    backend = open_backend("memory://full")
+    flaky = Flaky(backend.fs.pipe_file, OSError(errno.ENOSPC, "No space left on device"))
+    monkeypatch.setattr(backend.fs, "pipe_file", flaky)
+    with pytest.raises(StorageFullError) as info:
+        backend.put("chunks/ab/cd", b"x")
+    assert flaky.calls == 1 and "chunks/ab/cd" in str(info.value)
+    assert isinstance(info.value, BackendError) and isinstance(info.value, OSError)
+    assert not backend.exists("chunks/ab/cd")

@@ -1,12 +1,27 @@
-"""Storage backend: the only layer that knows fsspec and its exceptions."""
+"""Storage backend: the contract (:mod:`.base`), its fsspec implementation (the only layer
+that knows fsspec and its exceptions), and the wrapper base that test doubles build on."""
 
-from ckptstore.backend.fsspec_backend import (
+from ckptstore.backend.base import (
     Backend,
+    BackendWrapper,
     Capabilities,
-    Failure,
+    ObjectInfo,
     Stats,
-    classify,
-    open_backend,
+    WrappedBackend,
+    io_pool,
 )
+from ckptstore.backend.fsspec_backend import Failure, FsspecBackend, classify, open_backend
 
-__all__ = ["Backend", "Capabilities", "Failure", "Stats", "classify", "open_backend"]
+__all__ = [
+    "Backend",
+    "BackendWrapper",
+    "Capabilities",
+    "Failure",
+    "FsspecBackend",
+    "ObjectInfo",
+    "Stats",
+    "WrappedBackend",
+    "classify",
+    "io_pool",
+    "open_backend",
+]

@@ -1,8 +1,10 @@
-"""One backend over any fsspec filesystem.
+"""The fsspec implementation of the :class:`~ckptstore.backend.base.Backend` contract.
 
 Keys are '/'-separated paths relative to the store root. Every put is atomic (a reader sees
-the whole object or none of it) and a create-only put never replaces an existing object;
-how each filesystem provides that is recorded in :class:`Capabilities`, not tested by
+the whole object or none of it) and a create-only put never replaces an existing object:
+local files are written to a temporary name and renamed (``os.replace``; ``os.link`` for
+create-only), object stores get ``pipe_file(mode="create")`` (S3: ``If-None-Match: *``).
+What each filesystem guarantees is recorded in :class:`Capabilities`, not tested by
 protocol name elsewhere.
 
 This module is the only one that knows fsspec, s3fs and botocore: every failure leaves it as
@@ -21,18 +23,25 @@ import errno
 import inspect
 import os
 import random
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ckptstore import knobs
+from ckptstore.backend.base import (
+    TEMP_PREFIX,
+    Backend,
+    Capabilities,
+    ObjectInfo,
+    Stats,
+    io_pool,
+    is_temp,
+)
 from ckptstore.errors import (
     AccessDeniedError,
     BackendError,
@@ -40,9 +49,22 @@ from ckptstore.errors import (
     CkptStoreError,
     ObjectExistsError,
     ObjectNotFoundError,
+    StorageFullError,
     StorageUnavailableError,
     UnknownSchemeError,
 )
+
+__all__ = [
+    "Backend",
+    "Capabilities",
+    "Failure",
+    "FsspecBackend",
+    "ObjectInfo",
+    "Stats",
+    "classify",
+    "io_pool",
+    "open_backend",
+]
 
 T = TypeVar("T")
 
@@ -85,6 +107,11 @@ _TRANSIENT_CODES = frozenset(
         "TooManyRequestsException",
     }
 )
+# the storage is out of space or over a quota (MinIO: XMinioStorageFull, HTTP 507)
+_FULL_CODES = frozenset(
+    {"XMinioStorageFull", "StorageFull", "QuotaExceeded", "XMinioAdminBucketQuotaExceeded"}
+)
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # exception class names (anywhere in the MRO of anything in the cause chain) from botocore,
 # aiohttp, fsspec and the builtins
 _DENIED_TYPES = frozenset(
@@ -144,7 +171,7 @@ _STORAGE_MODULES = ("botocore", "aiobotocore", "aiohttp", "fsspec", "s3fs", "asy
 @dataclass(frozen=True)
 class Failure:
     """What a storage exception means: ``kind`` is one of denied, no_bucket, not_found,
-    exists, precondition, transient, other; ``code``/``status`` come from an S3 response."""
+    exists, precondition, full, transient, other; ``code``/``status`` come from an S3 response."""
 
     kind: str
     code: str | None = None
@@ -184,6 +211,8 @@ def classify(exc: BaseException) -> Failure:
         return Failure("denied", code, status)
     if code == "NoSuchBucket":
         return Failure("no_bucket", code, status)
+    if code in _FULL_CODES or status == 507 or errnos & _FULL_ERRNOS:
+        return Failure("full", code, status)
     if code == "PreconditionFailed" or status == 412:
         return Failure("precondition", code, status)
     if isinstance(exc, FileExistsError):
@@ -217,88 +246,8 @@ def _detail(exc: BaseException, failure: Failure) -> str:
     return f"{text} [{tag}]" if tag and str(tag) not in text else text
 
 
-@dataclass(frozen=True)
-class Capabilities:
-    """What a backend guarantees, as data."""
-
-    atomic_put: bool
-    """A reader never observes a partially written object."""
-    atomic_create: bool
-    """``put(create_only=True)`` is atomic against a concurrent writer of the same key."""
-    local: bool
-    """Objects are files on this machine's filesystem."""
-    remote: bool = False
-    """Every operation is a network request (latency-bound: worth many in flight)."""
-
-
-@dataclass
-class Stats:
-    """Operations and bytes this backend object performed (for figures and tests)."""
-
-    gets: int = 0
-    puts: int = 0
-    lists: int = 0
-    deletes: int = 0
-    heads: int = 0
-    retries: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **counts: int) -> None:
-        with self.lock:
-            for k, v in counts.items():
-                setattr(self, k, getattr(self, k) + v)
-
-    @property
-    def requests(self) -> int:
-        return self.gets + self.puts + self.lists + self.deletes + self.heads
-
-    def as_dict(self) -> dict[str, int]:
-        keys = ("gets", "puts", "lists", "deletes", "heads", "retries", "bytes_in", "bytes_out")
-        return {k: getattr(self, k) for k in keys} | {"requests": self.requests}
-
-
-class _ByteBudget:
-    """Bytes of uploads in flight; ``acquire`` waits while the bound is reached (an object
-    larger than the bound is let through alone)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = max(1, limit)
-        self.used = 0
-        self.cond = threading.Condition()
-
-    def acquire(self, n: int) -> None:
-        with self.cond:
-            while self.used and self.used + n > self.limit:
-                self.cond.wait()
-            self.used += n
-
-    def release(self, n: int) -> None:
-        with self.cond:
-            self.used -= n
-            self.cond.notify_all()
-
-
-_IO_LOCK = threading.Lock()
-_IO: dict[tuple[int, int, int], tuple[ThreadPoolExecutor, _ByteBudget]] = {}
-
-
-def io_pool() -> tuple[ThreadPoolExecutor, _ByteBudget]:
-    """The process's upload pool and its byte bound, shared by every backend and save (so
-    concurrent saves together stay within ``IO_BYTES``). Made anew in a forked child, or
-    when the knobs change."""
-    key = (os.getpid(), max(1, knobs.get("IO_REQUESTS")), knobs.get("IO_BYTES"))
-    with _IO_LOCK:
-        found = _IO.get(key)
-        if found is None:
-            pool = ThreadPoolExecutor(key[1], thread_name_prefix="ckptstore-io")
-            found = _IO[key] = (pool, _ByteBudget(key[2]))
-        return found
-
-
-class Backend:
-    """Byte objects under a root URL: get / put / list / delete, single and batched."""
+class FsspecBackend(Backend):
+    """The :class:`Backend` contract over any fsspec filesystem (local, memory, s3, …)."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
         self.fs = fs
@@ -413,63 +362,23 @@ class Backend:
         for p in found:
             p = self.fs._strip_protocol(p)
             rel = p[len(root) + 1 :] if root and p.startswith(root + "/") else p.lstrip("/")
-            if "/.tmp-" in "/" + rel or rel.rsplit("/", 1)[-1].startswith(".tmp-"):
+            if is_temp(rel):
                 continue
             keys.append(rel)
         return sorted(keys)
-
-    # -- concurrency ----------------------------------------------------------------------
-    def put_async(
-        self, key: str, data: bytes | memoryview, *, create_only: bool = False
-    ) -> Future[None]:
-        """Start a put on the I/O pool and return its future.
-
-        At most ``IO_REQUESTS`` requests run at once, and the caller waits here while the
-        uploads already started hold ``IO_BYTES`` bytes: encoders stay ahead of the network
-        by a bounded amount of memory.
-        """
-        pool, budget = io_pool()
-        n = len(data)
-        budget.acquire(n)
-        try:
-            fut = pool.submit(self.put, key, data, create_only=create_only)
-        except BaseException:
-            budget.release(n)
-            raise
-        fut.add_done_callback(lambda _: budget.release(n))
-        return fut
-
-    def get_many(self, keys: Iterable[str], threads: int | None = None) -> dict[str, bytes]:
-        """Fetch many objects concurrently (``IO_REQUESTS`` at a time by default)."""
-        keys = list(dict.fromkeys(keys))
-        n = threads if threads is not None else knobs.get("IO_REQUESTS")
-        return dict(zip(keys, self.map(self.get, keys, n), strict=True))
-
-    def put_many(self, items: Mapping[str, bytes], threads: int | None = None) -> None:
-        """Store many objects concurrently (each atomically)."""
-        n = threads if threads is not None else knobs.get("IO_REQUESTS")
-        self.map(lambda kv: self.put(kv[0], kv[1]), list(items.items()), n)
-
-    def map(self, fn: Callable[[Any], T], args: list[Any], threads: int | None = None) -> list[T]:
-        """Run ``fn`` over ``args`` on a bounded thread pool, in order; first error raises."""
-        n = min(knobs.get("THREADS", threads), max(1, len(args)))
-        if n <= 1:
-            return [fn(a) for a in args]
-        with ThreadPoolExecutor(n, thread_name_prefix="ckptstore-io") as pool:
-            return list(pool.map(fn, args))
 
     # -- internals ----------------------------------------------------------------------
     def _put_local(self, key: str, data: bytes | memoryview, create_only: bool) -> None:
         dst = self.fs._strip_protocol(self.path(key))
         folder = os.path.dirname(dst)
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if knobs.get("FSYNC"):
-                f.flush()
-                os.fsync(f.fileno())
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
         try:
+            with open(tmp, "wb") as f:  # a full disk fails here: the finally removes tmp
+                f.write(data)
+                if knobs.get("FSYNC"):
+                    f.flush()
+                    os.fsync(f.fileno())
             if create_only:
                 try:
                     os.link(tmp, dst)  # atomic, fails if dst exists
@@ -508,6 +417,8 @@ class Backend:
             return ObjectExistsError(f"{where} already exists")
         if kind == "not_found":
             return ObjectNotFoundError(f"{where} not found")
+        if kind == "full":
+            return StorageFullError(f"storage full writing {where}{self._where()}: {detail}")
         if kind == "transient":
             return StorageUnavailableError(
                 f"storage unavailable for {where}{self._where()}: {detail}"
@@ -559,18 +470,10 @@ class Backend:
         for p, info in found.items():
             p = self.fs._strip_protocol(p)
             rel = p[len(root) + 1 :] if root and p.startswith(root + "/") else p.lstrip("/")
-            if "/.tmp-" in "/" + rel or rel.rsplit("/", 1)[-1].startswith(".tmp-"):
+            if is_temp(rel):
                 continue
             out.append(ObjectInfo(rel, int(info.get("size") or 0), _modified(info)))
         return sorted(out)
-
-
-class ObjectInfo(NamedTuple):
-    """One listed object: key (relative to the root), size in bytes, last-modified time."""
-
-    key: str
-    size: int
-    mtime: float | None
 
 
 def _modified(info: Mapping[str, Any]) -> float | None:
@@ -611,7 +514,7 @@ def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def open_backend(url: str, storage_options: Mapping[str, Any] | None = None) -> Backend:
+def open_backend(url: str, storage_options: Mapping[str, Any] | None = None) -> FsspecBackend:
     """Open the fsspec filesystem behind ``url``. Plain paths mean the local filesystem.
 
     ``storage_options`` go to the filesystem (s3fs: ``key``, ``secret``, ``token``,
@@ -646,4 +549,4 @@ def open_backend(url: str, storage_options: Mapping[str, Any] | None = None) -> 
             )
     if isinstance(fs, LocalFileSystem):
         root = os.path.abspath(root)
-    return Backend(fs, root, url)
+    return FsspecBackend(fs, root, url)

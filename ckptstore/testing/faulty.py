@@ -1,20 +1,34 @@
-"""A fault-injecting in-memory fsspec filesystem, registered as ``faulty://``.
+"""Test doubles that break storage on purpose.
 
-Because faults happen below fsspec, a test exercises the whole real path (URL parsing,
-backend error translation, store, DCP) and only the storage misbehaves. Faults are set on
-the class and cleared with :func:`reset` (tests use the ``faults`` fixture).
+:class:`FaultyBackend` wraps any :class:`~ckptstore.backend.Backend` and fails, corrupts,
+truncates, pauses and counts the operations whose key matches a glob. Tests compose it
+(``Repository.open(FaultyBackend(open_backend(url)))``, ``ckptstore.Store(faulty)``) rather
+than patching classes, so only the backend object the test made misbehaves.
+
+``faulty://`` is a fault-injecting in-memory fsspec filesystem: faults happen below fsspec,
+so a test opened by URL exercises the whole real path (URL parsing, backend error
+translation, store, DCP) and only the storage misbehaves. Its faults are set on the class
+and cleared with :func:`reset` (tests use the ``faults`` fixture).
+
+:class:`failing_puts` / :class:`failing_deletes` patch the fsspec backend class for a whole
+process: only for code that opens its backend from a URL out of the test's reach (a
+spawned rank); elsewhere use :class:`FaultyBackend`.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import fnmatch
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import fsspec
 from fsspec.implementations.memory import MemoryFileSystem
 
-from ckptstore.errors import BackendError
+from ckptstore.backend.base import Backend, ObjectInfo, WrappedBackend
+from ckptstore.errors import BackendError, StorageFullError
 
 
 @dataclass
@@ -88,8 +102,10 @@ fsspec.register_implementation("faulty", FaultyFileSystem, clobber=True)
 
 
 class failing_puts:  # noqa: N801 - used like a function: ``with failing_puts(after=2):``
-    """Make every Backend in this process fail puts whose key contains ``match`` after
-    ``after`` of them succeeded — a backend that breaks on the Nth write, on any storage."""
+    """Make every fsspec backend in this process fail puts whose key contains ``match``
+    after ``after`` of them succeeded — a backend that breaks on the Nth write, on any
+    storage. Patches :class:`~ckptstore.backend.FsspecBackend`; prefer
+    :class:`FaultyBackend` where the test hands the store its backend."""
 
     def __init__(self, after: int, match: str = "") -> None:
         self.after = after
@@ -98,7 +114,7 @@ class failing_puts:  # noqa: N801 - used like a function: ``with failing_puts(af
         self._lock = threading.Lock()
 
     def __enter__(self) -> failing_puts:
-        from ckptstore.backend import Backend
+        from ckptstore.backend import FsspecBackend as Backend
 
         self._original = original = Backend.put
         outer = self
@@ -116,14 +132,16 @@ class failing_puts:  # noqa: N801 - used like a function: ``with failing_puts(af
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from ckptstore.backend import Backend
+        from ckptstore.backend import FsspecBackend as Backend
 
         Backend.put = self._original  # type: ignore[method-assign]
 
 
 class failing_deletes:  # noqa: N801 - used like a function: ``with failing_deletes(after=2):``
-    """Make every Backend in this process fail deletes whose key contains ``match`` after
-    ``after`` of them succeeded — a gc that breaks part-way, on any storage."""
+    """Make every fsspec backend in this process fail deletes whose key contains ``match``
+    after ``after`` of them succeeded — a gc that breaks part-way, on any storage. Patches
+    :class:`~ckptstore.backend.FsspecBackend`; prefer :class:`FaultyBackend` where the
+    test hands the store its backend."""
 
     def __init__(self, after: int, match: str = "") -> None:
         self.after = after
@@ -132,7 +150,7 @@ class failing_deletes:  # noqa: N801 - used like a function: ``with failing_dele
         self._lock = threading.Lock()
 
     def __enter__(self) -> failing_deletes:
-        from ckptstore.backend import Backend
+        from ckptstore.backend import FsspecBackend as Backend
 
         self._original = original = Backend.delete
         outer = self
@@ -150,6 +168,241 @@ class failing_deletes:  # noqa: N801 - used like a function: ``with failing_dele
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from ckptstore.backend import Backend
+        from ckptstore.backend import FsspecBackend as Backend
 
         Backend.delete = self._original  # type: ignore[method-assign]
+
+
+# -- the fault-injecting wrapper -------------------------------------------------------------
+OPS = ("get", "put", "delete", "exists", "size", "list")
+"""Operation names of :class:`FaultyBackend` (``get`` covers ``get_range``, ``list`` covers
+``list_info``; the key of a ``list`` is its prefix)."""
+
+
+@dataclass(eq=False)
+class Fault:
+    """One rule of a :class:`FaultyBackend`: acts on calls of ``op`` whose key matches the
+    glob ``match`` (``fnmatch``; ``*`` crosses ``/``), letting the first ``after`` of them
+    through and acting on the next ``times`` (None: on every later one)."""
+
+    op: str
+    match: str
+    action: str
+    """fail, full, corrupt, truncate or pause."""
+    after: int = 0
+    times: int | None = None
+    error: Callable[[str], BaseException] | None = None
+    """fail: builds the exception from the object's description (default: BackendError)."""
+    lost_answer: bool = False
+    """fail on put/delete: the operation is done, then the error raised (a lost answer)."""
+    release_after: float | None = None
+    """pause: a timer releases the pause this many seconds after it was first reached."""
+    timeout: float = 60.0
+    """pause: a call held longer than this fails (a test that never releases it)."""
+    seen: int = 0
+    """Matching calls so far."""
+    fired: int = 0
+    """Calls this fault acted on."""
+    reached: threading.Event = field(default_factory=threading.Event)
+    """pause: set when a call is first held."""
+    go: threading.Event = field(default_factory=threading.Event)
+    """pause: held calls go on once this is set."""
+
+    def release(self) -> None:
+        """Let held calls go on (and every later matching one)."""
+        self.go.set()
+
+    def wait_reached(self, timeout: float = 60.0) -> bool:
+        """Wait until a call is held by this pause."""
+        return self.reached.wait(timeout)
+
+
+class FaultyBackend(WrappedBackend):
+    """Wraps a backend and breaks it on purpose, per operation and key glob.
+
+    ``faulty.fail_puts("chunks/*", after=2)`` fails every chunk put after the first two;
+    ``faulty.storage_full()`` makes puts raise :class:`~ckptstore.errors.StorageFullError`;
+    ``faulty.corrupt_gets("chunks/*")`` / ``truncate_gets`` damage what reads return;
+    ``gate = faulty.pause("delete", "chunks/*")`` holds matching deletes until
+    ``gate.release()``; ``faulty.count("put", "checkpoints/*")`` counts calls. Each rule
+    returns its :class:`Fault` (``seen``, ``fired``); :meth:`clear` removes them all. Every
+    call is recorded in :attr:`log` whether or not a fault acted on it.
+    """
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.faults: list[Fault] = []
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.log: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    # -- setting faults --------------------------------------------------------------------
+    def add(self, fault: Fault) -> Fault:
+        if fault.op not in OPS:
+            raise ValueError(f"unknown operation {fault.op!r}; one of {', '.join(OPS)}")
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def fail(
+        self,
+        op: str,
+        match: str = "*",
+        *,
+        after: int = 0,
+        times: int | None = None,
+        error: Callable[[str], BaseException] | None = None,
+        lost_answer: bool = False,
+    ) -> Fault:
+        """Fail matching calls of ``op`` (after ``after`` succeeded; ``times`` of them, or
+        all later ones). The Nth matching put fails with ``after=N-1, times=1``."""
+        return self.add(Fault(op, match, "fail", after, times, error, lost_answer))
+
+    def fail_puts(self, match: str = "*", **kw) -> Fault:
+        return self.fail("put", match, **kw)
+
+    def fail_deletes(self, match: str = "*", **kw) -> Fault:
+        return self.fail("delete", match, **kw)
+
+    def storage_full(self, match: str = "*", *, after: int = 0, times: int | None = None) -> Fault:
+        """Matching puts raise StorageFullError (ENOSPC) and store nothing."""
+        return self.add(Fault("put", match, "full", after, times))
+
+    def corrupt_gets(self, match: str = "*", *, after: int = 0, times: int | None = None) -> Fault:
+        """Matching reads return their bytes with one bit flipped in the middle."""
+        return self.add(Fault("get", match, "corrupt", after, times))
+
+    def truncate_gets(self, match: str = "*", *, after: int = 0, times: int | None = None) -> Fault:
+        """Matching reads return only the first half of their bytes."""
+        return self.add(Fault("get", match, "truncate", after, times))
+
+    def pause(
+        self,
+        op: str,
+        match: str = "*",
+        *,
+        after: int = 0,
+        times: int | None = None,
+        release_after: float | None = None,
+        timeout: float = 60.0,
+    ) -> Fault:
+        """Hold matching calls of ``op`` before they run until the returned fault is
+        released (or ``release_after`` seconds after the first was held)."""
+        return self.add(
+            Fault(op, match, "pause", after, times, release_after=release_after, timeout=timeout)
+        )
+
+    def clear(self) -> None:
+        """Remove every fault (held calls go on); counts and the log stay."""
+        with self._lock:
+            faults, self.faults = self.faults, []
+        for f in faults:
+            f.release()
+
+    def count(self, op: str, match: str = "*") -> int:
+        """Calls of ``op`` so far whose key matches ``match``."""
+        with self._lock:
+            return sum(1 for o, k in self.log if o == op and fnmatch.fnmatchcase(k, match))
+
+    # -- the machinery ---------------------------------------------------------------------
+    def _active(self, op: str, key: str) -> list[tuple[Fault, int]]:
+        """Record the call; the faults that act on it, each with its matching-call number."""
+        out = []
+        with self._lock:
+            self.calls[op] += 1
+            self.log.append((op, key))
+            for f in self.faults:
+                if f.op != op or not fnmatch.fnmatchcase(key, f.match):
+                    continue
+                f.seen += 1
+                n = f.seen - f.after
+                if n > 0 and (f.times is None or n <= f.times):
+                    f.fired += 1
+                    out.append((f, f.seen))
+        return out
+
+    def _before(self, op: str, key: str) -> list[tuple[Fault, int]]:
+        active = self._active(op, key)
+        for f, n in active:
+            if f.action == "pause":
+                if not f.reached.is_set() and f.release_after is not None:
+                    timer = threading.Timer(f.release_after, f.go.set)
+                    timer.daemon = True
+                    timer.start()
+                f.reached.set()
+                if not f.go.wait(f.timeout):
+                    raise AssertionError(f"paused {op} of {key} was never released")
+            elif f.action == "full":
+                err = StorageFullError(
+                    f"injected: no space left on device writing {self.describe(key)}"
+                )
+                err.errno = errno.ENOSPC
+                raise err
+            elif f.action == "fail" and not f.lost_answer:
+                raise self._error(f, op, key, n)
+        return active
+
+    def _after(self, active: list[tuple[Fault, int]], op: str, key: str) -> None:
+        for f, n in active:
+            if f.action == "fail" and f.lost_answer:
+                raise self._error(f, op, key, n)
+
+    def _error(self, f: Fault, op: str, key: str, n: int) -> BaseException:
+        where = self.describe(key)
+        if f.error is not None:
+            return f.error(where)
+        return BackendError(f"injected {op} failure #{n} on {where}")
+
+    @staticmethod
+    def _damage(active: list[tuple[Fault, int]], data: bytes) -> bytes:
+        for f, _ in active:
+            if f.action == "corrupt" and data:
+                buf = bytearray(data)
+                buf[len(buf) // 2] ^= 0x10
+                data = bytes(buf)
+            elif f.action == "truncate":
+                data = data[: len(data) // 2]
+        return data
+
+    # -- the operations --------------------------------------------------------------------
+    def get(self, key: str) -> bytes:
+        active = self._before("get", key)
+        return self._damage(active, self.inner.get(key))
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        active = self._before("get", key)
+        return self._damage(active, self.inner.get_range(key, start, end))
+
+    def exists(self, key: str) -> bool:
+        active = self._before("exists", key)
+        found = self.inner.exists(key)
+        self._after(active, "exists", key)
+        return found
+
+    def size(self, key: str) -> int:
+        active = self._before("size", key)
+        n = self.inner.size(key)
+        self._after(active, "size", key)
+        return n
+
+    def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
+        active = self._before("put", key)
+        self.inner.put(key, data, create_only=create_only)
+        self._after(active, "put", key)
+
+    def delete(self, key: str) -> None:
+        active = self._before("delete", key)
+        self.inner.delete(key)
+        self._after(active, "delete", key)
+
+    def list(self, prefix: str) -> list[str]:
+        active = self._before("list", prefix)
+        keys = self.inner.list(prefix)
+        self._after(active, "list", prefix)
+        return keys
+
+    def list_info(self, prefix: str) -> list[ObjectInfo]:
+        active = self._before("list", prefix)
+        infos = self.inner.list_info(prefix)
+        self._after(active, "list", prefix)
+        return infos
