@@ -17,7 +17,7 @@ _LAZY = {
     "async_save": "ckptstore.api",
     "load": "ckptstore.api",
     "load_full": "ckptstore.api",
-    "Store": "ckptstore.api",
+    "Store": "ckptstore.store.facade",
     "SaveInfo": "ckptstore.dcp.writer",
     "LoadInfo": "ckptstore.dcp.reader",
     "Writer": "ckptstore.dcp.writer",

@@ -14,14 +14,16 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ckptstore.backend import Backend
 from ckptstore.codecs.policy import QuantizeSpec
 from ckptstore.dcp.bridge import from_bytes, torch_dtype
 from ckptstore.dcp.reader import LoadInfo, Reader, load_object
 from ckptstore.dcp.writer import SaveInfo, Writer
 from ckptstore.errors import CkptStoreError, MismatchError
-from ckptstore.store import gc, reports, usage
-from ckptstore.store.blobs import BlobReader
+from ckptstore.store import gc
+from ckptstore.store.facade import Store
 from ckptstore.store.repository import Repository
+from ckptstore.store.session import LoadSession
 
 StateDict = dict[str, Any]
 
@@ -63,14 +65,14 @@ def _run(fn: Callable[[], Any]) -> Any:
         raise err from exc
 
 
-def _writer(state_dict: StateDict, url: str, **options: Any) -> Writer:
+def _writer(state_dict: StateDict, url: str | Backend, **options: Any) -> Writer:
     """The Writer of a save/async_save call; records which dict keys were ints."""
     return Writer(url, int_keys=_int_key_paths(state_dict), **options)
 
 
 def save(
     state_dict: StateDict,
-    url: str,
+    url: str | Backend,
     *,
     step: int | None = None,
     name: str | None = None,
@@ -134,7 +136,7 @@ def save(
 
 def async_save(
     state_dict: StateDict,
-    url: str,
+    url: str | Backend,
     *,
     step: int | None = None,
     name: str | None = None,
@@ -185,9 +187,9 @@ def async_save(
         try:
             done.result()
             info = writer.save_info
-            if info is None:  # not the coordinator: the commit is done, read its figures
-                repo = Repository.open(url, storage_options)
-                info = SaveInfo.of(repo.manifest(writer.name))
+            if info is None:  # not the coordinator: the commit is done; its catalog entry
+                repo = Repository.open(url, storage_options)  # has the figures (one listing)
+                info = SaveInfo.of_summary(repo.summary(writer.name))
             info.seconds = time.monotonic() - t0
             if retention is not None and (not _distributed() or dist.get_rank(process_group) == 0):
                 info.retention = gc.retain_in_background(
@@ -231,7 +233,7 @@ def _int_key_paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[list[Any]]:
 
 def load(
     state_dict: StateDict,
-    url: str,
+    url: str | Backend,
     *,
     step: int | None = None,
     name: str | None = None,
@@ -255,9 +257,10 @@ def load(
         allow_pickle=allow_pickle,
         threads=threads,
     )
-    # pin the checkpoint once (on the coordinator, for every rank): a commit landing now
-    # must not make DCP, or another rank, load a different "latest"
-    reader.name, reader.step = _resolve_everywhere(url, step, name, storage_options, process_group)
+    # the coordinator resolves the checkpoint and reads its manifest once, for every rank:
+    # a commit landing now must not make another rank load a different "latest", and no
+    # other rank reads store metadata (each gets its records with its load plan)
+    _open_everywhere(reader, process_group)
     _check_template(state_dict, reader)
     _run(
         lambda: dcp.load(
@@ -272,27 +275,23 @@ def load(
     return reader.load_info
 
 
-def _resolve_everywhere(
-    url: str,
-    step: int | None,
-    name: str | None,
-    storage_options: Mapping[str, Any] | None,
-    process_group: Any,
-) -> tuple[str, None]:
-    def resolve() -> tuple[str, Any]:
+def _open_everywhere(reader: Reader, process_group: Any) -> None:
+    def open_here() -> tuple[str, Any]:
         try:
-            return "ok", Repository.open(url, storage_options).resolve(step, name)
+            reader.open()
+            return "ok", (reader.name, reader.metadata)
         except CkptStoreError as exc:
             return "error", exc
 
     if _distributed():
         coordinator = dist.get_rank(process_group) == 0
-        status, value = _broadcast(resolve() if coordinator else None, process_group)
+        status, value = _broadcast(open_here() if coordinator else None, process_group)
     else:
-        status, value = resolve()
+        status, value = open_here()
     if status == "error":
         raise value
-    return value, None
+    reader.name, reader.metadata = value
+    reader.step = None
 
 
 def _check_template(state_dict: StateDict, reader: Reader) -> None:
@@ -302,7 +301,7 @@ def _check_template(state_dict: StateDict, reader: Reader) -> None:
 
     md = _run(reader.read_metadata)
     flat, _ = flatten_state_dict(state_dict)
-    ckpt = reader.manifest.name if reader.manifest else "?"
+    ckpt = reader.name or "?"
     missing = sorted(k for k in flat if k not in md.state_dict_metadata)
     if missing:
         shown = ", ".join(repr(k) for k in missing[:5]) + (" …" if len(missing) > 5 else "")
@@ -328,7 +327,7 @@ def _check_template(state_dict: StateDict, reader: Reader) -> None:
 
 
 def load_full(
-    url: str,
+    url: str | Backend,
     *,
     step: int | None = None,
     name: str | None = None,
@@ -340,9 +339,10 @@ def load_full(
 
     Needs no template and no process group; reads every chunk of the checkpoint.
     """
-    repo = Repository.open(url, storage_options)
-    m = repo.manifest(repo.resolve(step, name))
-    reader = BlobReader(repo, threads=threads)
+    session = LoadSession(
+        Repository.open(url, storage_options), step=step, name=name, threads=threads
+    )
+    m, reader = session.manifest, session.reader
     flat: dict[str, Any] = {}
     from concurrent.futures import ThreadPoolExecutor
 
@@ -352,7 +352,7 @@ def load_full(
         for fqn, t in m.tensors.items():
             dtype = torch_dtype(t.dtype)
             full = torch.empty(t.shape, dtype=dtype)
-            where = f"{fqn!r} of checkpoint {m.name!r}"
+            where = session.where(fqn)
             for shard in t.shards:
                 raw = reader.read_rows(shard.blob, 0, shard.blob.rows, where, pool)
                 piece = from_bytes(raw, dtype, shard.sizes)
@@ -402,79 +402,6 @@ def _unflatten(
             node.extend([None] * (key + 1 - len(node)))
         node[key] = value
     return root
-
-
-class Store:
-    """A store at ``url``: list, inspect, verify, gc, delete, du and diff its checkpoints."""
-
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        self.url = url
-        self.storage_options = dict(storage_options or {})
-        self.repo = Repository.open(url, storage_options)
-
-    def list(self) -> list[reports.CheckpointSummary]:
-        """Committed checkpoints, oldest first."""
-        return [reports.CheckpointSummary.of(m) for m in self.repo.manifests()]
-
-    def latest(self) -> str:
-        return self.repo.resolve()
-
-    def resolve(self, step: int | None = None, name: str | None = None) -> str:
-        return self.repo.resolve(step, name)
-
-    def inspect(self, name: str | None = None, *, step: int | None = None) -> reports.InspectReport:
-        """Per-tensor dtype, shape, codec, logical/stored/shared bytes of one checkpoint."""
-        return reports.inspect(self.repo, self.repo.resolve(step, name))
-
-    def verify(self, name: str | None = None, *, step: int | None = None) -> reports.VerifyReport:
-        """Re-read every chunk of one checkpoint (or of all) and check it."""
-        target = None if name is None and step is None else self.repo.resolve(step, name)
-        return reports.verify(self.repo, target)
-
-    def gc(
-        self,
-        *,
-        keep_last: int | None = None,
-        keep_every: int | None = None,
-        keep: tuple[str, ...] | list[str] = (),
-        grace: str | float | None = None,
-        dry_run: bool = False,
-        wait: float = 0.0,
-    ) -> gc.GcReport:
-        """Drop the checkpoints the policy does not keep, then delete the chunks nothing
-        needs (see docs/gc.md). With no policy, only garbage is collected. ``grace``:
-        seconds or "2h"-style; unreferenced chunks younger than it stay. The plan is in
-        ``report.plan``; with ``dry_run`` nothing else happens."""
-        retention = gc.Retention(keep_last=keep_last, keep_every=keep_every, keep=tuple(keep))
-        plan = gc.plan(self.repo, retention, grace=grace)
-        if dry_run:
-            return gc.GcReport(url=self.repo.url, dropped=[], dry_run=True, plan=plan)
-        report = gc.execute(self.repo, retention, grace=grace, wait=wait)
-        report.plan = plan
-        return report
-
-    def delete(self, name: str | None = None, *, step: int | None = None, wait: float = 0.0) -> str:
-        """Remove one checkpoint (by name or step); its chunks go at the next gc."""
-        if name is None and step is None:
-            raise ValueError("give the name or step of the checkpoint to delete")
-        target = self.repo.resolve(step, name)
-        gc.remove(self.repo, [target], wait=wait)
-        return target
-
-    def du(self) -> usage.DuReport:
-        """Logical vs stored bytes, dedup and compression, per-checkpoint unique bytes."""
-        return usage.du(self.repo)
-
-    def diff(self, a: str | int, b: str | int) -> usage.DiffReport:
-        """What changed from checkpoint ``a`` to ``b`` (names, or ints for steps)."""
-
-        def pick(x: str | int) -> str:
-            return self.repo.resolve(step=x) if isinstance(x, int) else self.repo.resolve(name=x)
-
-        return usage.diff(self.repo, pick(a), pick(b))
-
-    def __repr__(self) -> str:
-        return f"Store({self.url!r})"
 
 
 __all__ = ["LoadInfo", "SaveInfo", "Store", "async_save", "load", "load_full", "save"]

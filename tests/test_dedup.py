@@ -50,8 +50,12 @@ def test_changed_rows_rewrite_only_their_chunk(store_url):
     assert (info.chunks, info.new_chunks) == (4, 1)
 
 
-def test_failed_save_chunks_are_not_trusted_for_dedup(faults):
-    """A chunk left by a save that never committed is rewritten, not assumed whole."""
+def test_failed_save_chunks_are_reused_only_when_byte_identical(faults):
+    """A chunk left by a save that never committed is reused only if the stored object holds
+    exactly the bytes the new save would write; a damaged one is written again."""
+    from ckptstore.backend import open_backend
+    from ckptstore.store import layout
+
     url = "faulty://dedup"
     state = {"w": torch.randn(2048, 512)}
     faults.set_plan(fail_put_after=0, put_match="*/checkpoints/*")  # fail at the commit
@@ -62,8 +66,18 @@ def test_failed_save_chunks_are_not_trusted_for_dedup(faults):
     else:
         raise AssertionError("the injected commit failure did not surface")
     faults.set_plan()
+    backend = open_backend(url)
+    orphans = backend.list(layout.CHUNKS)
+    assert len(orphans) == 4
+    data = backend.get(orphans[0])
+    backend.put(orphans[0], data[: len(data) // 2])  # truncated
+    flipped = bytearray(backend.get(orphans[1]))
+    flipped[len(flipped) // 2] ^= 1
+    backend.put(orphans[1], bytes(flipped))  # same size, one bit off
     info = ckptstore.save(state, url, step=2, chunk_bytes=1 << 20)
-    assert info.new_chunks == info.chunks == 4
+    assert (info.chunks, info.new_chunks) == (4, 2)
+    assert ckptstore.Store(url).verify().ok
+    assert torch.equal(ckptstore.load_full(url)["w"], state["w"])
 
 
 def _disk_bytes(root) -> int:

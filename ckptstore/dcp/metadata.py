@@ -9,7 +9,6 @@ from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
-    MetadataIndex,
     StorageMeta,
     TensorProperties,
     TensorStorageMetadata,
@@ -80,29 +79,27 @@ def manifest_from_metadata(
 
 
 def metadata_from_manifest(manifest: Manifest, checkpoint_id: str) -> Metadata:
-    """DCP metadata for loading; ``storage_data`` maps each MetadataIndex to its record."""
+    """DCP metadata for loading: what the planners need, no chunk lists or inline data
+    (the Reader hands each rank the records of its own reads with its plan)."""
     sdm: dict[str, Any] = {}
-    storage: dict[MetadataIndex, tuple[str, Shard | Blob]] = {}
     for fqn, t in manifest.tensors.items():
         chunks = []
         for shard in t.shards:
             chunks.append(ChunkStorageMetadata(torch.Size(shard.offsets), torch.Size(shard.sizes)))
-            storage[MetadataIndex(fqn, shard.offsets)] = (fqn, shard)
         sdm[fqn] = TensorStorageMetadata(
             properties=TensorProperties(dtype=torch_dtype(t.dtype), requires_grad=t.requires_grad),
             size=torch.Size(t.shape),
             chunks=chunks,
         )
-    for fqn, blob in manifest.objects.items():
+    for fqn in manifest.objects:
         sdm[fqn] = BytesStorageMetadata()
-        storage[MetadataIndex(fqn)] = (fqn, blob)
     planner_data = None
     if manifest.planner_data is not None:
         planner_data = {k: tuple(v) for k, v in manifest.planner_data.items()}
     return Metadata(
         state_dict_metadata=sdm,
         planner_data=planner_data,
-        storage_data=storage,
+        storage_data=None,
         storage_meta=StorageMeta(checkpoint_id=checkpoint_id),
         version=manifest.dcp_version,
     )

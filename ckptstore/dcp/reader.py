@@ -7,8 +7,10 @@ thread pool and copies the box into the destination tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ckptstore import knobs
+from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import Pipeline
 from ckptstore.dcp.bridge import from_bytes, torch_dtype
 from ckptstore.dcp.metadata import metadata_from_manifest
@@ -28,6 +31,10 @@ from ckptstore.errors import CorruptChunkError, MismatchError, UnsafeObjectError
 from ckptstore.store.blobs import BlobReader
 from ckptstore.store.manifest import Blob, ChunkRef, Manifest, Shard
 from ckptstore.store.repository import Repository
+from ckptstore.store.session import LoadSession
+
+# what a rank needs of one saved item: (fqn, dtype name or None for objects, its record)
+Record = tuple[str, str | None, Shard | Blob]
 
 
 @dataclass
@@ -69,7 +76,7 @@ class Reader(StorageReader):
 
     def __init__(
         self,
-        url: str,
+        url: str | Backend,
         *,
         step: int | None = None,
         name: str | None = None,
@@ -78,21 +85,28 @@ class Reader(StorageReader):
         allow_pickle: bool = False,
     ) -> None:
         super().__init__()
-        self.url = str(url)
+        self.url: str | Backend = url if isinstance(url, Backend) else str(url)
         self.step = step
         self.name = name
         self.storage_options = dict(storage_options or {})
         self.threads = threads
         self.allow_pickle = allow_pickle
         self.manifest: Manifest | None = None
+        """The checkpoint's manifest, on the rank that read it (the coordinator)."""
+        self.metadata: Metadata | None = None
+        """Set by ``ckptstore.load`` on every rank from the coordinator's read, so no other
+        rank reads the manifest; None for plain ``dcp.load`` (each rank reads it)."""
         self.load_info: LoadInfo | None = None
         self._repo: Repository | None = None
-        self._storage: dict[Any, tuple[str, Shard | Blob]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_repo"] = None
         return state
+
+    @property
+    def where(self) -> str:
+        return self.url.url if isinstance(self.url, Backend) else self.url
 
     def _repository(self) -> Repository:
         if self._repo is None:
@@ -104,38 +118,71 @@ class Reader(StorageReader):
         """DCP calls this only when ``dcp.load`` got a checkpoint_id: use it as the name."""
         if checkpoint_id is not None:
             self.name, self.step = str(checkpoint_id), None
+            self.metadata = self.manifest = None
+
+    def open(self) -> Metadata:
+        """Resolve the checkpoint, read its manifest (this rank) and build DCP's metadata
+        without per-chunk records: those go to each rank with its plan."""
+        session = LoadSession(self._repository(), step=self.step, name=self.name)
+        self.name, self.step, self.manifest = session.name, None, session.manifest
+        self.metadata = metadata_from_manifest(self.manifest, f"{self.where}#{session.name}")
+        return self.metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        # called on every load (on the coordinator): per-load state starts here
+        # called on every rank of every load: per-load state starts here
         self.load_info = None
-        self._storage = {}
-        repo = self._repository()
-        name = repo.resolve(self.step, self.name)
-        self.manifest = repo.manifest(name)
-        return metadata_from_manifest(self.manifest, f"{self.url}#{name}")
+        if self.metadata is None:
+            self.open()
+        assert self.metadata is not None
+        return self.metadata
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
-        self._storage = metadata.storage_data or {}
-        if self.manifest is None:  # another rank read the metadata
-            ckpt = (metadata.storage_meta.checkpoint_id or "") if metadata.storage_meta else ""
-            name = str(ckpt).rsplit("#", 1)[-1]
-            self.manifest = self._repository().manifest(name)
+        self.metadata = metadata
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        """The coordinator hands each rank the records (chunk lists, inline data) of just
+        the saved items its plan reads."""
+        if self.manifest is None:
+            self.open()
+        assert self.manifest is not None
+        m = self.manifest
+        out = []
+        for plan in plans:
+            records: dict[tuple[str, tuple[int, ...] | None], Record] = {}
+            for req in plan.items:
+                key = _index_key(req)
+                if key in records:
+                    continue
+                fqn, offset = key
+                if offset is None and fqn in m.objects:
+                    records[key] = (fqn, None, m.objects[fqn])
+                    continue
+                entry = m.tensors.get(fqn)
+                shard = None
+                if entry is not None:
+                    shard = next((s for s in entry.shards if tuple(s.offsets) == offset), None)
+                if shard is None:
+                    raise MismatchError(
+                        f"{fqn!r} has no saved data for {req.storage_index} in checkpoint "
+                        f"{m.name!r}"
+                    )
+                records[key] = (fqn, entry.dtype, shard)
+            storage = {"checkpoint": m.name, "records": records}
+            out.append(dataclasses.replace(plan, storage_data=storage))
+        return out
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
 
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
-
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        import time
-
         t0 = time.monotonic()
         repo = self._repository()
         reader = BlobReader(repo, threads=self.threads)
-        ckpt = self.manifest.name if self.manifest else "?"
+        storage = plan.storage_data if isinstance(plan.storage_data, dict) else {}
+        records: dict[Any, Record] = storage.get("records") or {}
+        ckpt = str(storage.get("checkpoint") or self.name or "?")
 
         # 1. objects: small, read whole, deserialized safely, on this thread
         # 2. tensors: resolve every destination first (the planner is not thread-safe),
@@ -145,7 +192,7 @@ class Reader(StorageReader):
         work: dict[tuple[int, bytes], tuple[Shard, dict[int, ChunkRef | None], dict]] = {}
         targets: list[tuple[ReadItem, torch.Tensor]] = []
         for req in plan.items:
-            fqn, rec = self._record(req)
+            fqn, dtype, rec = self._record(req, records)
             where = f"{fqn!r} of checkpoint {ckpt!r}"
             if req.type == LoadItemType.BYTE_IO:
                 blob = rec if isinstance(rec, Blob) else rec.blob
@@ -158,9 +205,9 @@ class Reader(StorageReader):
                 fresh.seek(0)
                 planner.load_bytes(req, fresh)
                 continue
-            assert isinstance(rec, Shard)
+            assert isinstance(rec, Shard) and dtype is not None
             target = planner.resolve_tensor(req).detach()
-            self._check(req, rec, target, fqn, ckpt)
+            self._check(req, dtype, target, fqn, ckpt)
             targets.append((req, target))
             r0, r1 = _row_span(req, rec)
             refs: list[ChunkRef | None] = (
@@ -216,24 +263,18 @@ class Reader(StorageReader):
         return done
 
     # -- helpers ------------------------------------------------------------------------
-    def _record(self, req: ReadItem) -> tuple[str, Shard | Blob]:
-        rec = self._storage.get(req.storage_index)
-        if rec is None:  # offsets compare by value; fall back to a search by fqn
-            for idx, value in self._storage.items():
-                if idx.fqn == req.storage_index.fqn and idx.offset == req.storage_index.offset:
-                    rec = value
-                    break
+    def _record(self, req: ReadItem, records: dict[Any, Record]) -> Record:
+        rec = records.get(_index_key(req))
         if rec is None:
             raise MismatchError(
-                f"{req.storage_index.fqn!r} has no saved data for {req.storage_index}"
+                f"{req.storage_index.fqn!r} has no saved data for {req.storage_index} "
+                "(no record in this rank's load plan)"
             )
         return rec
 
     def _check(
-        self, req: ReadItem, shard: Shard, target: torch.Tensor, fqn: str, ckpt: str
+        self, req: ReadItem, saved: str, target: torch.Tensor, fqn: str, ckpt: str
     ) -> None:
-        assert self.manifest is not None
-        saved = self.manifest.tensors[fqn].dtype
         if torch_dtype(saved) != target.dtype:
             raise MismatchError(
                 f"dtype mismatch for {fqn!r}: checkpoint {ckpt!r} holds {saved}, "
@@ -248,6 +289,12 @@ class Reader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | Any) -> bool:
         return False
+
+
+def _index_key(req: ReadItem) -> tuple[str, tuple[int, ...] | None]:
+    """A saved item's identity: fqn and shard corner (None for an object)."""
+    off = req.storage_index.offset
+    return req.storage_index.fqn, None if off is None else tuple(int(x) for x in off)
 
 
 def _row_span(req: ReadItem, shard: Shard) -> tuple[int, int]:

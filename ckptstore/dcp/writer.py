@@ -8,11 +8,11 @@ set_up_storage_writer → prepare_local_plan → prepare_global_plan → write_d
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import time
 import uuid
-import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass, field
@@ -25,16 +25,18 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from ckptstore import knobs
+from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import default_pipeline
 from ckptstore.codecs.policy import QuantizePolicy, QuantizeSpec
 from ckptstore.dcp import device_quant
 from ckptstore.dcp.bridge import dtype_name, raw_size, to_host_bytes
 from ckptstore.dcp.metadata import manifest_from_metadata
-from ckptstore.errors import CheckpointExistsError
-from ckptstore.store import layout, leases
-from ckptstore.store.blobs import BlobWriter
+from ckptstore.store import layout
+from ckptstore.store.blobs import BlobWriter, ChunkIndex
+from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.manifest import Blob, Manifest
 from ckptstore.store.repository import Repository
+from ckptstore.store.session import ParentIndex, SaveSession
 from ckptstore.version import __version__
 
 
@@ -65,17 +67,20 @@ class SaveInfo:
     @classmethod
     def of(cls, manifest: Manifest) -> SaveInfo:
         """The figures of a committed checkpoint (``manifest_bytes`` must be known)."""
-        chunks = [c for _, b in manifest.blobs() for c in b.chunks]
+        return cls.of_summary(CheckpointSummary.of(manifest))
+
+    @classmethod
+    def of_summary(cls, s: CheckpointSummary) -> SaveInfo:
         return cls(
-            name=manifest.name,
-            step=manifest.step,
-            logical_bytes=manifest.logical_bytes,
-            stored_bytes=manifest.chunk_bytes + manifest.manifest_bytes,
-            new_bytes=manifest.new_chunk_bytes + manifest.manifest_bytes,
-            seconds=manifest.seconds,
-            chunks=len(chunks),
-            new_chunks=sum(1 for c in chunks if c.new),
-            manifest_bytes=manifest.manifest_bytes,
+            name=s.name,
+            step=s.step,
+            logical_bytes=s.logical_bytes,
+            stored_bytes=s.stored_bytes,
+            new_bytes=s.new_bytes,
+            seconds=s.seconds,
+            chunks=s.chunks,
+            new_chunks=s.new_chunks,
+            manifest_bytes=s.manifest_bytes,
         )
 
 
@@ -88,10 +93,11 @@ class Writer(StorageWriter):
 
     def __init__(
         self,
-        url: str,
+        url: str | Backend,
         *,
         step: int | None = None,
         name: str | None = None,
+        parent: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
         chunk_bytes: int | None = None,
         inline_bytes: int | None = None,
@@ -101,7 +107,8 @@ class Writer(StorageWriter):
     ) -> None:
         super().__init__()
         self.policy = QuantizePolicy(quantize)  # validates names now, not mid-save
-        self.url = str(url)
+        self.url: str | Backend = url if isinstance(url, Backend) else str(url)
+        self.parent = parent
         self.step = step
         self.name = layout.resolve_name(step, name)
         self.storage_options = dict(storage_options or {})
@@ -113,16 +120,20 @@ class Writer(StorageWriter):
         self.rank: int | None = None
         self.save_info: SaveInfo | None = None
         self._repo: Repository | None = None
-        self._lease: leases.Lease | None = None  # the coordinator's, during a save
-        self._lease_finalizer: weakref.finalize | None = None
+        self._session: SaveSession | None = None  # the coordinator's, during a save
         self._t0 = 0.0
         self._save_id = ""
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_repo"] = None
-        state["_lease"] = state["_lease_finalizer"] = None
+        state["_session"] = None
         return state
+
+    @property
+    def where(self) -> str:
+        """The store's URL, for messages."""
+        return self.url.url if isinstance(self.url, Backend) else self.url
 
     # -- DCP protocol -------------------------------------------------------------------
     def reset(self, checkpoint_id: str | Any | None = None) -> None:
@@ -146,38 +157,43 @@ class Writer(StorageWriter):
         return self._repo
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        repo = self._repository()
-        if repo.exists(self.name):
-            raise CheckpointExistsError(
-                f"checkpoint {self.name!r} already exists in {self.url}; "
-                "checkpoints are never overwritten"
-            )
-        self._hold_lease()
+        self._begin()
         return plan
 
-    def _hold_lease(self) -> None:
-        """The coordinator takes the save lease before any rank reads the dedup index
-        (every rank's write_data comes after the coordinator's prepare_local_plan); gc keeps
-        what the save may reference while it lives (docs/format.md)."""
-        if self.is_coordinator and self._lease is None:
-            lease = leases.Lease.acquire(self._repository().backend, "save", checkpoint=self.name)
-            self._lease_finalizer = weakref.finalize(self, lease.release)  # if dropped
-            self._lease = lease
+    def _begin(self) -> None:
+        """The coordinator begins the save session (refuse an existing name, take the
+        lease) before any rank learns which chunks exist (every rank's write_data comes
+        after the coordinator's prepare_global_plan); other ranks read nothing here."""
+        if self.is_coordinator and self._session is None:
+            session = SaveSession(self._repository(), self.name, step=self.step, parent=self.parent)
+            self._session = session.begin()
 
     def release_lease(self) -> None:
-        """Give up the save lease (after the commit, or when the save failed)."""
-        lease, self._lease = self._lease, None
-        if self._lease_finalizer is not None:
-            self._lease_finalizer.detach()
-            self._lease_finalizer = None
-        if lease is not None:
-            lease.release()
+        """End the save session without a commit (a save that failed); idempotent."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.release()
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        return plans
+        """Hand each rank the parent's chunks for just its share: the coordinator reads
+        the parent manifest once, no rank reads store metadata itself."""
+        self._begin()
+        assert self._session is not None
+        out = []
+        for plan in plans:
+            boxes = []
+            for item in plan.items:
+                if item.type == WriteItemType.BYTE_IO:
+                    boxes.append((item.index.fqn, None, None))
+                elif item.tensor_data is not None:
+                    chunk = item.tensor_data.chunk
+                    boxes.append((item.index.fqn, list(chunk.offsets), list(chunk.sizes)))
+            index = self._session.index_for(boxes)
+            out.append(dataclasses.replace(plan, storage_data=index))
+        return out
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        self._hold_lease()  # (already held unless DCP skipped prepare_local_plan)
+        self._begin()  # (begun already unless DCP skipped the planning steps)
         try:
             return self._write_data(plan, planner)
         except BaseException:
@@ -186,10 +202,13 @@ class Writer(StorageWriter):
 
     def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         repo = self._repository()
+        parent = plan.storage_data
+        if not isinstance(parent, ParentIndex) or parent.checkpoint != self.name:
+            parent = ParentIndex(self.name, None)  # a plan cached from an earlier save
         pending: list[tuple[Any, ThreadFuture[Blob]]] = []
         with BlobWriter(
             repo,
-            repo.known_chunks(),
+            ChunkIndex(repo, parent.sizes()),
             chunk_bytes=self.chunk_bytes,
             inline_bytes=self.inline_bytes,
             threads=self.threads,
@@ -259,21 +278,15 @@ class Writer(StorageWriter):
         )
         manifest.int_keys = self.int_keys
         _one_writer_per_chunk(manifest)
-        try:
-            if self._lease is not None:  # no gc running beside us deletes what we name
-                repo = self._repository()
-                leases.check_commit(
-                    repo.backend, self._lease, manifest.chunk_keys(), checkpoint=self.name
-                )
-                self._lease.check(f"commit checkpoint {self.name!r}")
-            self._repository().commit(manifest)
-        finally:
-            self.release_lease()
+        self._begin()
+        session, self._session = self._session, None
+        assert session is not None
+        session.commit(manifest)  # releases the lease, whatever happens
         self.save_info = SaveInfo.of(manifest)
         self.save_info.seconds = time.monotonic() - self._t0
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=f"{self.url}#{self.name}", save_id=self._save_id)
+        return StorageMeta(checkpoint_id=f"{self.where}#{self.name}", save_id=self._save_id)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | Any) -> bool:

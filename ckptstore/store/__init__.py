@@ -1,9 +1,10 @@
 """The content-addressed store: layout, manifests, chunk I/O, reports. No torch here."""
 
 from ckptstore.store.blobs import BlobReader, BlobWriter
+from ckptstore.store.catalog import CheckpointSummary
+from ckptstore.store.facade import Store
 from ckptstore.store.manifest import Blob, ChunkRef, Manifest, Shard, TensorEntry
 from ckptstore.store.reports import (
-    CheckpointSummary,
     InspectReport,
     TensorReport,
     VerifyReport,
@@ -22,6 +23,7 @@ __all__ = [
     "Manifest",
     "Repository",
     "Shard",
+    "Store",
     "TensorEntry",
     "TensorReport",
     "VerifyReport",

@@ -7,8 +7,9 @@ uploaded again. Readers fetch only the chunks that overlap the rows asked for.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
@@ -28,18 +29,71 @@ from ckptstore.store.chunks import content_key, frame, row_ranges, unframe
 from ckptstore.store.manifest import Blob, ChunkRef
 from ckptstore.store.repository import Repository
 
+log = logging.getLogger(__name__)
+
+
+class ChunkIndex:
+    """Which chunks one rank's writer may name without writing them.
+
+    - chunks of the parent it was handed: a committed manifest names them, and the save
+      lease (taken before the parent was read) keeps gc from deleting them;
+    - chunks this writer wrote;
+    - any other key: the object is read and reused only when it holds exactly the bytes
+      this save would write (a chunk left by a failed save, or named by an older
+      checkpoint); else it is written again. The commit check catches a gc deleting it.
+    Costs one read per chunk the parent does not have — proportional to what changed, not to
+    the number of checkpoints in the store.
+    """
+
+    def __init__(
+        self, repo: Repository, known: Mapping[bytes, int] | None = None, *, probe: bool = True
+    ) -> None:
+        self.repo = repo
+        self.probe = probe
+        self._known: dict[bytes, int] = dict(known or {})
+        self._lock = threading.Lock()
+        self.probes = 0
+        self.probe_hits = 0
+
+    def get(self, key: bytes) -> int | None:
+        """Stored size of a chunk known to exist, or None."""
+        with self._lock:
+            return self._known.get(key)
+
+    def add(self, key: bytes, stored: int) -> None:
+        with self._lock:
+            self._known[key] = stored
+
+    def holds(self, key: bytes, stored: bytes) -> bool:
+        """Whether the store already holds chunk ``key`` with exactly ``stored`` bytes."""
+        if not self.probe:
+            return False
+        with self._lock:
+            self.probes += 1
+        try:
+            existing = self.repo.backend.get(layout.chunk_key(key.hex()))
+        except ObjectNotFoundError:
+            return False
+        if existing != stored:
+            log.info("chunk %s differs from what this save writes: rewriting it", key.hex())
+            return False
+        with self._lock:
+            self.probe_hits += 1
+            self._known[key] = len(stored)
+        return True
+
 
 class BlobWriter:
     """Turns buffers into :class:`Blob` records, writing new chunks to the store.
 
-    One writer serves one save on one rank. ``known`` is the dedup index (committed chunk
-    key → stored size); chunks written by this writer join it as they complete.
+    One writer serves one save on one rank. ``index`` says which chunks exist already
+    (:class:`ChunkIndex`); chunks written by this writer join it as they complete.
     """
 
     def __init__(
         self,
         repo: Repository,
-        known: dict[bytes, int],
+        index: ChunkIndex,
         *,
         chunk_bytes: int | None = None,
         inline_bytes: int | None = None,
@@ -49,7 +103,7 @@ class BlobWriter:
         self.chunk_bytes = knobs.get("CHUNK_BYTES", chunk_bytes)
         self.inline_bytes = knobs.get("INLINE_BYTES", inline_bytes)
         self.threads = knobs.get("THREADS", threads)
-        self._known = known
+        self.index = index
         self._pending: dict[bytes, Future[int]] = {}
         self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckptstore-enc")
@@ -208,7 +262,7 @@ class BlobWriter:
             body, stats = pre if pre is not None else lossy.quantize(piece)
             key = content_key(pipeline, body)
         with self._lock:
-            size = self._known.get(key)
+            size = self.index.get(key)
             if size is not None:
                 out.set_result(ChunkRef(key, start, stop, size, new=False, stats=stats))
                 return
@@ -236,6 +290,12 @@ class BlobWriter:
 
         try:
             stored = frame(tail.encode(body))
+            if self.index.holds(key, stored):  # already there, byte for byte: reuse
+                with self._lock:
+                    self._pending.pop(key, None)
+                mine.set_result(len(stored))
+                out.set_result(ChunkRef(key, start, stop, len(stored), new=False, stats=stats))
+                return
             upload = self.repo.backend.put_async(layout.chunk_key(key.hex()), stored)
         except BaseException as exc:
             failed(exc)
@@ -250,8 +310,8 @@ class BlobWriter:
             if exc is not None:
                 failed(exc)
                 return
+            self.index.add(key, len(stored))
             with self._lock:
-                self._known[key] = len(stored)
                 self._pending.pop(key, None)
                 self.chunks_written += 1
             mine.set_result(len(stored))
@@ -311,6 +371,11 @@ class BlobReader:
         if byte_view(raw).nbytes != expected:
             raise CorruptChunkError(
                 f"chunk {loc} decoded to {byte_view(raw).nbytes} bytes, expected {expected}"
+            )
+        if content_key(pipeline, body) != ref.key:  # e.g. two chunk objects swapped
+            raise CorruptChunkError(
+                f"chunk {loc} does not hold the content its key names (overwritten or "
+                "swapped with another object)"
             )
         return body, raw
 

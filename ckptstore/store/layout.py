@@ -10,6 +10,7 @@ CHECKPOINTS = "checkpoints"
 MANIFEST_SUFFIX = ".msgpack"
 LEASES = "leases"
 TRASH = "trash"
+CATALOG = "catalog"
 FORMAT_VERSION = 1
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")

@@ -16,45 +16,10 @@ from ckptstore.errors import (
 )
 from ckptstore.store import layout
 from ckptstore.store.blobs import BlobReader
+from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.chunks import content_key
 from ckptstore.store.manifest import Blob, ChunkRef, Manifest
 from ckptstore.store.repository import Repository
-
-
-@dataclass
-class CheckpointSummary:
-    """One line of ``ls``."""
-
-    name: str
-    step: int | None
-    created: float
-    logical_bytes: int
-    stored_bytes: int
-    new_bytes: int
-    tensors: int
-    objects: int
-    seconds: float
-
-    @classmethod
-    def of(cls, m: Manifest) -> CheckpointSummary:
-        return cls(
-            name=m.name,
-            step=m.step,
-            created=m.created,
-            logical_bytes=m.logical_bytes,
-            stored_bytes=m.chunk_bytes + m.manifest_bytes,
-            new_bytes=m.new_chunk_bytes + m.manifest_bytes,
-            tensors=len(m.tensors),
-            objects=len(m.objects),
-            seconds=m.seconds,
-        )
-
-    @property
-    def ratio(self) -> float:
-        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ratio": round(self.ratio, 4)}
 
 
 @dataclass

@@ -22,7 +22,8 @@ from ckptstore.errors import (
     ObjectNotFoundError,
     StoreNotFoundError,
 )
-from ckptstore.store import layout
+from ckptstore.store import catalog, layout
+from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.manifest import Manifest, now
 from ckptstore.version import __version__
 
@@ -161,8 +162,42 @@ class Repository:
         found.sort(key=lambda m: (m.created, m.step if m.step is not None else -1, m.name))
         return found, dict(sorted(bad.items()))
 
+    def summaries(self) -> tuple[list[CheckpointSummary], dict[str, CkptStoreError]]:
+        """Every committed checkpoint's summary, oldest first, and the error of each one
+        that cannot be read.
+
+        Costs two listings (``catalog/``, then ``checkpoints/``) and a read only of the
+        manifests that have no catalog entry — none, in a store whose saves all finished
+        (docs/format.md, "Catalog"). A manifest removed while this runs is skipped."""
+        entries = catalog.entries_by_name(self.backend.list(layout.CATALOG))
+        found: list[CheckpointSummary] = []
+        uncatalogued: list[str] = []
+        for name in self.names():
+            entry = entries.get(name)
+            if entry is not None:
+                found.append(entry[1])
+            else:
+                uncatalogued.append(name)
+        bad: dict[str, CkptStoreError] = {}
+
+        def read(name: str) -> CheckpointSummary | None:
+            try:
+                return CheckpointSummary.of(self.manifest(name))
+            except CheckpointNotFoundError:
+                return None
+            except CkptStoreError as exc:
+                bad[name] = exc
+                return None
+
+        found += [s for s in self.backend.map(read, uncatalogued) if s is not None]
+        found.sort(key=lambda s: s.order)
+        return found, dict(sorted(bad.items()))
+
     def resolve(self, step: int | None = None, name: str | None = None) -> str:
-        """The checkpoint name meant by ``step``/``name``; the latest when both are None."""
+        """The checkpoint name meant by ``step``/``name``; the latest when both are None.
+
+        By name: one read (the manifest, cached for the caller). By step: one existence
+        check of ``step-%012d``, else the catalog. Latest: the catalog (two listings)."""
         if name is not None:
             layout.check_name(name)
             if step is not None and layout.step_of_name(name) not in (None, step):
@@ -171,51 +206,81 @@ class Repository:
             return name
         if step is not None:
             wanted = layout.step_name(step)
-            if wanted in self.names():
+            if self.exists(wanted):
                 return wanted
-            matches = [m.name for m in self.manifests() if m.step == step]
+            found, _ = self.summaries()
+            matches = [s.name for s in found if s.step == step]
             if not matches:
                 raise CheckpointNotFoundError(f"no checkpoint of step {step} in {self.url}")
             return matches[-1]
-        all_ = self.manifests()
-        if not all_:
+        found, bad = self.summaries()
+        if bad:
+            warnings.warn(
+                f"latest checkpoint of {self.url} chosen among the readable ones; unreadable: "
+                + ", ".join(f"{n!r} ({e})" for n, e in bad.items()),
+                stacklevel=2,
+            )
+        if not found:
             raise CheckpointNotFoundError(f"no committed checkpoint in {self.url}")
-        return all_[-1].name
+        return found[-1].name
+
+    def latest(self) -> CheckpointSummary | None:
+        """The newest committed checkpoint's summary (None in an empty store)."""
+        found, _ = self.summaries()
+        return found[-1] if found else None
 
     def exists(self, name: str) -> bool:
         return self.backend.exists(layout.manifest_key(name))
 
-    def known_chunks(self) -> dict[bytes, int]:
-        """Dedup index: chunk key → stored size, for every chunk a committed manifest names.
+    def _commit_manifest(self, manifest: Manifest) -> int:
+        """Write ``manifest`` with a create-only put: the commit. Returns its size.
 
-        Chunks of failed saves are not in it: only a committed manifest proves its chunks
-        were written whole.
-        """
-        known: dict[bytes, int] = {}
-        found, bad = self.scan()
-        for name, exc in bad.items():  # losing dedup against it is safe; failing saves is not
-            warnings.warn(f"dedup skips unreadable checkpoint {name!r}: {exc}", stacklevel=2)
-        for m in found:
-            for _, blob in m.blobs():
-                for c in blob.chunks:
-                    known[c.key] = c.stored
-        return known
-
-    def commit(self, manifest: Manifest) -> int:
-        """Write ``manifest`` with a create-only put: this is the commit. Returns its size."""
+        Only :class:`ckptstore.store.session.SaveSession` calls this, after the chunks are
+        written and the commit check passed (docs/format.md S1–S4); a bare put would skip
+        the protocol that keeps gc beside saves safe."""
         key = layout.manifest_key(manifest.name)
         data = manifest.encode()
         try:
             self.backend.put(key, data, create_only=True)
         except ObjectExistsError:
             raise CheckpointExistsError(
-                f"checkpoint {manifest.name!r} already exists in {self.url}; "
+                f"Checkpoint already exists: {manifest.name!r} in {self.url}; "
                 "checkpoints are never overwritten (choose another step/name or delete it)"
             ) from None
         manifest.manifest_bytes = len(data)
         with self._lock:
             self._manifests[manifest.name] = manifest
         return len(data)
+
+    def summary(self, name: str) -> CheckpointSummary:
+        """One checkpoint's summary: its catalog entry (one listing of one key), else its
+        manifest."""
+        entry = catalog.entries_by_name(self.backend.list(catalog.entry_prefix(name))).get(name)
+        return entry[1] if entry is not None else CheckpointSummary.of(self.manifest(name))
+
+    def write_catalog_entry(self, manifest: Manifest) -> None:
+        """Put the catalog entry of committed ``manifest`` (C1: after its commit)."""
+        self.backend.put(catalog.entry_key(CheckpointSummary.of(manifest)), b"")
+
+    def tidy_catalog(self) -> tuple[int, int]:
+        """Make ``catalog/`` match ``checkpoints/``: delete entries whose manifest is gone,
+        write the missing ones (reading those manifests). gc runs it; returns (deleted,
+        written). Unreadable manifests get no entry."""
+        keys = self.backend.list(layout.CATALOG)
+        names = set(self.names())
+        entries = catalog.entries_by_name(keys)
+        current = {key for key, _ in entries.values()}
+        stale = [k for k in keys if catalog.parse_entry_key(k) is not None and k not in current]
+        stale += [key for name, (key, _) in entries.items() if name not in names]
+        self.backend.map(self.backend.delete, stale)
+        written = 0
+        for name in sorted(names - set(entries)):
+            try:
+                self.write_catalog_entry(self.manifest(name))
+                written += 1
+            except (CheckpointNotFoundError, ManifestError, FormatVersionError):
+                continue
+        return len(stale), written
 
     # -- dropping checkpoints (gc, rm; docs/format.md "Leases and garbage collection") ----
     def trash(self, name: str, *, deleted: float | None = None) -> tuple[str | None, int]:
@@ -234,9 +299,14 @@ class Repository:
             ) from None
         readable = True
         try:
-            Manifest.decode(data, self.backend.describe(key))
+            dropped = Manifest.decode(data, self.backend.describe(key))
+            dropped.manifest_bytes = len(data)
+            entries = [catalog.entry_key(CheckpointSummary.of(dropped))]
         except (ManifestError, FormatVersionError):
             readable = False
+            entries = self.backend.list(catalog.entry_prefix(name))
+        # C3: the catalog entry goes first, so an entry never outlives its manifest
+        self.backend.map(self.backend.delete, entries)
         tkey = None
         if readable:
             when = time.time() if deleted is None else deleted

@@ -1,0 +1,138 @@
+"""``ckptstore.Store``: a store as users see it — list, resolve, inspect, verify, gc, delete,
+du and diff its checkpoints. Torch-free, so ``ckptstore.Store(url).list()`` and the CLI run
+without importing torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ckptstore.backend import Backend
+from ckptstore.store import gc, reports, usage
+from ckptstore.store.catalog import CheckpointSummary
+from ckptstore.store.repository import Repository
+
+Ref = str | int
+
+
+class Store:
+    """A store at ``url`` (any fsspec URL, or a Backend object)."""
+
+    def __init__(
+        self, url: str | Backend, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
+        self.repo = Repository.open(url, storage_options)
+        self.url = self.repo.url
+        self.storage_options = dict(storage_options or {})
+
+    # -- naming checkpoints -----------------------------------------------------------------
+    def resolve(
+        self, which: Ref | None = None, *, step: int | None = None, name: str | None = None
+    ) -> str:
+        """The checkpoint name meant; the latest when nothing is given.
+
+        The one rule for a reference typed by a user (``which``): an int is a step; a
+        string is the name of a checkpoint if one has that name, else, if it is all digits,
+        a step. ``step=``/``name=`` say which explicitly."""
+        if which is None:
+            return self.repo.resolve(step, name)
+        if step is not None or name is not None:
+            raise ValueError("give a checkpoint reference or step=/name=, not both")
+        if isinstance(which, bool) or not isinstance(which, (int, str)):
+            raise TypeError(f"a checkpoint is named by a str or a step int, not {which!r}")
+        if isinstance(which, int):
+            return self.repo.resolve(step=which)
+        if which.isdigit() and not self.repo.exists(which):
+            return self.repo.resolve(step=int(which))
+        return self.repo.resolve(name=which)
+
+    def latest(self) -> str:
+        """Name of the newest committed checkpoint."""
+        return self.repo.resolve()
+
+    # -- reading ----------------------------------------------------------------------------
+    def list(self) -> list[CheckpointSummary]:
+        """Committed checkpoints, oldest first (listings only; see docs/format.md,
+        "Catalog"). Raises the first error of an unreadable checkpoint that has no catalog
+        entry; :meth:`scan` gives them apart."""
+        found, bad = self.repo.summaries()
+        if bad:
+            raise next(iter(bad.values()))
+        return found
+
+    def scan(self) -> tuple[list[CheckpointSummary], dict[str, Exception]]:
+        """Like :meth:`list`, with unreadable checkpoints reported, not raised."""
+        found, bad = self.repo.summaries()
+        return found, dict(bad)
+
+    def summary(self, which: Ref | None = None) -> CheckpointSummary:
+        return self.repo.summary(self.resolve(which))
+
+    def inspect(
+        self, which: Ref | None = None, *, step: int | None = None, name: str | None = None
+    ) -> reports.InspectReport:
+        """Per-tensor dtype, shape, codec, logical/stored/shared bytes of one checkpoint."""
+        return reports.inspect(self.repo, self.resolve(which, step=step, name=name))
+
+    def verify(
+        self,
+        which: Ref | None = None,
+        *,
+        step: int | None = None,
+        name: str | None = None,
+        progress: Any = None,
+    ) -> reports.VerifyReport:
+        """Re-read every chunk of one checkpoint (or of all, with no reference) and check
+        it against its key."""
+        everything = which is None and step is None and name is None
+        target = None if everything else self.resolve(which, step=step, name=name)
+        return reports.verify(self.repo, target, progress=progress)
+
+    def du(self) -> usage.DuReport:
+        """Logical vs stored bytes, dedup and compression, per-checkpoint unique bytes."""
+        return usage.du(self.repo)
+
+    def diff(self, a: Ref, b: Ref) -> usage.DiffReport:
+        """What changed from checkpoint ``a`` to ``b``."""
+        return usage.diff(self.repo, self.resolve(a), self.resolve(b))
+
+    # -- changing ---------------------------------------------------------------------------
+    def gc(
+        self,
+        *,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        keep: tuple[str, ...] | list[str] = (),
+        grace: str | float | None = None,
+        dry_run: bool = False,
+        wait: float = 0.0,
+    ) -> gc.GcReport:
+        """Drop the checkpoints the policy does not keep, then delete the chunks nothing
+        needs (see docs/gc.md). With no policy, only garbage is collected. ``grace``:
+        seconds or "2h"-style; unreferenced chunks younger than it stay. The plan is in
+        ``report.plan``; with ``dry_run`` nothing else happens."""
+        retention = gc.Retention(keep_last=keep_last, keep_every=keep_every, keep=tuple(keep))
+        plan = gc.plan(self.repo, retention, grace=grace)
+        if dry_run:
+            return gc.GcReport(url=self.repo.url, dropped=[], dry_run=True, plan=plan)
+        report = gc.execute(self.repo, retention, grace=grace, wait=wait)
+        report.plan = plan
+        return report
+
+    def delete(
+        self,
+        which: Ref | None = None,
+        *,
+        step: int | None = None,
+        name: str | None = None,
+        wait: float = 0.0,
+    ) -> str:
+        """Remove one checkpoint; its chunks go at the next gc. Returns its name."""
+        if which is None and step is None and name is None:
+            raise ValueError("give the name or step of the checkpoint to delete")
+        target = self.resolve(which, step=step, name=name)
+        gc.remove(self.repo, [target], wait=wait)
+        return target
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"

@@ -1,0 +1,241 @@
+"""Save and load sessions: the store's own protocol, torch-free, used by every writer (the
+DCP adapter, ``ckptstore import``, any future adapter) and reader alike.
+
+A save (docs/format.md, "Read and write ordering", S1–S4, and "Catalog"):
+
+1. :meth:`SaveSession.begin` refuses an existing name and takes the save lease — before
+   anything that tells the save which chunks exist is read;
+2. :meth:`SaveSession.parent` reads the parent checkpoint (the latest, once, on the
+   coordinator) and :func:`parent_chunks` cuts from it what each rank's share needs;
+3. every rank writes its chunks through a :class:`~ckptstore.store.blobs.BlobWriter` over a
+   :class:`ChunkIndex`: parent chunks are reused as they are, any other chunk is reused only
+   if the stored object holds exactly the bytes this save would write;
+4. :meth:`SaveSession.commit` runs the commit check against concurrent gc, puts the manifest
+   create-only (the commit), writes its catalog entry and releases the lease.
+
+Nothing here reads more than the parent manifest, the catalog listing and the lease records:
+the cost of a save does not grow with the number of checkpoints in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ckptstore.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkptStoreError,
+)
+from ckptstore.store import layout, leases
+from ckptstore.store.blobs import BlobReader
+from ckptstore.store.manifest import Blob, Manifest
+from ckptstore.store.repository import Repository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParentChunk:
+    """A chunk of the parent checkpoint: which global rows of which tensor it holds."""
+
+    fqn: str
+    key: bytes
+    row_start: int
+    """First global row (dim 0 of the whole tensor; byte offset for objects)."""
+    row_stop: int
+    stored: int
+
+
+@dataclass
+class ParentIndex:
+    """What the coordinator hands one rank: the parent's chunks overlapping that rank's
+    share. ``checkpoint`` names the save it was made for — a plan cached by DCP from an
+    earlier save carries an older index, which a writer must ignore."""
+
+    checkpoint: str
+    parent: str | None
+    chunks: list[ParentChunk] = field(default_factory=list)
+
+    def sizes(self) -> dict[bytes, int]:
+        return {c.key: c.stored for c in self.chunks}
+
+
+def _box_rows(blob: Blob, first_row: int) -> list[tuple[int, int, bytes, int]]:
+    return [(first_row + c.row_start, first_row + c.row_stop, c.key, c.stored) for c in blob.chunks]
+
+
+def parent_chunks(
+    parent: Manifest | None,
+    fqn: str,
+    offsets: Sequence[int] | None = None,
+    sizes: Sequence[int] | None = None,
+) -> list[ParentChunk]:
+    """The chunks of ``parent`` holding any element of box ``offsets``+``sizes`` of tensor
+    ``fqn`` (or of object ``fqn`` when no box is given). Cost: the tensor's own shards."""
+    if parent is None:
+        return []
+    if offsets is None:
+        blob = parent.objects.get(fqn)
+        if blob is None:
+            return []
+        return [ParentChunk(fqn, k, a, b, n) for a, b, k, n in _box_rows(blob, 0)]
+    entry = parent.tensors.get(fqn)
+    if entry is None or sizes is None or len(entry.shape) != len(offsets):
+        return []
+    out = []
+    for shard in entry.shards:
+        if any(
+            o + s <= so or so + ss <= o
+            for o, s, so, ss in zip(
+                offsets[1:], sizes[1:], shard.offsets[1:], shard.sizes[1:], strict=False
+            )
+        ):
+            continue  # no overlap outside dim 0
+        first = shard.offsets[0] if shard.offsets else 0
+        lo = offsets[0] if offsets else 0
+        hi = lo + (sizes[0] if sizes else 1)
+        for a, b, k, n in _box_rows(shard.blob, first):
+            if not shard.offsets or (a < hi and b > lo):
+                out.append(ParentChunk(fqn, k, a, b, n))
+    return out
+
+
+class SaveSession:
+    """The coordinator's side of one save: lease, parent, commit check, commit, release.
+
+    ``with SaveSession(repo, name, step=…).begin() as s: …; s.commit(manifest)``; leaving
+    the block without a commit releases the lease (the chunks written stay for gc)."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        name: str,
+        *,
+        step: int | None = None,
+        parent: str | None = None,
+        gc_wait: float | None = None,
+    ) -> None:
+        self.repo = repo
+        self.name = layout.check_name(name)
+        self.step = step
+        self.parent_name = parent
+        """Parent to dedup (and delta) against: None means the latest checkpoint."""
+        self.gc_wait = gc_wait
+        self.lease: leases.Lease | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._parent: Manifest | None = None
+        self._parent_read = False
+
+    def begin(self) -> SaveSession:
+        """S1: refuse an existing name, then take the save lease."""
+        if self.repo.exists(self.name):
+            raise CheckpointExistsError(
+                f"Checkpoint already exists: {self.name!r} in {self.repo.url}; "
+                "checkpoints are never overwritten"
+            )
+        if self.lease is None:
+            lease = leases.Lease.acquire(self.repo.backend, "save", checkpoint=self.name)
+            self._finalizer = weakref.finalize(self, lease.release)  # if dropped unreleased
+            self.lease = lease
+        return self
+
+    def parent(self) -> Manifest | None:
+        """The parent checkpoint's manifest (None in an empty store), read once, under the
+        lease. A parent that cannot be read costs dedup, not the save."""
+        if self.lease is None:
+            raise RuntimeError("SaveSession.parent() before begin()")
+        if not self._parent_read:
+            self._parent_read = True
+            try:
+                name = self.parent_name
+                if name is None:
+                    latest = self.repo.latest()
+                    name = latest.name if latest is not None else None
+                self._parent = self.repo.manifest(name) if name is not None else None
+            except CheckpointNotFoundError:
+                if self.parent_name is not None:
+                    raise
+                self._parent = None
+            except CkptStoreError as exc:
+                if self.parent_name is not None:
+                    raise
+                log.warning(
+                    "save of %r dedups against nothing: parent unreadable: %s", self.name, exc
+                )
+                self._parent = None
+        return self._parent
+
+    def index_for(
+        self, boxes: Sequence[tuple[str, Sequence[int] | None, Sequence[int] | None]]
+    ) -> ParentIndex:
+        """The parent chunks of a rank's share: ``boxes`` are (fqn, offsets, sizes), with
+        offsets None for an object."""
+        parent = self.parent()
+        chunks: dict[bytes, ParentChunk] = {}
+        for fqn, offsets, sizes in boxes:
+            for c in parent_chunks(parent, fqn, offsets, sizes):
+                chunks.setdefault(c.key, c)
+        return ParentIndex(self.name, parent.name if parent else None, list(chunks.values()))
+
+    def commit(self, manifest: Manifest) -> int:
+        """S3–S4: commit check, create-only put of the manifest, catalog entry, release.
+        Returns the manifest's size. The lease is released whatever happens."""
+        if manifest.name != self.name:
+            raise ValueError(f"session of {self.name!r} cannot commit {manifest.name!r}")
+        if self.lease is None:
+            raise RuntimeError("SaveSession.commit() without begin()")
+        try:
+            leases.check_commit(
+                self.repo.backend,
+                self.lease,
+                manifest.chunk_keys(),
+                checkpoint=self.name,
+                wait=self.gc_wait,
+            )
+            self.lease.check(f"commit checkpoint {self.name!r}")
+            size = self.repo._commit_manifest(manifest)
+        finally:
+            self.release()
+        try:
+            self.repo.write_catalog_entry(manifest)
+        except CkptStoreError as exc:  # committed: ls reads its manifest until gc tidies
+            log.warning("checkpoint %r committed, its catalog entry not: %s", self.name, exc)
+        return size
+
+    def release(self) -> None:
+        """Give up the lease (after the commit, or when the save failed)."""
+        lease, self.lease = self.lease, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if lease is not None:
+            lease.release()
+
+    def __enter__(self) -> SaveSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class LoadSession:
+    """One load: resolve the checkpoint once, read its manifest, read its chunks."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        *,
+        step: int | None = None,
+        name: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.repo = repo
+        self.name = repo.resolve(step, name)
+        self.manifest = repo.manifest(self.name)
+        self.reader = BlobReader(repo, threads=threads)
+
+    def where(self, fqn: str) -> str:
+        return f"{fqn!r} of checkpoint {self.name!r}"
