@@ -75,6 +75,14 @@ def test_exit_codes_and_one_line_errors(tmp_path, store):
     mpath = repo.backend.path(layout.manifest_key("step-000000000010"))
     head = open(mpath, "rb").read()[:50]
     open(mpath, "wb").write(head)
+    # ls reads no manifest that has a catalog entry; verify finds the damage
+    listed = json.loads(run("ls", store, "--json").stdout)
+    assert [r["name"] for r in listed] == ["step-000000000010", "step-000000000020"]
+    assert run("verify", store, check=False).returncode == 1
+    from ckptstore.store import catalog
+
+    for key in repo.backend.list(catalog.entry_prefix("step-000000000010")):
+        repo.backend.delete(key)  # as if the save had died between commit and entry
     proc = run("ls", store, "--json", check=False)  # the readable ones are still listed
     assert proc.returncode == 4 and "'step-000000000010' unreadable" in proc.stderr
     assert "truncated or corrupt" in proc.stderr

@@ -125,3 +125,10 @@ def _repo(url: str, storage_options: tuple[str, ...]):
     from ckptstore.store import Repository
 
     return Repository.open(url, _options(storage_options))
+
+
+def open_store(url: str, storage_options: tuple[str, ...]):
+    """The :class:`ckptstore.Store` a command works on (torch-free)."""
+    from ckptstore.store import Store
+
+    return Store(url, _options(storage_options))

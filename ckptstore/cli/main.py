@@ -24,6 +24,7 @@ from ckptstore.cli.common import (  # noqa: F401 - re-exported for older imports
     handle_errors,
     json_option,
     name_option,
+    open_store,
     step_option,
     storage_option,
 )
@@ -44,11 +45,7 @@ def cli() -> None:
 @handle_errors
 def ls_cmd(url: str, storage_options: tuple[str, ...], as_json: bool) -> None:
     """List the committed checkpoints of the store at URL, oldest first."""
-    from ckptstore.store.reports import CheckpointSummary
-
-    repo = _repo(url, storage_options)
-    found, bad = repo.scan()
-    rows = [CheckpointSummary.of(m) for m in found]
+    rows, bad = open_store(url, storage_options).scan()
     for name, exc in bad.items():
         click.echo(f"ckptstore: error: checkpoint {name!r} unreadable: {exc}", err=True)
     if as_json:
@@ -86,10 +83,7 @@ def inspect_cmd(
     url: str, step: int | None, name: str | None, storage_options: tuple[str, ...], as_json: bool
 ) -> None:
     """Per-tensor dtype, shape, codec, sizes and sharing of one checkpoint (latest by default)."""
-    from ckptstore.store import reports
-
-    repo = _repo(url, storage_options)
-    report = reports.inspect(repo, repo.resolve(step, name))
+    report = open_store(url, storage_options).inspect(step=step, name=name)
     if as_json:
         emit_json(report.to_dict())
         return
@@ -145,13 +139,10 @@ def verify_cmd(
     """Re-read and check every chunk of every checkpoint (or of one). Exit 1 on damage."""
     from rich.progress import Progress
 
-    from ckptstore.store import reports
-
-    repo = _repo(url, storage_options)
-    target = None if step is None and name is None else repo.resolve(step, name)
+    store = open_store(url, storage_options)
     with Progress(console=err_console, transient=True, disable=as_json) as progress:
         task = progress.add_task("verifying chunks", total=None)
-        report = reports.verify(repo, target, progress=lambda n: progress.advance(task, n))
+        report = store.verify(step=step, name=name, progress=lambda n: progress.advance(task, n))
     if as_json:
         emit_json(report.to_dict())
     elif report.ok:

@@ -1,0 +1,100 @@
+"""Costs that do not grow with history: a save, a load of the latest, ls, inspect and
+``Store.list()`` in a store of 200 checkpoints make the same metadata requests and read the
+same metadata bytes as in a store of 10 (counted by a wrapper backend), and dedup still finds
+chunks of any live checkpoint, not only the parent's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ckptstore
+from ckptstore.backend import open_backend
+from ckptstore.store import Repository, layout
+from ckptstore.testing.counting import CountingBackend
+from ckptstore.testing.history import replicate
+
+
+def _state(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"layer{i}.weight": torch.randn(64, 256, generator=g) for i in range(12)}
+    sd |= {f"layer{i}.bias": torch.randn(256, generator=g) for i in range(12)}
+    sd["step"] = torch.tensor(seed)
+    sd["meta"] = {"epoch": seed}
+    return sd
+
+
+def _costs(url: str, n: int) -> dict[str, dict]:
+    sd = _state()
+    ckptstore.save(sd, url, step=0, chunk_bytes=32 * 1024)
+    replicate(Repository.open(url), layout.step_name(0), n - 1, first_step=1)
+    backend = CountingBackend(open_backend(url))
+    out = {}
+    sd["layer3.weight"] += 1
+    backend.reset()
+    info = ckptstore.save(sd, backend, step=100_000, chunk_bytes=32 * 1024)
+    out["save"] = backend.summary()
+    out["save"]["new_chunks"] = info.new_chunks
+    template = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+    template["meta"] = {"epoch": -1}
+    backend.reset()
+    ckptstore.load(template, backend)
+    assert torch.equal(template["layer3.weight"], sd["layer3.weight"])
+    out["load"] = backend.summary()
+    backend.reset()
+    listed = ckptstore.Store(backend).list()
+    assert len(listed) == n + 1 and listed[-1].name == layout.step_name(100_000)
+    out["ls"] = backend.summary()
+    backend.reset()
+    ckptstore.Store(backend).inspect(step=100_000)
+    out["inspect"] = backend.summary()
+    return out
+
+
+@pytest.mark.parametrize("op", ["save", "load", "ls", "inspect"])
+def test_metadata_costs_do_not_grow_with_history(tmp_path_factory, op):
+    few = _costs(str(tmp_path_factory.mktemp("few") / "s"), 10)[op]
+    many = _costs(str(tmp_path_factory.mktemp("many") / "s"), 200)[op]
+    assert many["metadata_requests"] == few["metadata_requests"], (few, many)
+    assert many["metadata_bytes"] == few["metadata_bytes"], (few, many)
+    assert many["requests"] == few["requests"], (few, many)
+    if op in ("ls", "load", "save"):
+        # ls, resolving the latest and finding the parent read no manifest beyond one
+        assert many["requests"].get("get checkpoints", 0) <= 1
+    if op == "save":
+        assert many["new_chunks"] == few["new_chunks"] == 2  # the changed weight's chunks
+
+
+def test_dedup_finds_chunks_of_any_live_checkpoint(tmp_path):
+    """Saving an old checkpoint's weights again writes nothing new, though the parent (the
+    latest checkpoint) holds none of them."""
+    url = str(tmp_path / "s")
+    old = _state(1)
+    ckptstore.save(old, url, step=1, chunk_bytes=32 * 1024)
+    for step in (2, 3, 4):
+        ckptstore.save(_state(step), url, step=step, chunk_bytes=32 * 1024)
+    again = ckptstore.save(old, url, step=5, chunk_bytes=32 * 1024)
+    assert again.chunks > 0 and again.new_chunks == 0
+    assert ckptstore.Store(url).verify().ok
+
+
+def test_catalog_repairs_and_old_stores(tmp_path):
+    """A checkpoint whose catalog entry is missing (a crash after the commit, or a store
+    written before the catalog) is listed from its manifest, and gc's tidy writes it."""
+    url = str(tmp_path / "s")
+    for step in (1, 2):
+        ckptstore.save(_state(step), url, step=step)
+    repo = Repository.open(url)
+    for key in repo.backend.list(layout.CATALOG):
+        repo.backend.delete(key)
+    backend = CountingBackend(open_backend(url))
+    store = ckptstore.Store(backend)
+    assert [c.step for c in store.list()] == [1, 2]
+    assert backend.requests[("get", "checkpoints")] == 2
+    assert store.latest() == layout.step_name(2)
+    assert repo.tidy_catalog() == (0, 2)
+    backend.reset()
+    assert [c.step for c in store.list()] == [1, 2]
+    assert backend.requests[("get", "checkpoints")] == 0
+    store.delete(step=1)
+    assert repo.backend.list(layout.CATALOG + "/" + layout.step_name(1)) == []
