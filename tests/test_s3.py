@@ -21,8 +21,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.backend import Backend, open_backend
-from ckptstore.backend.fsspec_backend import io_pool
+from ckptstore.backend import Backend, FsspecBackend, io_pool, open_backend
 from ckptstore.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -60,6 +59,8 @@ def chunk_keys(url: str, options: dict) -> list[str]:
 
 # -- conformance --------------------------------------------------------------------------
 class TestS3Backend(BackendSuite):
+    mtime_resolution = 1.0  # LastModified: whole seconds
+
     @pytest.fixture
     def backend(self, s3_url, s3_options) -> Backend:
         return open_backend(s3_url, s3_options)
@@ -299,7 +300,8 @@ def test_server_killed_mid_save(own_server, monkeypatch):
     ckptstore.save(first, url, step=1, storage_options=opts)
 
     # kill the server from an upload thread once a few chunks of a 32-chunk save are stored
-    real_put = Backend.put
+    # (patches the class: save() opens its own backend from the URL)
+    real_put = FsspecBackend.put
     seen = [0]
     lock = threading.Lock()
 
@@ -311,7 +313,7 @@ def test_server_killed_mid_save(own_server, monkeypatch):
                     own_server.kill()
         return real_put(self, key, data, create_only=create_only)
 
-    monkeypatch.setattr(Backend, "put", put)
+    monkeypatch.setattr(FsspecBackend, "put", put)
     second = {"w": torch.randn(8192, 1024), "step": 2}  # 32 MiB, 1 MiB chunks
     t0 = time.monotonic()
     with pytest.raises(CkptStoreError) as info:
@@ -319,7 +321,7 @@ def test_server_killed_mid_save(own_server, monkeypatch):
     assert time.monotonic() - t0 < 30
     assert isinstance(info.value, StorageUnavailableError), repr(info.value)
     assert "storage unavailable" in str(info.value) and "127.0.0.1" in str(info.value)
-    monkeypatch.setattr(Backend, "put", real_put)
+    monkeypatch.setattr(FsspecBackend, "put", real_put)
 
     own_server.start()  # same data dir, same ports
     store = ckptstore.Store(url, storage_options=opts)
