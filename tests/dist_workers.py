@@ -158,6 +158,40 @@ def save_worker(rank: int, world: int, port: int, url: str, out: str) -> None:
     _finish()
 
 
+def metadata_worker(rank: int, world: int, port: int, url: str, out: str) -> None:
+    """Save and load with a counting backend on every rank, in a store with a history:
+    what each rank reads of store metadata (manifests, catalog)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    import ckptstore
+    from ckptstore.backend import open_backend
+    from ckptstore.store import Repository, layout
+    from ckptstore.testing.counting import CountingBackend
+    from ckptstore.testing.history import replicate
+
+    _init(rank, world, port)
+    model, opt = fsdp_model(world)
+    train(model, opt, 1, seed=1)
+    msd, osd = get_state_dict(model, opt)
+    backend = CountingBackend(open_backend(url))
+    ckptstore.save({"model": msd, "optim": osd}, backend, step=1, chunk_bytes=CHUNK)
+    dist.barrier()
+    if rank == 0:  # a history of 30 more checkpoints, older than step 1
+        replicate(Repository.open(url), layout.step_name(1), 30, first_step=2)
+    dist.barrier()
+    train(model, opt, 1, seed=2)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    backend.reset()
+    ckptstore.save(state, backend, step=100, chunk_bytes=CHUNK)
+    report = {"save": backend.summary()}
+    backend.reset()
+    ckptstore.load(state, backend)
+    report["load"] = backend.summary()
+    _dump(out, "meta", rank, report)
+    _finish()
+
+
 def load_worker(rank: int, world: int, port: int, url: str, out: str, sources: list) -> None:
     """Load each source checkpoint into an FSDP2 model at this world size; check values;
     reload DTensors with other placements; record per-rank bytes read."""

@@ -115,3 +115,27 @@ def test_failures_name_the_rank_and_commit_nothing(tmp_path):
         assert "MismatchError" in seen["missing"] and "'nope'" in seen["missing"]
         assert "MismatchError" in seen["shape"] and "'w'" in seen["shape"]
         assert seen["names"] == ["step-000000000001", "step-000000000004"]
+
+
+def test_store_metadata_is_read_once_not_once_per_rank(tmp_path):
+    """W = 4 in a store of 32 checkpoints: the coordinator reads one manifest per save (the
+    parent) and per load (the checkpoint); every other rank reads no manifest and no
+    catalog — its share of the parent's chunks and its load records come with its plan."""
+    url, out = str(tmp_path / "store"), tmp_path
+    w.spawn(w.metadata_worker, 4, url, str(out))
+    reports = _read(out, "meta", 4)
+    store = ckptstore.Store(url)
+    manifest_bytes = {c.step: c.manifest_bytes for c in store.list()}
+    for r, rep in enumerate(reports):
+        for op, one in (("save", manifest_bytes[1]), ("load", manifest_bytes[100])):
+            got = rep[op]["bytes_read"].get("checkpoints", 0)
+            listed = rep[op]["keys_listed"]
+            if r == 0:
+                assert got == one, (op, rep[op])
+            else:
+                assert got == 0 and not listed.get("catalog") and not listed.get("checkpoints"), (
+                    r,
+                    op,
+                    rep[op],
+                )
+                assert rep[op]["metadata_requests"] <= 2, (r, op, rep[op])  # store.json (+ head)
