@@ -575,3 +575,153 @@ def test_async_save_keep_last(local_url, monkeypatch):
         info.retention.result(timeout=60)
     assert _names(local_url) == [layout.step_name(3)]
     assert ckptstore.Store(local_url).verify().ok
+
+
+# -- the plan is what runs -----------------------------------------------------------------------
+def _plan(url: str, **policy) -> gc.GcPlan:
+    return gc.plan(Repository.open(url), gc.Retention(**policy), grace=0)
+
+
+def _keys(plan: gc.GcPlan) -> set[str]:
+    return {layout.chunk_key(k.hex()) for k in plan.chunk_keys}
+
+
+def test_execute_runs_the_dry_run_plan(store_url):
+    frozen = _tensor(7, rows=128)
+    for i in range(6):
+        _save(_state(i, frozen), store_url, step=i)
+    shown = ckptstore.Store(store_url).gc(keep_last=2, grace=0, dry_run=True).plan
+    assert len(shown.chunk_keys) == shown.chunks_freed == 4 * 4  # the dropped heads
+    assert "chunk_keys" not in shown.to_dict()
+    before = _chunks(store_url)
+    report = gc.execute(Repository.open(store_url), shown)
+    assert report.plan is shown and report.dropped == shown.dropped
+    assert report.skipped == {} and report.new_checkpoints == []
+    assert report.chunks_skipped == report.chunks_unplanned == 0
+    assert before - _chunks(store_url) == _keys(shown)  # quiet store: exactly the plan
+    assert report.chunks_deleted == shown.chunks_freed
+    assert report.bytes_deleted == shown.bytes_freed
+    assert _chunks(store_url) == _referenced(store_url)
+    assert ckptstore.Store(store_url).verify().ok
+
+
+def test_checkpoint_committed_after_the_plan_is_not_dropped(store_url):
+    states = {i: _state(i) for i in range(4)}
+    for i, st in states.items():
+        _save(st, store_url, step=i)
+    p = _plan(store_url, keep_last=2)
+    assert p.dropped == [layout.step_name(0), layout.step_name(1)]
+    # committed after the plan, and dedups against step 0, which the plan drops
+    late = {"head": states[0]["head"], "bias": torch.full((8,), 4.0)}
+    assert _save(late, store_url, step=4).new_chunks == 0
+    report = gc.execute(Repository.open(store_url), p)
+    assert report.dropped == p.dropped  # not step 2, which keep_last=2 would now drop
+    assert report.new_checkpoints == [layout.step_name(4)] and report.skipped == {}
+    assert report.chunks_skipped == 4 and report.chunks_deleted == 4  # step 0's head stays
+    assert _names(store_url) == [layout.step_name(i) for i in (2, 3, 4)]
+    assert ckptstore.Store(store_url).verify().ok
+    assert_same(late, ckptstore.load_full(store_url, step=4))
+    assert _chunks(store_url) == _referenced(store_url)
+    # the next gc decides about the new state of the store
+    again = ckptstore.Store(store_url).gc(keep_last=2, grace=0)
+    assert again.dropped == [layout.step_name(2)]
+
+
+def test_plan_executed_after_its_checkpoints_were_removed_or_replaced(store_url):
+    for i in range(5):
+        _save(_state(i), store_url, step=i)
+    p = _plan(store_url, keep_last=2)
+    assert p.dropped == [layout.step_name(i) for i in range(3)]
+    store = ckptstore.Store(store_url)
+    store.delete(step=0)
+    store.delete(step=1)
+    again = _state(11)
+    _save(again, store_url, step=1)  # same name, another checkpoint
+    report = gc.execute(Repository.open(store_url), p)
+    assert report.dropped == [layout.step_name(2)]
+    assert report.skipped == {
+        layout.step_name(0): "gone: removed since the plan",
+        layout.step_name(1): "replaced: removed and saved again since the plan",
+    }
+    assert report.new_checkpoints == [layout.step_name(1)]
+    assert _names(store_url) == [layout.step_name(i) for i in (3, 4, 1)]  # commit order
+    assert_same(again, ckptstore.load_full(store_url, step=1))
+    assert ckptstore.Store(store_url).verify().ok
+    # the old steps 0, 1, 2 had 4 chunks each, all planned; the new step 1's are referenced
+    assert report.chunks_deleted == 12 and report.chunks_skipped == 0
+    assert _chunks(store_url) == _referenced(store_url)
+
+
+def test_plan_executed_after_a_kept_checkpoint_was_removed(store_url):
+    for i in range(4):
+        _save(_state(i), store_url, step=i)
+    p = _plan(store_url, keep_last=2)
+    assert p.dropped == [layout.step_name(0), layout.step_name(1)]
+    three = _keys_of(store_url, 3)
+    ckptstore.Store(store_url).delete(step=3)
+    report = gc.execute(Repository.open(store_url), p)
+    # keep_last=2 keeps step 1 now: the plan's drop of it no longer holds
+    assert report.dropped == [layout.step_name(0)]
+    assert report.skipped == {
+        layout.step_name(1): "now kept (last 2): the checkpoints changed since the plan"
+    }
+    assert report.chunks_deleted == 4 and report.chunks_skipped == 4  # step 1's head stays
+    assert report.chunks_unplanned == 4  # step 3's, garbage the plan did not name
+    assert {layout.chunk_key(k.hex()) for k in three} <= _chunks(store_url)
+    assert ckptstore.Store(store_url).verify().ok
+    assert ckptstore.Store(store_url).gc(grace=0).chunks_deleted == 4  # the next gc
+
+
+def test_plan_does_not_delete_chunks_a_save_begun_since_may_need(store_url, small_skew):
+    _save({"x": _tensor(5)}, store_url, step=1)
+    _save(_state(2), store_url, step=2)
+    p = _plan(store_url, keep_last=1)
+    assert p.dropped == [layout.step_name(1)] and len(p.chunk_keys) == 4
+    time.sleep(1.2)  # the chunks are older than the save's lease by more than the skew
+    state = {"x": _tensor(5), "zz_pause": _tensor(6)}  # dedups against step 1
+    save = SaveThread(state, store_url, 3, PausingPlanner("zz_pause"))
+    save.start()
+    save.pause_point()
+    report = gc.execute(Repository.open(store_url), p)
+    assert report.dropped == [layout.step_name(1)] and report.chunks_deleted == 0
+    assert report.chunks_skipped == 4 and report.held_by_saves >= 4 and report.trash_kept == 1
+    save.finish()
+    assert save.error is None
+    assert ckptstore.Store(store_url).verify().ok
+    assert_same(state, ckptstore.load_full(store_url, step=3))
+
+
+def test_execute_checks_its_plan(local_url, tmp_path):
+    _save(_state(1), local_url, step=1)
+    _save(_state(2), local_url, step=2)
+    repo = Repository.open(local_url)
+    p = gc.plan(repo, gc.Retention(keep_last=1), grace=0)
+    other = Repository.open(str(tmp_path / "other"), create=True)
+    with pytest.raises(ValueError, match="plan is for"):
+        gc.execute(other, p)
+    with pytest.raises(TypeError, match="part of the plan"):
+        gc.execute(repo, p, grace=0)
+    with pytest.raises(TypeError, match="GcPlan"):
+        gc.execute(repo, "keep_last=1")  # type: ignore[arg-type]
+    assert _names(local_url) == [layout.step_name(1), layout.step_name(2)]
+    assert repo.backend.list(layout.LEASES) == []
+    # the older form plans under the lock and runs that plan
+    with pytest.warns(DeprecationWarning, match="deprecated"):
+        report = gc.execute(repo, gc.Retention(keep_last=1), grace=0)
+    assert report.dropped == report.plan.dropped == [layout.step_name(1)]
+    assert report.chunks_deleted == report.plan.chunks_freed == 4
+
+
+def test_collect_plans_under_the_lock(local_url):
+    for i in range(3):
+        _save(_state(i), local_url, step=i)
+    report = gc.collect(Repository.open(local_url), gc.Retention(keep_last=1), grace=0)
+    assert report.dropped == report.plan.dropped == [layout.step_name(0), layout.step_name(1)]
+    assert report.chunks_deleted == len(report.plan.chunk_keys) == 8
+    assert _chunks(local_url) == _referenced(local_url)
+    lock = leases.acquire_gc(Repository.open(local_url).backend)
+    try:
+        with pytest.raises(errors.GcBusyError):
+            gc.collect(Repository.open(local_url), gc.Retention(keep_last=1))
+    finally:
+        lock.release()

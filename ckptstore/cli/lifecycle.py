@@ -105,7 +105,8 @@ def gc_cmd(
 
     With no --keep* option every checkpoint is kept and only garbage is collected (chunks
     of removed checkpoints and of failed saves). With any, the latest checkpoint is always
-    kept. The plan is printed first; --dry-run stops there.
+    kept. The plan is printed first; --dry-run stops there. Otherwise gc runs that plan: what
+    changed in the store since it was made only makes it do less (docs/gc.md).
     """
     from ckptstore.store import gc
 
@@ -128,9 +129,11 @@ def gc_cmd(
                 tasks[phase] = progress.add_task(label, total=total)
             progress.update(tasks[phase], completed=done, total=total)
 
-        report = gc.execute(repo, retention, grace=grace, wait=wait, progress=advance)
+        report = gc.execute(repo, plan, wait=wait, progress=advance)
     if as_json:
-        emit_json({"dry_run": False, "plan": plan.to_dict(), "result": report.to_dict()})
+        result = report.to_dict()
+        del result["plan"]  # the same plan object: printed once, beside the result
+        emit_json({"dry_run": False, "plan": plan.to_dict(), "result": result})
         return
     console.print(
         f"gc done in {report.seconds:.2f}s: dropped {len(report.dropped)} checkpoint(s), "
@@ -141,6 +144,28 @@ def gc_cmd(
             f"kept {report.chunks_held} unreferenced chunk(s) ({human_bytes(report.bytes_held)}) "
             f"for now: {report.held_by_saves} for {report.saves_in_flight} save(s) in flight, "
             f"the rest younger than the grace period"
+        )
+    _show_changes(report)
+
+
+def _show_changes(report: Any) -> None:
+    """What the run did not do of its plan, because the store changed since it was made."""
+    for name, why in report.skipped.items():
+        console.print(f"[yellow]not dropped[/yellow] {name}: {why}")
+    if report.new_checkpoints:
+        console.print(
+            f"left alone {len(report.new_checkpoints)} checkpoint(s) committed after the plan "
+            f"({', '.join(report.new_checkpoints)}); the next gc decides about them"
+        )
+    if report.chunks_skipped:
+        console.print(
+            f"not deleted: {report.chunks_skipped} planned chunk(s) referenced again, needed by "
+            "a save in flight, or already gone"
+        )
+    if report.chunks_unplanned:
+        console.print(
+            f"left for the next gc: {report.chunks_unplanned} unreferenced chunk(s) the plan "
+            "did not list"
         )
 
 

@@ -1,13 +1,18 @@
-"""Retention and garbage collection: plan, then execute (as restic's prune does).
+"""Retention and garbage collection: plan, then execute that plan (as restic's prune does).
 
 :func:`plan` is read-only: which checkpoints the retention policy keeps and drops, and
 which chunk objects a gc run now would delete or hold back. ``gc --dry-run`` prints it and
-stops. :func:`execute` takes the store's gc lock, drops the checkpoints (their manifests go
-to ``trash/``), then observes the store in a fixed order and deletes the chunks no kept
-checkpoint, no trash entry still needed and no running save may reference — after
-publishing that list, so a save about to commit can check it. The rules and why they are
-safe are in docs/format.md ("Leases and garbage collection"); docs/gc.md explains the
-commands. No torch here.
+stops. :func:`execute` runs *that* plan: it takes the store's gc lock, re-validates the plan
+against the store as it is now, drops the planned checkpoints that are still there (their
+manifests go to ``trash/``), then observes the store in a fixed order and deletes the planned
+chunks that no kept checkpoint, no trash entry still needed and no running save may
+reference — after publishing that list, so a save about to commit can check it. It never
+drops a checkpoint or deletes a chunk the plan does not name; what changed since the plan
+only makes it do less (docs/gc.md, "Plan, then execute"). :func:`collect` plans and executes
+under one hold of the lock, for callers that show no plan (retention after a save).
+
+The rules and why they are safe are in docs/format.md ("Leases and garbage collection");
+docs/gc.md explains the commands. No torch here.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import logging
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ckptstore import knobs
@@ -92,8 +98,14 @@ class Retention:
     def active(self) -> bool:
         return self.keep_last is not None or self.keep_every is not None or bool(self.keep)
 
-    def reasons(self, manifests: Sequence[Manifest]) -> dict[str, list[str]]:
-        """Name → why it is kept ([] = dropped), for ``manifests`` oldest first."""
+    def reasons(
+        self, manifests: Sequence[Manifest], *, strict: bool = True
+    ) -> dict[str, list[str]]:
+        """Name → why it is kept ([] = dropped), for ``manifests`` oldest first.
+
+        A ``keep`` entry that matches no checkpoint raises
+        :class:`~ckptstore.errors.CheckpointNotFoundError` when ``strict`` (planning), and
+        keeps nothing otherwise (re-checking a plan: see :func:`execute`)."""
         out: dict[str, list[str]] = {m.name: [] for m in manifests}
         if not self.active:
             return {name: ["all"] for name in out}
@@ -111,7 +123,7 @@ class Retention:
             if not hits and wanted.isdigit():
                 step = int(wanted)
                 hits = [m.name for m in manifests if m.step == step]
-            if not hits:
+            if not hits and strict:
                 raise CheckpointNotFoundError(
                     f"--keep {wanted!r}: no checkpoint by that name or step (nothing deleted)"
                 )
@@ -121,6 +133,14 @@ class Retention:
 
     def to_dict(self) -> dict[str, Any]:
         return {"keep_last": self.keep_last, "keep_every": self.keep_every, "keep": list(self.keep)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Retention:
+        return cls(
+            keep_last=d.get("keep_last"),
+            keep_every=d.get("keep_every"),
+            keep=tuple(d.get("keep", ())),
+        )
 
 
 # -- the decision shared by plan and execute ----------------------------------------------------
@@ -187,6 +207,8 @@ class CheckpointPlan:
     name: str
     step: int | None
     created: float
+    """With ``name``, what identifies the checkpoint: one removed and saved again under the
+    same name is another checkpoint, which the plan does not know."""
     keep: bool
     reasons: list[str]
     manifest_bytes: int
@@ -194,7 +216,8 @@ class CheckpointPlan:
 
 @dataclass
 class GcPlan:
-    """What a gc run would do now (``--dry-run`` prints this and nothing else happens)."""
+    """What a gc run would do now. ``--dry-run`` prints this and nothing else happens;
+    :func:`execute` runs exactly this — or less, where the store changed since."""
 
     url: str
     retention: dict[str, Any]
@@ -216,6 +239,13 @@ class GcPlan:
     held_by_saves: int = 0
     saves_in_flight: list[str] = field(default_factory=list)
     trash_entries: int = 0
+    skew: float = 0.0
+    """The clock-skew margin the plan was made with; :func:`execute` runs with it too."""
+    planned_at: float = 0.0
+    """When the plan was made (Unix seconds, this machine's clock)."""
+    chunk_keys: frozenset[bytes] = field(default_factory=frozenset, repr=False)
+    """The 16-byte keys of the ``chunks_freed`` chunk objects: :func:`execute` deletes no
+    chunk outside this set. (Not in :meth:`to_dict`.)"""
 
     @property
     def kept(self) -> list[str]:
@@ -226,10 +256,21 @@ class GcPlan:
         return [c.name for c in self.checkpoints if not c.keep]
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "chunk_keys"}
+        d["retention"] = dict(self.retention)
+        d["checkpoints"] = [asdict(c) for c in self.checkpoints]
+        d["saves_in_flight"] = list(self.saves_in_flight)
         d["kept"] = self.kept
         d["dropped"] = self.dropped
         return d
+
+
+def _fresh(repo: Repository) -> Repository:
+    """The same store, with no manifests cached. A :class:`Repository` caches manifests by
+    name, but a name can be removed and saved again by another process: gc reads what is
+    there now. (Under the gc lock nobody else removes a checkpoint, so what this instance
+    caches from then on stays true while the lock is held.)"""
+    return Repository.open(repo.backend)
 
 
 def _list_state(
@@ -249,10 +290,12 @@ def plan(
     grace: str | float | None = None,
     skew: float | None = None,
 ) -> GcPlan:
-    """Read-only: what a gc run with this policy would keep, drop, delete and hold back."""
-    retention = retention or Retention()
-    grace_s = grace_knob(grace)
-    skew_s = leases.skew_knob(skew)
+    """Read-only: what a gc run with this policy would keep, drop, delete and hold back.
+    Takes no lock and writes nothing; hand the result to :func:`execute` to run it."""
+    return _plan(_fresh(repo), retention or Retention(), grace_knob(grace), leases.skew_knob(skew))
+
+
+def _plan(repo: Repository, retention: Retention, grace_s: float, skew_s: float) -> GcPlan:
     chunks, lease_infos, manifests = _list_state(repo)
     trash = repo.trash_entries()
     reasons = retention.reasons(manifests)
@@ -264,7 +307,7 @@ def plan(
     d = _decide(chunks, lease_infos, kept, [*trash, *as_trash], now=now, grace=grace_s, skew=skew_s)
     sizes = {layout.chunk_digest(c.key): c.size for c in chunks}
     kept_keys = d.referenced
-    out = GcPlan(
+    return GcPlan(
         url=repo.url,
         retention=retention.to_dict(),
         grace=grace_s,
@@ -286,8 +329,10 @@ def plan(
         held_by_saves=len(d.held_by_saves),
         saves_in_flight=[x.describe() for x in d.live_saves],
         trash_entries=len(trash),
+        skew=skew_s,
+        planned_at=now,
+        chunk_keys=frozenset(k for c in d.doomed if (k := layout.chunk_digest(c.key)) is not None),
     )
-    return out
 
 
 # -- execute ------------------------------------------------------------------------------------
@@ -311,9 +356,24 @@ class GcReport:
     plan_published: bool = False
     dry_run: bool = False
     plan: GcPlan | None = None
+    """The plan this run executed (for a dry run: the plan it did not execute)."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Checkpoints the plan drops that this run did not drop, and why: removed or replaced
+    since the plan, or kept now by the policy (the checkpoints it kept changed)."""
+    new_checkpoints: list[str] = field(default_factory=list)
+    """Checkpoints committed since the plan (the plan does not know them): left alone."""
+    chunks_skipped: int = 0
+    """Chunks the plan deletes that this run did not: referenced again, possibly needed by
+    a save in flight, or already gone."""
+    chunks_unplanned: int = 0
+    """Unreferenced chunks this run could have deleted but the plan does not name (garbage
+    that appeared since the plan): left for the next gc."""
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["dropped"] = list(self.dropped)
+        d["skipped"] = dict(self.skipped)
+        d["new_checkpoints"] = list(self.new_checkpoints)
         d["plan"] = self.plan.to_dict() if self.plan is not None else None
         return d
 
@@ -323,6 +383,61 @@ _BATCH = 256
 
 def execute(
     repo: Repository,
+    plan: GcPlan | Retention | None,
+    *,
+    wait: float = 0.0,
+    ttl: float | None = None,
+    progress: Progress | None = None,
+    grace: str | float | None = None,
+    skew: float | None = None,
+) -> GcReport:
+    """Run ``plan`` (made by :func:`plan`, typically shown to the user first) under the
+    store's gc lock (:class:`~ckptstore.errors.GcBusyError` if another gc holds it for
+    ``wait`` seconds). ``report.plan`` is ``plan``.
+
+    Under the lock the plan is re-validated, and what changed since only makes the run do
+    less — never drop a checkpoint or delete a chunk the plan does not name:
+
+    - it drops each checkpoint the plan drops that still exists unchanged (same name and
+      commit time) and that the plan's policy, applied to the checkpoints there are now,
+      still drops; the others go to ``report.skipped`` with the reason;
+    - it never drops a checkpoint the plan keeps, nor one committed since the plan
+      (``report.new_checkpoints``; the next gc decides about those);
+    - after the drops it observes the store again and deletes the chunks of the plan that
+      the safety rules allow now (docs/format.md G3–G5). Planned chunks that are referenced
+      again, possibly needed by a save in flight, or gone are skipped
+      (``report.chunks_skipped``); garbage the plan does not name stays for the next gc
+      (``report.chunks_unplanned``).
+
+    Order (docs/format.md): lock → re-validate → drop manifests into trash → list chunks →
+    read leases → read manifests and trash → decide → publish the chunk list → delete chunks
+    → purge trash and dead leases → done. An error part-way leaves a valid store: nothing is
+    deleted before the list is published, and only unreferenced chunks are ever in it.
+
+    Older form: ``execute(repo, retention, grace=…)`` (a :class:`Retention` or None instead
+    of a plan) plans under the lock and runs that, as :func:`collect` does. Deprecated."""
+    if plan is None or isinstance(plan, Retention):
+        warnings.warn(
+            "gc.execute(repo, retention) is deprecated: run a plan, "
+            "gc.execute(repo, gc.plan(repo, retention, grace=...)), or gc.collect(...)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return collect(repo, plan, grace=grace, skew=skew, ttl=ttl, wait=wait, progress=progress)
+    if not isinstance(plan, GcPlan):
+        raise TypeError(f"execute() runs a GcPlan (from gc.plan), not {type(plan).__name__}")
+    if grace is not None or skew is not None:
+        raise TypeError("grace and skew are part of the plan: pass them to gc.plan()")
+    if plan.url != repo.url:
+        raise ValueError(f"this gc plan is for {plan.url}, not {repo.url}")
+    t0 = time.monotonic()
+    live = _fresh(repo)
+    lock = leases.acquire_gc(live.backend, wait=wait, ttl=ttl, skew=plan.skew)
+    return _run(repo, live, plan, lock, progress, t0)
+
+
+def collect(
+    repo: Repository,
     retention: Retention | None = None,
     *,
     grace: str | float | None = None,
@@ -330,50 +445,53 @@ def execute(
     ttl: float | None = None,
     wait: float = 0.0,
     progress: Progress | None = None,
-    drop: Sequence[str] | None = None,
 ) -> GcReport:
-    """Drop what ``retention`` does not keep (or exactly the names in ``drop``), then delete
-    every chunk object no longer needed. Holds the store's gc lock throughout
-    (:class:`~ckptstore.errors.GcBusyError` if another gc holds it for ``wait`` seconds).
-
-    Order (docs/format.md): lock → drop manifests into trash → list chunks → read leases →
-    read manifests and trash → decide → publish the plan → delete chunks → purge trash and
-    dead leases → done. An error part-way leaves a valid store: nothing is deleted before
-    the plan is published, and only unreferenced chunks are ever in a plan."""
+    """Plan and execute under one hold of the gc lock, for callers that show no plan
+    (``save(..., keep_last=N)``, scripts). ``report.plan`` is the plan it ran."""
     t0 = time.monotonic()
     retention = retention or Retention()
     grace_s = grace_knob(grace)
-    backend = repo.backend
-    lock = leases.acquire_gc(backend, wait=wait, ttl=ttl, skew=skew)
-    skew_s = lock.skew
-    report = GcReport(url=repo.url, dropped=[])
+    live = _fresh(repo)
+    lock = leases.acquire_gc(live.backend, wait=wait, ttl=ttl, skew=skew)
+    try:
+        made = _plan(live, retention, grace_s, lock.skew)
+    except BaseException:
+        lock.release()
+        raise
+    return _run(repo, live, made, lock, progress, t0)
+
+
+def _run(
+    repo: Repository,
+    live: Repository,
+    plan: GcPlan,
+    lock: leases.Lease,
+    progress: Progress | None,
+    t0: float,
+) -> GcReport:
+    """Execute ``plan`` holding ``lock``; releases or finishes the lock. ``live`` observes
+    the store (its cache filled under the lock); drops go through ``repo`` so that the
+    caller's instance forgets the dropped manifests."""
+    report = GcReport(url=repo.url, dropped=[], plan=plan)
     published = False
     try:
-        # 1. drop (a policy needs every manifest readable: we could not know what an
-        # unreadable one needs; rm names its checkpoints and may remove an unreadable one)
-        if drop is not None:
-            names = set(repo.names())
-            missing = [n for n in drop if n not in names]
-            if missing:
-                raise CheckpointNotFoundError(
-                    f"checkpoint(s) {missing} not found in {repo.url} (nothing deleted)"
-                )
-            to_drop = list(drop)
-        else:
-            manifests = repo.manifests()
-            reasons = retention.reasons(manifests)
-            to_drop = [m.name for m in manifests if not reasons[m.name]]
+        # 1. which planned drops still stand (every manifest must be readable: we could not
+        # know what an unreadable one needs), then drop them
+        to_drop = _revalidate(live, plan, report)
         if to_drop:
             lock.update(dropped=to_drop)
         for i, name in enumerate(to_drop):
             lock.check("drop checkpoints")
-            _, size = repo.trash(name)
+            try:
+                _, size = repo.trash(name)
+            except CheckpointNotFoundError:  # only a writer ignoring the lock does this
+                report.skipped[name] = "gone: removed while this gc ran"
+                continue
             report.dropped.append(name)
             report.bytes_deleted += size
             if progress:
                 progress("drop", i + 1, len(to_drop))
-        if drop is None:  # rm drops only; gc goes on to sweep
-            published = _sweep(repo, lock, report, grace_s, skew_s, progress)
+        published = _sweep(live, lock, report, plan, progress)
     except BaseException:
         if report.plan_published:  # saves must keep seeing the plan: mark it finished
             try:
@@ -386,53 +504,82 @@ def execute(
         raise
     finally:
         report.seconds = time.monotonic() - t0
-    _finish(repo, lock, published)
+    _finish(live, lock, published)
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _revalidate(live: Repository, plan: GcPlan, report: GcReport) -> list[str]:
+    """Under the gc lock: the planned drops that still stand. Fills ``report.skipped`` and
+    ``report.new_checkpoints``."""
+    current = live.manifests()  # an unreadable manifest raises: never guess its chunks
+    reasons = Retention.from_dict(plan.retention).reasons(current, strict=False)
+    by_name = {m.name: m for m in current}
+    known = {(c.name, c.created) for c in plan.checkpoints}
+    report.new_checkpoints = [m.name for m in current if (m.name, m.created) not in known]
+    to_drop = []
+    for c in plan.checkpoints:
+        if c.keep:
+            continue
+        m = by_name.get(c.name)
+        if m is None:
+            report.skipped[c.name] = "gone: removed since the plan"
+        elif m.created != c.created:
+            report.skipped[c.name] = "replaced: removed and saved again since the plan"
+        elif reasons[c.name]:
+            why = ", ".join(reasons[c.name])
+            report.skipped[c.name] = f"now kept ({why}): the checkpoints changed since the plan"
+        else:
+            to_drop.append(c.name)
+    return to_drop
 
 
 def _sweep(
     repo: Repository,
     lock: leases.Lease,
     report: GcReport,
-    grace_s: float,
-    skew_s: float,
+    plan: GcPlan,
     progress: Progress | None,
 ) -> bool:
-    """Steps 2-4 of :func:`execute`. Returns whether a plan was published."""
+    """Steps 2-4 of :func:`execute`. Returns whether a chunk list was published."""
     backend = repo.backend
+    skew_s = lock.skew
     # 2. observe, in this order: chunks, leases, manifests, trash
     chunks, lease_infos, manifests = _list_state(repo)
     trash = repo.trash_entries()
     now = time.time()
-    d = _decide(chunks, lease_infos, manifests, trash, now=now, grace=grace_s, skew=skew_s)
+    d = _decide(chunks, lease_infos, manifests, trash, now=now, grace=plan.grace, skew=skew_s)
+    # the plan bounds what goes: never a chunk it does not name
+    doomed = [c for c in d.doomed if layout.chunk_digest(c.key) in plan.chunk_keys]
+    report.chunks_skipped = len(plan.chunk_keys) - len(doomed)
+    report.chunks_unplanned = len(d.doomed) - len(doomed)
     report.chunks_held = len(d.held_by_grace) + len(d.held_by_saves)
     report.bytes_held = _size(d.held_by_grace) + _size(d.held_by_saves)
     report.held_by_saves = len(d.held_by_saves)
     report.saves_in_flight = len(d.live_saves)
     report.trash_kept = len(d.keep_trash)
-    # 3. publish the plan, then delete exactly that
-    if d.doomed:
+    # 3. publish the list, then delete exactly that
+    if doomed:
         lock.check("publish its plan")
-        keys = [layout.chunk_digest(c.key) for c in d.doomed]
+        keys = [layout.chunk_digest(c.key) for c in doomed]
         backend.put(layout.gc_plan_key(lock.id), leases.encode_plan(k for k in keys if k))
         lock.update(
             state="planned",
             plan={
                 "key": layout.gc_plan_key(lock.id),
-                "chunks": len(d.doomed),
-                "bytes": _size(d.doomed),
+                "chunks": len(doomed),
+                "bytes": _size(doomed),
             },
         )
         report.plan_published = True  # from here on saves see what we delete
-        for start in range(0, len(d.doomed), _BATCH):
+        for start in range(0, len(doomed), _BATCH):
             lock.check("delete chunks")
-            batch = d.doomed[start : start + _BATCH]
+            batch = doomed[start : start + _BATCH]
             backend.map(lambda c: backend.delete(c.key), batch)
             report.chunks_deleted += len(batch)
             report.bytes_deleted += _size(batch)
             if progress:
-                progress("delete", report.chunks_deleted, len(d.doomed))
+                progress("delete", report.chunks_deleted, len(doomed))
     # 4. the trash entries no running save needs, and dead leases / old gc records
     lock.check("purge the trash")
     backend.map(lambda t: backend.delete(t.key), d.purge_trash)
@@ -508,10 +655,32 @@ def remove(
     ttl: float | None = None,
     skew: float | None = None,
 ) -> GcReport:
-    """Drop the named checkpoints under the gc lock; their chunks go at the next gc."""
+    """Drop the named checkpoints under the gc lock; their chunks go at the next gc. All
+    must exist (:class:`~ckptstore.errors.CheckpointNotFoundError` otherwise, and nothing is
+    removed). An unreadable manifest is deleted outright (docs/format.md G2)."""
     if not names:
         raise ValueError("name at least one checkpoint to remove")
-    return execute(repo, drop=list(dict.fromkeys(names)), wait=wait, ttl=ttl, skew=skew)
+    names = list(dict.fromkeys(names))
+    t0 = time.monotonic()
+    lock = leases.acquire_gc(repo.backend, wait=wait, ttl=ttl, skew=skew)
+    report = GcReport(url=repo.url, dropped=[])
+    try:
+        present = set(repo.names())
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise CheckpointNotFoundError(
+                f"checkpoint(s) {missing} not found in {repo.url} (nothing deleted)"
+            )
+        lock.update(dropped=names)
+        for name in names:
+            lock.check("drop checkpoints")
+            _, size = repo.trash(name)
+            report.dropped.append(name)
+            report.bytes_deleted += size
+    finally:
+        lock.release()  # rm publishes no chunk list: no save can need its record
+        report.seconds = time.monotonic() - t0
+    return report
 
 
 # -- retention after a save (ckptstore.save(..., keep_last=N)) ---------------------------------
@@ -543,7 +712,7 @@ def retain_in_background(
         def run() -> None:
             try:
                 repo = Repository.open(url, storage_options)
-                out.set_result(execute(repo, retention, grace=grace))
+                out.set_result(collect(repo, retention, grace=grace))
             except GcBusyError as exc:
                 log.info("retention gc skipped: %s", exc)
                 out.set_result(None)
