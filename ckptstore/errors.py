@@ -48,6 +48,12 @@ class ManifestError(CkptStoreError, ValueError):
     """A manifest is truncated, corrupt or does not follow the schema."""
 
 
+class ManifestCodecError(ManifestError, UnknownCodecError):
+    """A manifest names a codec chain this reader cannot build (an unknown codec id or
+    parameter): the manifest is unreadable (a ManifestError) because of an unknown codec
+    (an UnknownCodecError). The message names the manifest and the tensor or object."""
+
+
 class MismatchError(CkptStoreError, ValueError):
     """The state dict given to load does not match the checkpoint (shape, dtype, keys)."""
 

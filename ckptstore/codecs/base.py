@@ -6,6 +6,8 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
+from ckptstore.errors import CorruptChunkError
+
 Buffer = bytes | bytearray | memoryview
 
 
@@ -31,6 +33,24 @@ class Codec(abc.ABC):
     @abc.abstractmethod
     def decode(self, data: Buffer) -> Buffer:
         """Invert :meth:`encode`."""
+
+    def decode_bounded(self, data: Buffer, max_size: int) -> Buffer:
+        """:meth:`decode`, refusing (``CorruptChunkError``) an output of more than
+        ``max_size`` bytes. The built-in codecs refuse before allocating it (a zstd frame
+        that declares more is a bomb); this default decodes first and checks after."""
+        out = self.decode(data)
+        size = memoryview(out).nbytes
+        if size > max_size:
+            raise CorruptChunkError(
+                f"{self.codec_id} decoded to {size} bytes, more than the {max_size} expected"
+            )
+        return out
+
+    def max_encoded_size(self, raw_size: int) -> int | None:
+        """The most bytes :meth:`encode` can turn ``raw_size`` bytes into — so the most a
+        valid input of :meth:`decode` can hold when its output is ``raw_size`` bytes. None
+        when the codec cannot say (then the stage before it decodes without a bound)."""
+        return None
 
     @abc.abstractmethod
     def get_config(self) -> dict[str, Any]:

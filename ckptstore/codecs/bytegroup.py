@@ -14,6 +14,7 @@ import numpy as np
 
 from ckptstore.codecs.base import Buffer, Codec, byte_view
 from ckptstore.codecs.registry import register
+from ckptstore.errors import CorruptChunkError
 
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -51,6 +52,15 @@ class ByteGroup(Codec):
             arr = ((u << 1) | (u >> (bits - 1))).view(np.uint8)
         planes = np.ascontiguousarray(arr.reshape(-1, self.width).T)
         return byte_view(planes)
+
+    def max_encoded_size(self, raw_size: int) -> int:
+        return raw_size
+
+    def decode_bounded(self, data: Buffer, max_size: int) -> Buffer:
+        size = memoryview(data).nbytes
+        if size > max_size:
+            raise CorruptChunkError(f"bytegroup input of {size} bytes exceeds {max_size}")
+        return self.decode(data)
 
     def decode(self, data: Buffer) -> Buffer:
         arr = np.frombuffer(data, dtype=np.uint8)

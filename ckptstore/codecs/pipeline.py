@@ -14,6 +14,7 @@ from ckptstore.codecs.bytegroup import ByteGroup
 from ckptstore.codecs.quantize import Cast, Int8Block, LossyCodec
 from ckptstore.codecs.registry import get_codec
 from ckptstore.codecs.zstd import Zstd
+from ckptstore.errors import CorruptChunkError
 
 # element type name → (bytes per element, is floating point); names follow torch's dtypes
 DTYPES: dict[str, tuple[int, bool]] = {
@@ -69,10 +70,52 @@ class Pipeline:
             data = codec.encode(data)
         return data
 
-    def decode(self, data: Buffer) -> Buffer:
-        for codec in reversed(self.codecs):
-            data = codec.decode(data)
-        return data
+    def decode(self, data: Buffer, expected_size: int | None = None) -> Buffer:
+        """Invert :meth:`encode`.
+
+        With ``expected_size`` (the raw size the caller's manifest declares) decoding never
+        allocates more than that bound at any stage — a zstd frame declaring more is refused
+        before it is inflated — and an output of any other size is refused: every failure is
+        a ``CorruptChunkError``. Without it, each codec decodes unbounded and raises its own
+        ``ValueError`` (``CorruptChunkError`` included) on malformed input.
+        """
+        return self.decode_parts(data, expected_size)[1]
+
+    def decode_parts(self, data: Buffer, expected_size: int | None = None) -> tuple[Buffer, Buffer]:
+        """Like :meth:`decode`, returning ``(keyed, raw)``: the bytes a chunk key hashes
+        (the lossy first stage's output, or the raw bytes of a lossless chain) and the raw
+        bytes."""
+        if expected_size is None:
+            keyed = data
+            for i in range(len(self.codecs) - 1, -1, -1):
+                data = self.codecs[i].decode(data)
+                if i > 0 or self.codecs[i].lossless:
+                    keyed = data
+            return keyed, data
+        if isinstance(expected_size, bool) or not isinstance(expected_size, int):
+            raise TypeError(f"expected_size must be an int, not {type(expected_size).__name__}")
+        if expected_size < 0:
+            raise ValueError(f"expected_size must be >= 0, got {expected_size}")
+        # limits[i]: the most bytes codec i's decode may output
+        limits: list[int | None] = [expected_size]
+        for codec in self.codecs[:-1]:
+            prev = limits[-1]
+            limits.append(None if prev is None else codec.max_encoded_size(prev))
+        keyed = data
+        try:
+            for i in range(len(self.codecs) - 1, -1, -1):
+                codec, limit = self.codecs[i], limits[i]
+                data = codec.decode(data) if limit is None else codec.decode_bounded(data, limit)
+                if i > 0 or codec.lossless:
+                    keyed = data
+        except CorruptChunkError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise CorruptChunkError(f"cannot be decoded with {self.short()}: {exc}") from exc
+        size = memoryview(data).nbytes
+        if size != expected_size:
+            raise CorruptChunkError(f"decoded to {size} bytes, expected {expected_size}")
+        return keyed, data
 
     def short(self) -> str:
         """Compact label, e.g. ``group4+rot>zstd-entropy``."""

@@ -29,6 +29,7 @@ from ckptstore.codecs.registry import register
 from ckptstore.errors import CorruptChunkError
 
 SOURCES = ("float64", "float32", "bfloat16", "float16")
+_ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -197,7 +198,18 @@ class Cast(LossyCodec):
         )
         return out, _stats(x, approx, 1)
 
+    def max_encoded_size(self, raw_size: int) -> int:
+        width = _ITEMSIZE[self.source]
+        n = raw_size // width  # header, 2 bytes each, at worst every element patched
+        return _CAST_HEADER.size + 2 * n + (4 + width) * n + _PATCH_COUNT.size
+
     def decode(self, data: Buffer) -> Buffer:
+        return self._decode(data, None)
+
+    def decode_bounded(self, data: Buffer, max_size: int) -> Buffer:
+        return self._decode(data, max_size)
+
+    def _decode(self, data: Buffer, max_size: int | None) -> Buffer:
         view = byte_view(data)
         if len(view) < _CAST_HEADER.size or (len(view) - _CAST_HEADER.size) % 2:
             raise CorruptChunkError(f"cast payload of {len(view)} bytes is malformed")
@@ -218,6 +230,9 @@ class Cast(LossyCodec):
             idx = np.frombuffer(body, dtype=np.uint32, count=patches, offset=end)
             vals = np.frombuffer(body, dtype=wide_dtype, count=patches, offset=end + 4 * patches)
             body = body[:end]
+        out_size = len(body) // 2 * _ITEMSIZE[self.source]
+        if max_size is not None and out_size > max_size:
+            raise CorruptChunkError(f"cast payload decodes to {out_size} bytes, over {max_size}")
         if kind & 1 == _AS_FP16:
             wide = np.frombuffer(body, dtype=np.float16).astype(wide_dtype)
         else:
@@ -287,13 +302,27 @@ class Int8Block(LossyCodec):
         out = _INT8_HEADER.pack(kind, n) + q.tobytes() + stored.tobytes()
         return out, _stats(x, approx, 0)
 
+    def max_encoded_size(self, raw_size: int) -> int:
+        n = raw_size // _ITEMSIZE[self.source]
+        blocks = -(-n // self.block)
+        return _INT8_HEADER.size + max(raw_size, blocks * (self.block + 4))
+
     def decode(self, data: Buffer) -> Buffer:
+        return self._decode(data, None)
+
+    def decode_bounded(self, data: Buffer, max_size: int) -> Buffer:
+        return self._decode(data, max_size)
+
+    def _decode(self, data: Buffer, max_size: int | None) -> Buffer:
         view = byte_view(data)
         try:
             kind, n = _INT8_HEADER.unpack_from(view)
         except struct.error as exc:
             raise CorruptChunkError(f"int8 payload is truncated: {exc}") from exc
         body = view[_INT8_HEADER.size :]
+        out_size = len(body) if kind == _RAW else n * _ITEMSIZE[self.source]
+        if max_size is not None and out_size > max_size:
+            raise CorruptChunkError(f"int8 payload decodes to {out_size} bytes, over {max_size}")
         if kind == _RAW:
             return body
         blocks = -(-n // self.block)

@@ -22,14 +22,17 @@ def register(cls: type[Codec]) -> type[Codec]:
 def get_codec(config: dict[str, Any]) -> Codec:
     """Rebuild a codec from its stored config."""
     codec_id = config.get("id") if isinstance(config, dict) else None
-    cls = _REGISTRY.get(codec_id)  # type: ignore[arg-type]
+    cls = _REGISTRY.get(codec_id) if isinstance(codec_id, str) else None
     if cls is None:
         known = ", ".join(sorted(_REGISTRY))
-        raise UnknownCodecError(f"unknown codec id {codec_id!r} (this reader knows: {known})")
+        shown = f"{codec_id!r:.80}" if isinstance(config, dict) else "(config is not a map)"
+        raise UnknownCodecError(f"unknown codec id {shown} (this reader knows: {known})")
     try:
         return cls.from_config(config)
-    except (TypeError, ValueError) as exc:
-        raise UnknownCodecError(f"bad config for codec {codec_id!r}: {config!r}: {exc}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UnknownCodecError(
+            f"bad config for codec {codec_id!r}: {config!r:.200}: {exc}"
+        ) from exc
 
 
 def known_ids() -> list[str]:

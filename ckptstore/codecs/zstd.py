@@ -102,8 +102,22 @@ class Zstd(Codec):
                 parts.append(piece)
         return b"".join([bytes(header), *parts])
 
+    def max_encoded_size(self, raw_size: int) -> int:
+        # header + per segment the larger of a raw copy and a zstd frame (compressBound)
+        return 1 + 255 * _ENTRY.size + raw_size + (raw_size >> 7) + 255 * 64
+
     def decode(self, data: Buffer) -> Buffer:
+        return self._decode(data, None)
+
+    def decode_bounded(self, data: Buffer, max_size: int) -> Buffer:
+        """Decode into at most ``max_size`` bytes: every frame's declared content size is
+        checked against what is left before it is decompressed, so a frame that would
+        inflate past the chunk's raw size (a zstd bomb) is refused without allocating."""
+        return self._decode(data, max_size)
+
+    def _decode(self, data: Buffer, max_size: int | None) -> Buffer:
         view = byte_view(data)
+        left = max_size
         try:
             n = view[0]
             pos = 1 + n * _ENTRY.size
@@ -115,11 +129,24 @@ class Zstd(Codec):
                     raise ValueError("segment runs past the end of the data")
                 pos += length
                 if kind == _ZSTD:
-                    out.append(_decompressor().decompress(piece))
-                elif kind == _RAW:
-                    out.append(piece)
-                else:
+                    size = zstandard.frame_content_size(piece)
+                    if size < 0:
+                        raise ValueError(f"segment {i}: zstd frame without a content size")
+                    if left is not None and size > left:
+                        raise ValueError(
+                            f"segment {i}: zstd frame declares {size} bytes, more than the "
+                            f"{left} left of the expected {max_size} (a zstd bomb?)"
+                        )
+                    piece = _decompressor().decompress(piece, allow_extra_data=False)
+                    if len(piece) != size:  # zstandard checks this; a guard all the same
+                        raise ValueError(f"segment {i}: frame gave {len(piece)} of {size} bytes")
+                elif kind != _RAW:
                     raise ValueError(f"unknown segment kind {kind}")
+                if left is not None:
+                    left -= len(piece)
+                    if left < 0:
+                        raise ValueError(f"segments hold more than the expected {max_size} bytes")
+                out.append(piece)
             if pos != len(view):
                 raise ValueError(f"{len(view) - pos} trailing bytes")
         except (IndexError, struct.error, ValueError, zstandard.ZstdError) as exc:

@@ -7,6 +7,7 @@ than half-read.
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from dataclasses import dataclass, field
@@ -15,13 +16,101 @@ from typing import Any
 import msgpack
 import xxhash
 
-from ckptstore.codecs.pipeline import DTYPES
-from ckptstore.codecs.quantize import QuantStats
-from ckptstore.errors import FormatVersionError, ManifestError
-from ckptstore.store.layout import FORMAT_VERSION
+from ckptstore.codecs.bytegroup import ByteGroup
+from ckptstore.codecs.pipeline import DTYPES, Pipeline
+from ckptstore.codecs.quantize import Cast, QuantStats
+from ckptstore.errors import (
+    FormatVersionError,
+    ManifestCodecError,
+    ManifestError,
+    UnknownCodecError,
+)
+from ckptstore.store.layout import FORMAT_VERSION, check_name
 
 MANIFEST_MAGIC = b"CKM1"
 _HEADER = struct.Struct("<4sQ")
+
+
+class SchemaError(ValueError):
+    """A manifest field has the wrong type or an inconsistent value. The message starts
+    with the field's path, e.g. ``tensors['w'].shards[1].codec: …``; ``Manifest.decode``
+    turns it into a ``ManifestError`` that also names the manifest."""
+
+
+_MAX_INT = 2**63 - 1  # sizes, rows and offsets: what an int64 (and torch) can hold
+MAX_EXPANSION = 1 << 20
+"""No chunk (or inline blob) may declare more raw bytes than this many times its stored
+size. zstd cannot exceed ~32768:1 (an RLE block per 128 KiB), int8 of float64 adds 8×: the
+most any v1 chain can reach is ~2^18, so a larger claim is refused before anything is read."""
+
+
+def _type_name(v: Any) -> str:
+    return "nil" if v is None else type(v).__name__
+
+
+def _req(m: dict[Any, Any], key: str, where: str) -> Any:
+    if key not in m:
+        raise SchemaError(f"{where}: missing required field {key!r}")
+    return m[key]
+
+
+def _int(v: Any, where: str, lo: int = 0, hi: int = _MAX_INT) -> int:
+    if type(v) is not int:  # not bool, not float
+        raise SchemaError(f"{where}: expected an int, got {_type_name(v)} {v!r:.60}")
+    if not lo <= v <= hi:
+        raise SchemaError(f"{where}: {v} is outside [{lo}, {hi}]")
+    return v
+
+
+def _float(v: Any, where: str) -> float:
+    if type(v) not in (int, float):
+        raise SchemaError(f"{where}: expected a number, got {_type_name(v)} {v!r:.60}")
+    if not math.isfinite(v):
+        raise SchemaError(f"{where}: {v} is not finite")
+    return float(v)
+
+
+def _str(v: Any, where: str) -> str:
+    if not isinstance(v, str):
+        raise SchemaError(f"{where}: expected a str, got {_type_name(v)} {v!r:.60}")
+    return v
+
+
+def _bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise SchemaError(f"{where}: expected a bool, got {_type_name(v)} {v!r:.60}")
+    return v
+
+
+def _list(v: Any, where: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise SchemaError(f"{where}: expected an array, got {_type_name(v)} {v!r:.60}")
+    return v
+
+
+def _map(v: Any, where: str, str_keys: bool = True) -> dict[Any, Any]:
+    if not isinstance(v, dict):
+        raise SchemaError(f"{where}: expected a map, got {_type_name(v)} {v!r:.60}")
+    if str_keys:
+        for k in v:
+            if not isinstance(k, str):
+                raise SchemaError(f"{where}: key {k!r:.60} is not a str")
+    return v
+
+
+def _ints(v: Any, where: str) -> list[int]:
+    return [_int(x, f"{where}[{i}]") for i, x in enumerate(_list(v, where))]
+
+
+def _path(v: Any, where: str) -> list[str | int]:
+    """A planner_data / int_keys path: a non-empty array of str dict keys and int indices."""
+    out = _list(v, where)
+    if not out:
+        raise SchemaError(f"{where}: empty path")
+    for i, x in enumerate(out):
+        if type(x) is not int and not isinstance(x, str):
+            raise SchemaError(f"{where}[{i}]: expected a str or int, got {_type_name(x)}")
+    return out
 
 
 @dataclass
@@ -40,11 +129,37 @@ class ChunkRef:
         return [self.key, self.row_start, self.row_stop, self.stored, self.new]
 
     @classmethod
-    def unpack(cls, v: Any) -> ChunkRef:
+    def unpack(cls, v: Any, where: str = "chunk") -> ChunkRef:
+        v = _list(v, where)
+        if len(v) != 5:
+            raise SchemaError(f"{where}: expected 5 elements, got {len(v)}")
         key, start, stop, stored, new = v
         if not isinstance(key, bytes) or len(key) != 16:
-            raise ValueError(f"bad chunk key {key!r}")
-        return cls(key, int(start), int(stop), int(stored), bool(new))
+            raise SchemaError(f"{where}[0]: bad chunk key {key!r:.60}")
+        return cls(
+            key,
+            _int(start, f"{where}[1]"),
+            _int(stop, f"{where}[2]"),
+            _int(stored, f"{where}[3]"),
+            _bool(new, f"{where}[4]"),
+        )
+
+
+def _qstats(v: Any, where: str) -> QuantStats:
+    v = _list(v, where)
+    if len(v) != 5:
+        raise SchemaError(f"{where}: expected 5 elements, got {len(v)}")
+    sq_err, sq_ref, max_abs, fallback, chunks = v
+    for i, x in enumerate((sq_err, sq_ref, max_abs)):  # sums may overflow to inf, or be NaN
+        if type(x) not in (int, float):
+            raise SchemaError(f"{where}[{i}]: expected a number, got {_type_name(x)}")
+    return QuantStats(
+        float(sq_err),
+        float(sq_ref),
+        float(max_abs),
+        _int(fallback, f"{where}[3]"),
+        _int(chunks, f"{where}[4]"),
+    )
 
 
 @dataclass
@@ -86,16 +201,26 @@ class Blob:
         return out
 
     @classmethod
-    def unpack(cls, v: dict[str, Any], codecs: list[list[dict[str, Any]]]) -> Blob:
-        if not 0 <= v["codec"] < len(codecs):
-            raise ValueError(f"codec index {v['codec']} outside the codec table")
-        codec = codecs[v["codec"]]
+    def unpack(cls, v: Any, codecs: list[list[dict[str, Any]]], where: str = "blob") -> Blob:
+        v = _map(v, where, str_keys=False)
+        index = _int(_req(v, "codec", where), f"{where}.codec")
+        if index >= len(codecs):
+            raise SchemaError(
+                f"{where}.codec: index {index} is outside the codec table ({len(codecs)} entries)"
+            )
+        nbytes = _int(_req(v, "nbytes", where), f"{where}.nbytes")
+        rows = _int(_req(v, "rows", where), f"{where}.rows")
         inline = v.get("inline")
-        chunks = [] if inline is not None else [ChunkRef.unpack(c) for c in v["chunks"]]
-        if inline is not None and not isinstance(inline, bytes):
-            raise ValueError("inline payload is not bytes")
-        qstats = QuantStats.unpack(v["qstats"]) if v.get("qstats") is not None else None
-        return cls(codec, int(v["nbytes"]), int(v["rows"]), inline, chunks, qstats)
+        chunks: list[ChunkRef] = []
+        if inline is not None:
+            if not isinstance(inline, bytes):
+                raise SchemaError(f"{where}.inline: expected bin, got {_type_name(inline)}")
+        else:
+            raw = _list(_req(v, "chunks", where), f"{where}.chunks")
+            chunks = [ChunkRef.unpack(c, f"{where}.chunks[{i}]") for i, c in enumerate(raw)]
+        qs = v.get("qstats")
+        qstats = None if qs is None else _qstats(qs, f"{where}.qstats")
+        return cls(codecs[index], nbytes, rows, inline, chunks, qstats)
 
 
 @dataclass
@@ -239,6 +364,11 @@ class Manifest:
         if not isinstance(d, dict):
             raise ManifestError(f"manifest {where} is not a map")
         version = d.get("format")
+        if type(version) is not int:
+            raise ManifestError(
+                f"manifest {where} does not follow the v1 schema: format: expected an int, "
+                f"got {_type_name(version)}"
+            )
         if version != FORMAT_VERSION:
             raise FormatVersionError(
                 f"manifest {where} has format version {version!r}; this ckptstore reads "
@@ -248,76 +378,343 @@ class Manifest:
             manifest = cls._from_dict(d)
             manifest.validate()
             return manifest
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except UnknownCodecError as exc:
+            raise ManifestCodecError(f"manifest {where}: {exc}") from exc
+        except SchemaError as exc:
+            raise ManifestError(f"manifest {where} does not follow the v1 schema: {exc}") from exc
+        except (
+            KeyError,
+            TypeError,
+            ValueError,
+            IndexError,
+            AttributeError,
+            OverflowError,
+            RecursionError,
+        ) as exc:  # a safety net: the checks above are meant to leave nothing for it
             raise ManifestError(f"manifest {where} does not follow the v1 schema: {exc!r}") from exc
 
+    # -- validation ---------------------------------------------------------------------
     def validate(self) -> None:
-        """Structural checks a reader relies on; raises ValueError naming the problem."""
+        """Everything a reader relies on (docs/format.md, "Validation"): dtypes, shard boxes
+        inside the shape and exactly tiling it, sizes and rows, chunk rows tiling each blob,
+        codec chains this reader can build and that fit the dtype, and planner_data/int_keys
+        paths that rebuild a state dict. Raises ``SchemaError`` (a ValueError) naming the
+        field, or ``UnknownCodecError`` for a chain this reader cannot build."""
+        pipelines: dict[bytes, Pipeline] = {}
         for fqn, t in self.tensors.items():
-            itemsize = DTYPES.get(t.dtype, (None, None))[0]
-            if itemsize is None:
-                raise ValueError(f"tensor {fqn!r} has unknown dtype {t.dtype!r}")
-            for s in t.shards:
+            where = f"tensors[{_q(fqn)}]"
+            info = DTYPES.get(t.dtype) if isinstance(t.dtype, str) else None
+            if info is None:
+                raise SchemaError(f"{where}.dtype: unknown dtype {t.dtype!r:.60}")
+            itemsize = info[0]
+            for d, dim in enumerate(t.shape):
+                _int(dim, f"{where}.shape[{d}]")
+            numel = math.prod(t.shape)
+            if numel * itemsize > _MAX_INT:
+                raise SchemaError(
+                    f"{where}.shape: {t.shape} of {t.dtype} is {numel * itemsize} bytes, more "
+                    "than any tensor can hold"
+                )
+            for k, s in enumerate(t.shards):
+                sw = f"{where}.shards[{k}]"
                 if len(s.offsets) != len(t.shape) or len(s.sizes) != len(t.shape):
-                    raise ValueError(f"shard of {fqn!r} has rank unlike shape {t.shape}")
-                for off, size, dim in zip(s.offsets, s.sizes, t.shape, strict=True):
-                    if off < 0 or size < 0 or off + size > dim:
-                        raise ValueError(
-                            f"shard {s.offsets}+{s.sizes} of {fqn!r} exceeds {t.shape}"
-                        )
-                numel = 1
-                for size in s.sizes:
-                    numel *= size
-                if s.blob.nbytes != numel * itemsize:
-                    raise ValueError(
-                        f"shard of {fqn!r} holds {s.blob.nbytes} bytes, expected {numel * itemsize}"
+                    raise SchemaError(
+                        f"{sw}: box {s.offsets}+{s.sizes} has a rank unlike shape {t.shape}"
+                    )
+                for d, (off, size, dim) in enumerate(zip(s.offsets, s.sizes, t.shape, strict=True)):
+                    _int(off, f"{sw}.offsets[{d}]")
+                    _int(size, f"{sw}.sizes[{d}]")
+                    if off + size > dim:
+                        raise SchemaError(f"{sw}: box {s.offsets}+{s.sizes} exceeds {t.shape}")
+                expect = math.prod(s.sizes) * itemsize
+                if s.blob.nbytes != expect:
+                    raise SchemaError(
+                        f"{sw}.nbytes: holds {s.blob.nbytes} bytes, expected {expect} "
+                        f"({s.sizes} of {t.dtype})"
                     )
                 rows = s.sizes[0] if s.sizes else 1
                 if s.blob.rows != rows and s.blob.nbytes:
-                    raise ValueError(f"shard of {fqn!r} has {s.blob.rows} rows, expected {rows}")
-        for fqn, blob in self.blobs():
-            if blob.rows < 0 or blob.nbytes < 0 or (blob.rows and blob.nbytes % blob.rows):
-                raise ValueError(f"{fqn!r}: {blob.nbytes} bytes do not split into {blob.rows} rows")
-            if blob.inline is None:
-                expect = 0
-                for c in blob.chunks:  # chunks must tile [0, rows) in order
-                    if c.row_start != expect or c.row_stop <= c.row_start:
-                        raise ValueError(f"chunks of {fqn!r} do not tile its rows at {expect}")
-                    expect = c.row_stop
-                if expect != blob.rows:
-                    raise ValueError(f"chunks of {fqn!r} cover {expect} of {blob.rows} rows")
+                    raise SchemaError(f"{sw}.rows: {s.blob.rows} rows, expected {rows}")
+                self._check_blob(sw, s.blob, t.dtype, pipelines)
+            _check_tiling(where, t.shape, t.shards, numel)
+        for fqn, blob in self.objects.items():
+            where = f"objects[{_q(fqn)}]"
+            if blob.nbytes and blob.rows != blob.nbytes:
+                raise SchemaError(
+                    f"{where}.rows: {blob.rows} rows, expected {blob.nbytes} (one per byte)"
+                )
+            self._check_blob(where, blob, None, pipelines)
+        self._check_paths()
+
+    @staticmethod
+    def _check_blob(
+        where: str, blob: Blob, dtype: str | None, pipelines: dict[bytes, Pipeline]
+    ) -> None:
+        _int(blob.nbytes, f"{where}.nbytes")
+        _int(blob.rows, f"{where}.rows")
+        if blob.rows == 0 and blob.nbytes or blob.rows and blob.nbytes % blob.rows:
+            raise SchemaError(f"{where}: {blob.nbytes} bytes do not split into {blob.rows} rows")
+        _check_chain(where, blob.codec, dtype, pipelines)
+        if blob.inline is not None:
+            if blob.nbytes > MAX_EXPANSION * len(blob.inline):
+                raise SchemaError(
+                    f"{where}.nbytes: {blob.nbytes} bytes cannot come from "
+                    f"{len(blob.inline)} inline bytes"
+                )
+            return
+        row_bytes = blob.nbytes // blob.rows if blob.rows else 0
+        expect = 0
+        for i, c in enumerate(blob.chunks):  # chunks must tile [0, rows) in order
+            if c.row_start != expect or c.row_stop <= c.row_start:
+                raise SchemaError(
+                    f"{where}.chunks[{i}]: rows [{c.row_start}, {c.row_stop}) do not continue "
+                    f"the chunk rows at {expect}"
+                )
+            expect = c.row_stop
+            raw = (c.row_stop - c.row_start) * row_bytes
+            if raw > MAX_EXPANSION * c.stored:
+                raise SchemaError(
+                    f"{where}.chunks[{i}]: {raw} raw bytes cannot come from a chunk object "
+                    f"of {c.stored} bytes"
+                )
+        if expect != blob.rows:
+            raise SchemaError(f"{where}.chunks: cover {expect} of {blob.rows} rows")
+
+    def _check_paths(self) -> None:
+        """planner_data and int_keys must rebuild a state dict (api._unflatten) without
+        conflict, and no list index may exceed the number of values in the checkpoint."""
+        count = len(self.tensors) + len(self.objects)
+        ints: set[tuple[Any, ...]] = set()
+        for j, path in enumerate(self.int_keys):
+            where = f"int_keys[{j}]"
+            _path(path, where)
+            last = path[-1]
+            if isinstance(last, str):
+                try:
+                    int(last)
+                except ValueError:
+                    raise SchemaError(f"{where}: {last!r:.60} is not an int dict key") from None
+            ints.add(tuple(path))
+        if self.planner_data is None:
+            return
+        if not isinstance(self.planner_data, dict):
+            raise SchemaError(f"planner_data: expected a map, got {_type_name(self.planner_data)}")
+        for fqn, path in self.planner_data.items():
+            where = f"planner_data[{_q(fqn)}]"
+            _str(fqn, f"planner_data key {fqn!r:.60}")
+            for i, p in enumerate(_path(path, where)):
+                if type(p) is int and not 0 <= p < count:
+                    raise SchemaError(
+                        f"{where}[{i}]: list index {p} is outside [0, {count}) — the "
+                        f"checkpoint holds {count} values"
+                    )
+        if not self.planner_data:
+            return  # load_full keeps the flat names
+        # A trie of every value's path: each node is a dict (keys) or a list (indices), and
+        # no value sits where another path continues.
+        root: list[Any] = ["key", {}, False]  # kind, children, holds a value
+        for fqn in [*self.tensors, *self.objects]:
+            path = self.planner_data.get(fqn, [fqn])
+            where = f"planner_data[{_q(fqn)}]"
+            node = root
+            for i, p in enumerate(path):
+                if isinstance(p, str) and tuple(path[: i + 1]) in ints:
+                    key, kind = int(p), "key"
+                else:
+                    key, kind = p, "index" if type(p) is int else "key"
+                if node[0] is None:
+                    node[0] = kind
+                elif node[0] != kind:
+                    what = "a list index" if kind == "index" else "a dict key"
+                    raise SchemaError(
+                        f"{where}[{i}]: {p!r:.60} is {what} where another path has "
+                        f"{'dict keys' if kind == 'index' else 'list indices'}"
+                    )
+                child = node[1].get(key)
+                if child is None:
+                    child = node[1][key] = [None, {}, False]
+                if i == len(path) - 1:
+                    if child[2] or child[1]:
+                        raise SchemaError(f"{where}: path {path!r:.100} is taken by another value")
+                    child[2] = True
+                elif child[2]:
+                    raise SchemaError(f"{where}: path {path!r:.100} runs through another value")
+                node = child
 
     @classmethod
-    def _from_dict(cls, d: dict[str, Any]) -> Manifest:
-        codecs = d["codecs"]
+    def _from_dict(cls, d: dict[Any, Any]) -> Manifest:
+        codecs = _list(_req(d, "codecs", "manifest"), "codecs")
+        for i, chain in enumerate(codecs):
+            for j, cfg in enumerate(_list(chain, f"codecs[{i}]")):
+                _map(cfg, f"codecs[{i}][{j}]")
         tensors = {}
-        for fqn, t in d["tensors"].items():
-            shards = [
-                Shard(
-                    [int(x) for x in s["offsets"]],
-                    [int(x) for x in s["sizes"]],
-                    Blob.unpack(s, codecs),
+        for fqn, t in _map(_req(d, "tensors", "manifest"), "tensors").items():
+            where = f"tensors[{_q(fqn)}]"
+            t = _map(t, where, str_keys=False)
+            shards = []
+            for k, sv in enumerate(_list(_req(t, "shards", where), f"{where}.shards")):
+                sw = f"{where}.shards[{k}]"
+                sv = _map(sv, sw, str_keys=False)
+                shards.append(
+                    Shard(
+                        _ints(_req(sv, "offsets", sw), f"{sw}.offsets"),
+                        _ints(_req(sv, "sizes", sw), f"{sw}.sizes"),
+                        Blob.unpack(sv, codecs, sw),
+                    )
                 )
-                for s in t["shards"]
-            ]
             tensors[fqn] = TensorEntry(
-                str(t["dtype"]), [int(x) for x in t["shape"]], shards, bool(t["requires_grad"])
+                _str(_req(t, "dtype", where), f"{where}.dtype"),
+                _ints(_req(t, "shape", where), f"{where}.shape"),
+                shards,
+                _bool(_req(t, "requires_grad", where), f"{where}.requires_grad"),
             )
-        objects = {fqn: Blob.unpack(b, codecs) for fqn, b in d["objects"].items()}
-        step = d["step"]
+        objects = {
+            fqn: Blob.unpack(b, codecs, f"objects[{_q(fqn)}]")
+            for fqn, b in _map(_req(d, "objects", "manifest"), "objects").items()
+        }
+        step = _req(d, "step", "manifest")
+        planner = d.get("planner_data")
+        if planner is not None:
+            planner = {
+                fqn: _path(p, f"planner_data[{_q(fqn)}]")
+                for fqn, p in _map(planner, "planner_data").items()
+            }
+        dcp_version = d.get("dcp_version")
+        user = d.get("user")
+        int_keys = d.get("int_keys")
         return cls(
-            name=str(d["name"]),
-            step=None if step is None else int(step),
-            created=float(d["created"]),
+            name=_name(_req(d, "name", "manifest")),
+            step=None if step is None else _int(step, "step"),
+            created=_float(_req(d, "created", "manifest"), "created"),
             tensors=tensors,
             objects=objects,
-            planner_data=d.get("planner_data"),
-            dcp_version=d.get("dcp_version"),
-            writer=str(d.get("writer", "")),
-            seconds=float(d.get("seconds", 0.0)),
-            user=dict(d.get("user") or {}),
-            int_keys=[list(p) for p in d.get("int_keys") or []],
+            planner_data=planner,
+            dcp_version=None if dcp_version is None else _str(dcp_version, "dcp_version"),
+            writer=_str(d.get("writer", ""), "writer"),
+            seconds=_float(d.get("seconds", 0.0), "seconds"),
+            user={} if user is None else dict(_map(user, "user", str_keys=False)),
+            int_keys=[]
+            if int_keys is None
+            else [_path(p, f"int_keys[{i}]") for i, p in enumerate(_list(int_keys, "int_keys"))],
         )
+
+
+def _q(fqn: Any) -> str:
+    """repr of a name for messages, cut short."""
+    r = repr(fqn)
+    return r if len(r) <= 80 else r[:76] + "…" + r[-1]
+
+
+def _name(v: Any) -> str:
+    try:
+        return check_name(v)
+    except ValueError as exc:
+        raise SchemaError(f"name: {exc}") from None
+
+
+def _check_chain(
+    where: str, chain: Any, dtype: str | None, pipelines: dict[bytes, Pipeline]
+) -> None:
+    """The chain must be one this reader builds, stored canonically (every key, exact types),
+    and fit what it encodes: a lossy stage only first, only on tensors of its source dtype;
+    a bytegroup only as wide as an element (half of one for complex dtypes) or 1."""
+    try:
+        spec = msgpack.packb(chain)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SchemaError(f"{where}.codec: not a chain of codec configs: {exc}") from None
+    pipe = pipelines.get(spec)
+    if pipe is None:
+        if not isinstance(chain, list) or not all(isinstance(c, dict) for c in chain):
+            raise SchemaError(f"{where}.codec: not a chain of codec configs: {chain!r:.100}")
+        try:
+            pipe = Pipeline.from_config(chain)
+        except UnknownCodecError as exc:
+            raise UnknownCodecError(f"{where}.codec: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise SchemaError(f"{where}.codec: {exc}") from None
+        for cfg, canon in zip(chain, pipe.config, strict=True):
+            if set(cfg) != set(canon) or any(
+                type(cfg[k]) is not type(v) or cfg[k] != v for k, v in canon.items()
+            ):
+                raise SchemaError(
+                    f"{where}.codec: config {cfg!r:.100} is not canonical (expected {canon!r})"
+                )
+        pipelines[spec] = pipe
+    lossy, rest = pipe.split()
+    if dtype is None:
+        if lossy is not None:
+            raise SchemaError(f"{where}.codec: {lossy.short()} cannot encode an object value")
+        widths = {1}
+    elif lossy is not None:
+        if getattr(lossy, "source", None) != dtype:
+            raise SchemaError(
+                f"{where}.codec: {lossy.short()} quantizes {getattr(lossy, 'source', '?')}, "
+                f"not {dtype}"
+            )
+        widths = {1, 2} if isinstance(lossy, Cast) else {1}
+    else:
+        itemsize = DTYPES[dtype][0]
+        widths = {1, itemsize}
+        if dtype.startswith("complex"):
+            widths.add(itemsize // 2)
+    for c in rest.codecs:
+        if isinstance(c, ByteGroup) and c.width not in widths:
+            raise SchemaError(
+                f"{where}.codec: bytegroup width {c.width} does not fit "
+                f"{dtype or 'object bytes'} (element width {max(widths)})"
+            )
+
+
+def _check_tiling(where: str, shape: list[int], shards: list[Shard], numel: int) -> None:
+    """The non-empty shard boxes must cover every element of the tensor exactly once.
+
+    Every box already lies inside the shape, so: their volumes must add up to the tensor's,
+    and no two may overlap. Overlaps are found after sorting: along the one dimension the
+    boxes split (dim-0 slabs, the common case) by comparing neighbours, else by a sweep
+    along the dimension with the most distinct offsets."""
+    if not shards:
+        if numel:
+            raise SchemaError(f"{where}.shards: none, for a tensor of {numel} elements")
+        return
+    boxes = [(s.offsets, s.sizes, k) for k, s in enumerate(shards) if all(s.sizes)]
+    covered = sum(math.prod(sizes) for _, sizes, _ in boxes)
+    if covered < numel:
+        raise SchemaError(
+            f"{where}.shards: the boxes cover {covered} of {numel} elements (some are uncovered)"
+        )
+    if len(boxes) < 2:
+        return  # one box of the tensor's volume inside its shape: the whole tensor
+    ndim = len(shape)
+    split = [d for d in range(ndim) if any(off[d] or size[d] != shape[d] for off, size, _ in boxes)]
+
+    def overlap(a: tuple[list[int], list[int], int], b: tuple[list[int], list[int], int]):
+        return SchemaError(
+            f"{where}.shards: box {b[0]}+{b[1]} (shard {b[2]}) overlaps box {a[0]}+{a[1]} "
+            f"(shard {a[2]})"
+        )
+
+    if not split:  # several boxes, each the whole tensor
+        raise overlap(boxes[0], boxes[1])
+    if len(split) == 1:
+        d = split[0]
+        boxes.sort(key=lambda b: b[0][d])
+        for a, b in zip(boxes, boxes[1:], strict=False):
+            if b[0][d] < a[0][d] + a[1][d]:
+                raise overlap(a, b)
+    else:
+        d = max(split, key=lambda e: len({off[e] for off, _, _ in boxes}))
+        others = [e for e in split if e != d]
+        boxes.sort(key=lambda b: b[0][d])
+        active: list[tuple[list[int], list[int], int]] = []
+        for b in boxes:
+            start = b[0][d]
+            active = [a for a in active if a[0][d] + a[1][d] > start]
+            for a in active:
+                if all(a[0][e] < b[0][e] + b[1][e] and b[0][e] < a[0][e] + a[1][e] for e in others):
+                    raise overlap(a, b)
+            active.append(b)
+    if covered != numel:  # more volume than the tensor, yet no overlap: cannot happen
+        raise SchemaError(f"{where}.shards: the boxes hold {covered} of {numel} elements")
 
 
 def now() -> float:
