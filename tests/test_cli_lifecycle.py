@@ -136,3 +136,41 @@ def test_exit_codes(store, tmp_path):
 class EvilThing:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
+
+
+def test_gc_executes_the_plan_it_shows(store, monkeypatch):
+    """In process, so that a checkpoint can be committed between the plan and the run: the
+    run gets the very plan object shown, drops only what it lists, and says what it left."""
+    from click.testing import CliRunner
+
+    from ckptstore.cli.main import cli
+    from ckptstore.store import gc
+
+    real_plan, real_execute = gc.plan, gc.execute
+    seen: dict = {"step": 40}
+
+    def plan_then_commit(*args, **kwargs):
+        seen["plan"] = p = real_plan(*args, **kwargs)
+        seen["step"] += 10
+        ckptstore.save({"late": torch.ones(4)}, store, step=seen["step"])
+        return p
+
+    def execute(repo, plan, **kwargs):
+        assert plan is seen["plan"]
+        return real_execute(repo, plan, **kwargs)
+
+    monkeypatch.setattr(gc, "plan", plan_then_commit)
+    monkeypatch.setattr(gc, "execute", execute)
+    args = ["gc", store, "--keep-last", "2", "--grace", "0s"]
+    res = CliRunner().invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert "plan" not in out["result"]  # the plan once, beside the result
+    assert out["result"]["dropped"] == out["plan"]["dropped"]  # not step 30 (kept by the plan)
+    assert out["result"]["new_checkpoints"] == [layout.step_name(50)]
+    assert out["result"]["chunks_deleted"] <= out["plan"]["chunks_freed"]
+    assert [r["step"] for r in js("ls", store)] == [30, 40, 50]
+    res = CliRunner().invoke(cli, args)  # shown as text: what it left alone
+    assert res.exit_code == 0 and "left alone 1 checkpoint(s)" in res.stdout
+    assert layout.step_name(60) in res.stdout
+    assert [r["step"] for r in js("ls", store)] == [40, 50, 60]
