@@ -227,6 +227,17 @@ def test_pause_released_by_timer(faulty):
     assert time.monotonic() - t0 >= 0.25 and gate.reached.is_set()
 
 
+def test_hook_runs_before_the_nth_matching_call(faulty):
+    seen = []
+    faulty.on("put", "c/*", seen.append, after=1, times=2)
+    for i in range(5):
+        faulty.put(f"c/{i}", b"x")
+    assert seen == ["c/1", "c/2"]
+    faulty.on("get", "c/4", lambda key: (_ for _ in ()).throw(ConnectionError(key)))
+    with pytest.raises(ConnectionError, match="c/4"):
+        faulty.get("c/4")
+
+
 def test_unknown_operation_is_refused(faulty):
     with pytest.raises(ValueError, match="unknown operation"):
         faulty.fail("rename")

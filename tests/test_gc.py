@@ -12,7 +12,7 @@ from torch.distributed.checkpoint import DefaultSavePlanner
 
 import ckptstore
 from ckptstore import errors
-from ckptstore.backend import FsspecBackend, open_backend
+from ckptstore.backend import open_backend
 from ckptstore.store import Repository, gc, layout, leases
 from ckptstore.testing.faulty import FaultyBackend
 from tests.helpers import assert_same
@@ -397,21 +397,24 @@ def test_expired_save_lease_does_not_commit(local_url, monkeypatch):
 
 
 def test_save_lease_lives_during_the_save_only(local_url):
-    # still patches the class: save() opens its backend from the URL (no backend object yet)
-    seen = []
-    original = FsspecBackend.put
+    faulty = FaultyBackend(open_backend(local_url))
+    gate = faulty.pause("put", layout.CHECKPOINTS + "/*")  # hold the commit
+    errors_seen: list[BaseException] = []
 
-    def spy(backend, key, data, *, create_only=False):
-        if key.startswith(layout.CHECKPOINTS):
-            seen.append(backend.list(layout.LEASES))
-        return original(backend, key, data, create_only=create_only)
+    def run() -> None:
+        try:
+            _save(_state(1), faulty, step=1)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors_seen.append(exc)
 
-    FsspecBackend.put = spy  # type: ignore[method-assign]
-    try:
-        _save(_state(1), local_url, step=1)
-    finally:
-        FsspecBackend.put = original  # type: ignore[method-assign]
-    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith("leases/save-")
+    saver = threading.Thread(target=run, daemon=True)
+    saver.start()
+    assert gate.wait_reached(60)
+    held = Repository.open(local_url).backend.list(layout.LEASES)
+    gate.release()
+    saver.join(60)
+    assert errors_seen == [] and _names(local_url) == [layout.step_name(1)]
+    assert len(held) == 1 and held[0].startswith("leases/save-")
     assert Repository.open(local_url).backend.list(layout.LEASES) == []
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.backend import Backend, FsspecBackend, io_pool, open_backend
+from ckptstore.backend import Backend, io_pool, open_backend
 from ckptstore.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -33,6 +33,7 @@ from ckptstore.errors import (
 )
 from ckptstore.store import Repository, layout
 from ckptstore.testing.backend_suite import BackendSuite
+from ckptstore.testing.faulty import FaultyBackend
 from ckptstore.testing.s3server import READER_KEY, READER_SECRET
 from tests.conftest import S3_BUCKET, start_s3_server
 from tests.helpers import assert_same, model_and_optimizer, template_like
@@ -300,28 +301,15 @@ def test_server_killed_mid_save(own_server, monkeypatch):
     ckptstore.save(first, url, step=1, storage_options=opts)
 
     # kill the server from an upload thread once a few chunks of a 32-chunk save are stored
-    # (patches the class: save() opens its own backend from the URL)
-    real_put = FsspecBackend.put
-    seen = [0]
-    lock = threading.Lock()
-
-    def put(self, key, data, *, create_only=False):
-        if key.startswith("chunks/"):
-            with lock:
-                seen[0] += 1
-                if seen[0] == 6:
-                    own_server.kill()
-        return real_put(self, key, data, create_only=create_only)
-
-    monkeypatch.setattr(FsspecBackend, "put", put)
+    faulty = FaultyBackend(open_backend(url, opts))
+    faulty.on("put", "chunks/*", lambda key: own_server.kill(), after=5, times=1)
     second = {"w": torch.randn(8192, 1024), "step": 2}  # 32 MiB, 1 MiB chunks
     t0 = time.monotonic()
     with pytest.raises(CkptStoreError) as info:
-        ckptstore.save(second, url, step=2, storage_options=opts, chunk_bytes=1 << 20)
+        ckptstore.save(second, faulty, step=2, chunk_bytes=1 << 20)
     assert time.monotonic() - t0 < 30
     assert isinstance(info.value, StorageUnavailableError), repr(info.value)
     assert "storage unavailable" in str(info.value) and "127.0.0.1" in str(info.value)
-    monkeypatch.setattr(FsspecBackend, "put", real_put)
 
     own_server.start()  # same data dir, same ports
     store = ckptstore.Store(url, storage_options=opts)

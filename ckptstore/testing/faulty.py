@@ -188,11 +188,13 @@ class Fault:
     op: str
     match: str
     action: str
-    """fail, full, corrupt, truncate or pause."""
+    """fail, full, corrupt, truncate, pause or call."""
     after: int = 0
     times: int | None = None
     error: Callable[[str], BaseException] | None = None
     """fail: builds the exception from the object's description (default: BackendError)."""
+    hook: Callable[[str], None] | None = None
+    """call: run with the key before the operation (kill a server on the Nth put, …)."""
     lost_answer: bool = False
     """fail on put/delete: the operation is done, then the error raised (a lost answer)."""
     release_after: float | None = None
@@ -224,7 +226,8 @@ class FaultyBackend(WrappedBackend):
     ``faulty.storage_full()`` makes puts raise :class:`~ckptstore.errors.StorageFullError`;
     ``faulty.corrupt_gets("chunks/*")`` / ``truncate_gets`` damage what reads return;
     ``gate = faulty.pause("delete", "chunks/*")`` holds matching deletes until
-    ``gate.release()``; ``faulty.count("put", "checkpoints/*")`` counts calls. Each rule
+    ``gate.release()``; ``faulty.on("put", "chunks/*", fn, after=5, times=1)`` calls ``fn``
+    before the sixth chunk put; ``faulty.count("put", "checkpoints/*")`` counts calls. Each rule
     returns its :class:`Fault` (``seen``, ``fired``); :meth:`clear` removes them all. Every
     call is recorded in :attr:`log` whether or not a fault acted on it.
     """
@@ -256,7 +259,9 @@ class FaultyBackend(WrappedBackend):
     ) -> Fault:
         """Fail matching calls of ``op`` (after ``after`` succeeded; ``times`` of them, or
         all later ones). The Nth matching put fails with ``after=N-1, times=1``."""
-        return self.add(Fault(op, match, "fail", after, times, error, lost_answer))
+        return self.add(
+            Fault(op, match, "fail", after, times, error=error, lost_answer=lost_answer)
+        )
 
     def fail_puts(self, match: str = "*", **kw) -> Fault:
         return self.fail("put", match, **kw)
@@ -291,6 +296,19 @@ class FaultyBackend(WrappedBackend):
         return self.add(
             Fault(op, match, "pause", after, times, release_after=release_after, timeout=timeout)
         )
+
+    def on(
+        self,
+        op: str,
+        match: str,
+        fn: Callable[[str], None],
+        *,
+        after: int = 0,
+        times: int | None = None,
+    ) -> Fault:
+        """Call ``fn(key)`` before matching calls of ``op`` run (what it raises, the call
+        raises): ``on("put", "chunks/*", lambda key: server.kill(), after=5, times=1)``."""
+        return self.add(Fault(op, match, "call", after, times, hook=fn))
 
     def clear(self) -> None:
         """Remove every fault (held calls go on); counts and the log stay."""
@@ -332,6 +350,8 @@ class FaultyBackend(WrappedBackend):
                 f.reached.set()
                 if not f.go.wait(f.timeout):
                     raise AssertionError(f"paused {op} of {key} was never released")
+            elif f.action == "call" and f.hook is not None:
+                f.hook(key)
             elif f.action == "full":
                 err = StorageFullError(
                     f"injected: no space left on device writing {self.describe(key)}"
