@@ -1,0 +1,158 @@
+"""How the cost of everyday operations grows with the number of checkpoints in a store.
+
+For each N (default 10, 100, 1000): a store holding one real checkpoint of a 900-tensor,
+~16 MB state (the tensor count of a 7B model's AdamW state) plus N − 1 older checkpoints,
+then, measured: a save that changes 10 tensors, a load of the latest checkpoint into a
+template, ``Store.list()`` (what ``ckptstore ls`` runs), ``inspect`` of one checkpoint, and a
+dry-run gc that keeps everything. Each operation runs ``--repeat`` times (median seconds);
+requests and metadata bytes come from a counting backend (``ckptstore.testing.counting``).
+
+The older checkpoints are copies of a small checkpoint made by
+``ckptstore.testing.history.replicate`` — objects exactly like real saves write, made in
+seconds. None of the measured operations but gc reads them, so their size cannot change
+those figures; gc (which must read every live checkpoint) grows with N by design.
+
+    python docs/bench_history.py [--n 10 100 1000] [--s3] [--repeat 3] [--json out.json]
+
+``--s3`` runs the same against SeaweedFS on 127.0.0.1 (started here). Results:
+docs/benchmarks.md, "History".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+import ckptstore
+from ckptstore.backend import open_backend
+from ckptstore.store import Repository, layout
+from ckptstore.testing.counting import CountingBackend
+from ckptstore.testing.history import replicate
+
+BUCKET = "history"
+
+
+def state_900(seed: int = 0) -> dict[str, torch.Tensor]:
+    """900 fp32 tensors, ~16 MB: 300 matrices (48 KiB, chunked) and 600 vectors (inline)."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for i in range(300):
+        sd[f"layers.{i}.weight"] = torch.randn(96, 128, generator=g) * 0.02
+        sd[f"layers.{i}.bias"] = torch.randn(1024, generator=g) * 0.01
+        sd[f"layers.{i}.norm"] = torch.ones(512) + torch.randn(512, generator=g) * 0.01
+    return sd
+
+
+def _template(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty_like(v) for k, v in sd.items()}
+
+
+def measure(backend: CountingBackend, fn: Any, repeat: int) -> dict[str, Any]:
+    times, counts = [], None
+    for _ in range(repeat):
+        backend.reset()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        counts = backend.summary()
+    assert counts is not None
+    reqs = counts["requests"]
+    return {
+        "seconds": round(statistics.median(times), 4),
+        "requests": sum(reqs.values()),
+        "metadata_requests": counts["metadata_requests"],
+        "metadata_bytes": counts["metadata_bytes"],
+        "manifest_reads": reqs.get("get checkpoints", 0),
+        "keys_listed": sum(counts["keys_listed"].values()),
+    }
+
+
+def run_one(url: str, options: dict[str, Any], n: int, repeat: int) -> dict[str, Any]:
+    sd = state_900()
+    ckptstore.save({"w": torch.randn(64, 64)}, url, step=0, storage_options=options)
+    repo = Repository.open(url, options)
+    if n > 1:
+        replicate(repo, layout.step_name(0), n - 1, first_step=1)
+    ckptstore.save(sd, url, step=n, storage_options=options)  # the latest, a real one
+    backend = CountingBackend(open_backend(url, options))
+    step = [n + 1]
+
+    def save() -> None:
+        for i in range(10):
+            sd[f"layers.{(step[0] * 10 + i) % 300}.weight"] += 1e-3
+        ckptstore.save(sd, backend, step=step[0])
+        step[0] += 1
+
+    template = _template(sd)
+    out = {"checkpoints": n}
+    out["save"] = measure(backend, save, repeat)
+    out["load_latest"] = measure(backend, lambda: ckptstore.load(template, backend), repeat)
+    store = ckptstore.Store(backend)
+    out["ls"] = measure(backend, store.list, repeat)
+    out["inspect"] = measure(backend, lambda: store.inspect(step=n), repeat)
+    out["gc_dry_run"] = measure(
+        backend, lambda: store.gc(keep_last=10**6, dry_run=True), max(1, repeat // 2)
+    )
+    assert torch.equal(template["layers.0.bias"], sd["layers.0.bias"])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--s3", action="store_true", help="SeaweedFS on 127.0.0.1, not local disk")
+    ap.add_argument("--json", default=None, help="write the results here too")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="bench-history-")
+    server = None
+    options: dict[str, Any] = {}
+    if args.s3:
+        from ckptstore.testing.s3server import S3Server
+
+        server = S3Server(os.path.join(tmp, "s3"), buckets=[BUCKET]).start()
+        options = server.storage_options()
+    rows = []
+    try:
+        for n in args.n:
+            url = f"s3://{BUCKET}/n{n}" if args.s3 else os.path.join(tmp, f"n{n}")
+            rows.append(run_one(url, options, n, args.repeat))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    result = {
+        "storage": "SeaweedFS S3 on 127.0.0.1" if args.s3 else "local disk",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ckptstore": ckptstore.__version__,
+        },
+        "rows": rows,
+    }
+    print()
+    ops = ("save", "load_latest", "ls", "inspect", "gc_dry_run")
+    print(f"{'N':>6} " + " ".join(f"{op:>22}" for op in ops) + "   (s · metadata req · KB)")
+    for r in rows:
+        cells = [
+            f"{r[op]['seconds']:.3f}s·{r[op]['metadata_requests']}·"
+            f"{r[op]['metadata_bytes'] / 1e3:.0f}"
+            for op in ops
+        ]
+        print(f"{r['checkpoints']:>6} " + " ".join(f"{c:>22}" for c in cells))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
