@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import struct
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +20,7 @@ from ckptstore.codecs import (
     default_pipeline,
     get_codec,
     known_ids,
+    quantized_pipeline,
 )
 from ckptstore.errors import CorruptChunkError, UnknownCodecError
 
@@ -117,3 +122,131 @@ def test_lossless_ratio_on_minilm_matches_zipnn(minilm):
     """Target from the foundation issue: ZipNN's lossless ratio (1.22× fp32, 1.50× bf16)."""
     assert _codec_ratio(minilm, torch.float32) >= 1.215
     assert _codec_ratio(minilm, torch.bfloat16) >= 1.495
+
+
+# -- bounded decoding (issue 10): never more than the declared raw size ------------------
+
+
+def _chains(dtype: str) -> list[Pipeline]:
+    out = [default_pipeline(dtype)]
+    if dtype in ("float32", "float64"):
+        out += [quantized_pipeline(q, dtype) for q in ("fp16", "bf16", "int8", "int8:8")]
+    if dtype in ("bfloat16", "float16"):
+        out.append(quantized_pipeline("int8", dtype))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dtype=st.sampled_from(["float32", "float64", "bfloat16", "int64", "uint8", "complex64"]),
+    n=st.integers(0, 3000),
+    seed=st.integers(0, 2**16),
+)
+def test_bounded_decode_matches_unbounded(dtype, n, seed):
+    itemsize = DTYPES[dtype][0]
+    rng = np.random.default_rng(seed)
+    raw = (rng.standard_normal(n * itemsize // 4 + 1).astype(np.float32).tobytes() * 2)[
+        : n * itemsize
+    ]
+    for pipe in _chains(dtype):
+        lossy, tail = pipe.split()
+        enc = pipe.encode(raw)
+        keyed, out = pipe.decode_parts(enc, expected_size=len(raw))
+        assert bytes(out) == bytes(pipe.decode(enc)) and len(out) == len(raw)
+        assert bytes(pipe.decode(enc, expected_size=len(raw))) == bytes(out)
+        if lossy is None:
+            assert bytes(keyed) == raw == bytes(out)
+        else:
+            assert bytes(keyed) == lossy.quantize(raw)[0]
+        # every stage's encoded size stays within what the stage before it allows
+        size, data = len(raw), raw
+        for codec in pipe.codecs:
+            data = codec.encode(data)
+            assert memoryview(data).nbytes <= codec.max_encoded_size(size)
+            size = memoryview(data).nbytes
+
+
+def _zstd_container(*frames: bytes) -> bytes:
+    head = bytes([len(frames)]) + b"".join(struct.pack("<BQ", 1, len(f)) for f in frames)
+    return head + b"".join(frames)
+
+
+def _peak(fn) -> int:
+    tracemalloc.start()
+    try:
+        try:
+            fn()
+        except CorruptChunkError:
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_zstd_bomb_is_refused_before_inflating():
+    bomb = zstandard.ZstdCompressor().compress(bytes(32 << 20))  # ~1 KiB → 32 MiB
+    payload = _zstd_container(bomb)
+    pipe = Pipeline([Zstd()])
+    with pytest.raises(CorruptChunkError, match="declares 33554432 bytes, more than the 4096"):
+        pipe.decode(payload, expected_size=4096)
+    assert _peak(lambda: pipe.decode(payload, expected_size=4096)) < 1 << 20
+    assert _peak(lambda: pipe.decode(payload)) >= 32 << 20  # tracemalloc sees zstd's output
+    # two frames that each fit but together exceed the bound
+    half = zstandard.ZstdCompressor().compress(bytes(3000))
+    with pytest.raises(CorruptChunkError, match="declares 3000 bytes, more than the 1096 left"):
+        Zstd(segments=2).decode_bounded(_zstd_container(half, half), 4096)
+    # behind a bytegroup stage the bound is the same raw size
+    with pytest.raises(CorruptChunkError, match="bomb"):
+        default_pipeline("float32").decode(payload, expected_size=4096)
+
+
+def test_zstd_frame_with_forged_content_size_is_refused():
+    frame = bytearray(zstandard.ZstdCompressor().compress(b"x" * 100))
+    params = zstandard.get_frame_parameters(bytes(frame))
+    assert params.content_size == 100
+    frame[5] = 200  # single-segment frames keep the content size in the byte after the header
+    assert zstandard.frame_content_size(bytes(frame)) == 200
+    with pytest.raises(CorruptChunkError):
+        Zstd().decode_bounded(_zstd_container(bytes(frame)), 1 << 20)
+    with pytest.raises(CorruptChunkError):
+        Zstd().decode(_zstd_container(bytes(frame)))
+
+
+def test_zstd_frame_without_content_size_or_with_trailing_data():
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(b"y" * 500)
+    with pytest.raises(CorruptChunkError, match="without a content size"):
+        Zstd().decode(_zstd_container(no_size))
+    good = zstandard.ZstdCompressor().compress(b"y" * 500)
+    with pytest.raises(CorruptChunkError, match="unused data"):
+        Zstd().decode(_zstd_container(good + good))
+    assert bytes(Zstd().decode_bounded(_zstd_container(good), 500)) == b"y" * 500
+
+
+def test_expected_size_mismatch_is_corrupt():
+    pipe = default_pipeline("float32")
+    enc = pipe.encode(np.arange(64, dtype=np.float32).tobytes())
+    with pytest.raises(CorruptChunkError, match="decoded to 256 bytes, expected 260"):
+        pipe.decode(enc, expected_size=260)
+    with pytest.raises(CorruptChunkError):
+        pipe.decode(enc, expected_size=128)  # refused by the bound, before the join
+    with pytest.raises(CorruptChunkError):  # codec ValueErrors become CorruptChunkError
+        pipe.decode(b"\x01" + struct.pack("<BQ", 0, 3) + b"abc", expected_size=3)
+
+
+def test_lossy_stages_bound_their_output():
+    raw = np.linspace(-1, 1, 256, dtype=np.float32).tobytes()
+    for name in ("fp16", "int8"):
+        pipe = quantized_pipeline(name, "float32")
+        lossy, tail = pipe.split()
+        body = tail.decode(pipe.encode(raw))
+        with pytest.raises(CorruptChunkError, match="over 512"):
+            lossy.decode_bounded(body, 512)
+    forged = struct.pack("<BxxxQ", 0, 2**40)  # int8 header declaring 2^40 elements
+    with pytest.raises(CorruptChunkError):
+        quantized_pipeline("int8", "float32").decode(Zstd().encode(forged), expected_size=1024)
+
+
+def test_codec_configs_of_the_wrong_type_are_unknown_codecs():
+    for config in ({"id": ["zstd"]}, {"id": None}, ["zstd"], {"id": "zstd", "level": float("inf")}):
+        with pytest.raises(UnknownCodecError):
+            get_codec(config)

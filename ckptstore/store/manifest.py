@@ -7,6 +7,8 @@ than half-read.
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 import struct
 import time
@@ -670,8 +672,9 @@ def _check_tiling(where: str, shape: list[int], shards: list[Shard], numel: int)
 
     Every box already lies inside the shape, so: their volumes must add up to the tensor's,
     and no two may overlap. Overlaps are found after sorting: along the one dimension the
-    boxes split (dim-0 slabs, the common case) by comparing neighbours, else by a sweep
-    along the dimension with the most distinct offsets."""
+    boxes split (dim-0 slabs, the common case) by comparing neighbours; along two (a grid)
+    by a sweep with the live boxes kept sorted (O(n log n)); along more, by a sweep along
+    the dimension with the most distinct offsets that compares the live boxes."""
     if not shards:
         if numel:
             raise SchemaError(f"{where}.shards: none, for a tensor of {numel} elements")
@@ -701,6 +704,30 @@ def _check_tiling(where: str, shape: list[int], shards: list[Shard], numel: int)
         for a, b in zip(boxes, boxes[1:], strict=False):
             if b[0][d] < a[0][d] + a[1][d]:
                 raise overlap(a, b)
+    elif len(split) == 2:
+        # Sweep along d; the boxes alive at the sweep point all cross it, so (without an
+        # overlap so far) their intervals along e are disjoint: keep them sorted by start
+        # and compare a new box with its two neighbours only.
+        d, e = split
+        boxes.sort(key=lambda b: b[0][d])
+        ends: list[tuple[int, int]] = []  # heap of (end along d, start along e)
+        starts: list[int] = []  # starts along e of the live boxes, sorted
+        live: dict[int, tuple[list[int], list[int], int]] = {}
+        for b in boxes:
+            at = b[0][d]
+            while ends and ends[0][0] <= at:
+                gone = heapq.heappop(ends)[1]
+                del starts[bisect.bisect_left(starts, gone)]
+                del live[gone]
+            lo, hi = b[0][e], b[0][e] + b[1][e]
+            i = bisect.bisect_left(starts, lo)
+            if i < len(starts) and starts[i] < hi:
+                raise overlap(live[starts[i]], b)
+            if i and (p := live[starts[i - 1]])[0][e] + p[1][e] > lo:
+                raise overlap(p, b)
+            starts.insert(i, lo)
+            live[lo] = b
+            heapq.heappush(ends, (at + b[1][d], lo))
     else:
         d = max(split, key=lambda e: len({off[e] for off, _, _ in boxes}))
         others = [e for e in split if e != d]
