@@ -115,7 +115,7 @@ class Store:
         plan = gc.plan(self.repo, retention, grace=grace)
         if dry_run:
             return gc.GcReport(url=self.repo.url, dropped=[], dry_run=True, plan=plan)
-        report = gc.execute(self.repo, retention, grace=grace, wait=wait)
+        report = gc.execute(self.repo, plan, wait=wait)  # runs the plan made above
         report.plan = plan
         return report
 
