@@ -57,13 +57,14 @@ def test_chunked_tensor_row_ranges_read_back(rows, cols, chunk_kib, lo, seed):
 
     from ckptstore.codecs import default_pipeline
     from ckptstore.store import BlobReader, BlobWriter, Repository
+    from ckptstore.store.blobs import ChunkIndex
 
     lo = lo % rows
     hi = rows if lo == rows - 1 else lo + 1 + (seed % (rows - lo))
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(rows, cols, generator=g)
     repo = Repository.open(f"memory://rows-{uuid.uuid4().hex[:8]}", create=True)
-    with BlobWriter(repo, {}, chunk_bytes=chunk_kib * 1024, inline_bytes=0) as w:
+    with BlobWriter(repo, ChunkIndex(repo), chunk_bytes=chunk_kib * 1024, inline_bytes=0) as w:
         blob = w.submit(t.numpy(), default_pipeline("float32"), rows=rows).result()
     reader = BlobReader(repo)
     got = reader.read_rows(blob, lo, hi, "t").view("float32").reshape(hi - lo, cols)

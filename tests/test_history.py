@@ -56,7 +56,11 @@ def test_metadata_costs_do_not_grow_with_history(tmp_path_factory, op):
     few = _costs(str(tmp_path_factory.mktemp("few") / "s"), 10)[op]
     many = _costs(str(tmp_path_factory.mktemp("many") / "s"), 200)[op]
     assert many["metadata_requests"] == few["metadata_requests"], (few, many)
-    assert many["metadata_bytes"] == few["metadata_bytes"], (few, many)
+    # (store.json's length varies by a digit or two with its creation time)
+    def meta(c):
+        return c["metadata_bytes"] - c["bytes_read"].get("store.json", 0)
+
+    assert meta(many) == meta(few), (few, many)
     assert many["requests"] == few["requests"], (few, many)
     if op in ("ls", "load", "save"):
         # ls, resolving the latest and finding the parent read no manifest beyond one

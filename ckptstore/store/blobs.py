@@ -361,13 +361,11 @@ class BlobReader:
             self.objects_fetched += 1
         loc = f"{self.repo.backend.describe(key)} of {where}"
         payload = unframe(stored, loc)
-        lossy, tail = pipeline.split()
-        try:
-            body = tail.decode(payload)
-            raw = body if lossy is None else lossy.decode(body)
+        expected = (ref.row_stop - ref.row_start) * row_bytes
+        try:  # never allocates more than the declared raw size (a zstd bomb is refused)
+            body, raw = pipeline.decode_parts(payload, expected_size=expected)
         except (CkptStoreError, ValueError, TypeError) as exc:
             raise CorruptChunkError(f"chunk {loc} cannot be decoded: {exc}") from exc
-        expected = (ref.row_stop - ref.row_start) * row_bytes
         if byte_view(raw).nbytes != expected:
             raise CorruptChunkError(
                 f"chunk {loc} decoded to {byte_view(raw).nbytes} bytes, expected {expected}"
@@ -393,8 +391,8 @@ class BlobReader:
         if blob.inline is not None:
             loc = f"inline data of {where}"
             try:
-                decoded = pipeline.decode(unframe(blob.inline, loc))
-            except (ValueError, TypeError) as exc:
+                decoded = pipeline.decode(unframe(blob.inline, loc), expected_size=blob.nbytes)
+            except (CkptStoreError, ValueError, TypeError) as exc:
                 raise CorruptChunkError(f"{loc} cannot be decoded: {exc}") from exc
             raw = np.frombuffer(decoded, dtype=np.uint8)
             if raw.size != blob.nbytes:

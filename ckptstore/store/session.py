@@ -28,6 +28,7 @@ from ckptstore.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CkptStoreError,
+    ManifestError,
 )
 from ckptstore.store import layout, leases
 from ckptstore.store.blobs import BlobReader
@@ -188,6 +189,12 @@ class SaveSession:
         if self.lease is None:
             raise RuntimeError("SaveSession.commit() without begin()")
         try:
+            try:  # what a reader would refuse is never committed
+                manifest.validate()
+            except ValueError as exc:
+                raise ManifestError(
+                    f"checkpoint {self.name!r} not committed: its manifest is invalid: {exc}"
+                ) from exc
             leases.check_commit(
                 self.repo.backend,
                 self.lease,
