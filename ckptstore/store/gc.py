@@ -368,6 +368,11 @@ class GcReport:
     chunks_unplanned: int = 0
     """Unreferenced chunks this run could have deleted but the plan does not name (garbage
     that appeared since the plan): left for the next gc."""
+    catalog_removed: int = 0
+    """Catalog entries of checkpoints that no longer exist, deleted (docs/format.md C4)."""
+    catalog_written: int = 0
+    """Catalog entries written for checkpoints that had none (a save that died between its
+    commit and its entry, or a store written before the catalog existed)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -585,6 +590,8 @@ def _sweep(
     backend.map(lambda t: backend.delete(t.key), d.purge_trash)
     report.trash_purged = len(d.purge_trash)
     report.leases_cleaned = _clean_leases(repo, lease_infos, lock, now, skew_s)
+    # 5. the catalog matches the checkpoints again (docs/format.md C4)
+    report.catalog_removed, report.catalog_written = repo.tidy_catalog()
     return report.plan_published
 
 
