@@ -22,6 +22,7 @@ _LAZY = {
     "LoadInfo": "ckptstore.dcp.reader",
     "Writer": "ckptstore.dcp.writer",
     "Reader": "ckptstore.dcp.reader",
+    "Settings": "ckptstore.knobs",
 }
 
 __all__ = ["__version__", *_LAZY, *_errors]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -16,14 +16,15 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ckptstore.backend import Backend
 from ckptstore.codecs.policy import QuantizeSpec
-from ckptstore.dcp.bridge import from_bytes, torch_dtype
 from ckptstore.dcp.reader import LoadInfo, Reader, load_object
 from ckptstore.dcp.writer import SaveInfo, Writer
 from ckptstore.errors import CkptStoreError, MismatchError
+from ckptstore.knobs import Settings
 from ckptstore.store import gc
 from ckptstore.store.facade import Store
 from ckptstore.store.repository import Repository
 from ckptstore.store.session import LoadSession
+from ckptstore.tensors import iter_full_tensors
 
 StateDict = dict[str, Any]
 
@@ -84,6 +85,8 @@ def save(
     threads: int | None = None,
     quantize: QuantizeSpec = None,
     keep_last: int | None = None,
+    parent: str | None = None,
+    settings: Settings | None = None,
 ) -> SaveInfo:
     """Save ``state_dict`` as checkpoint ``step``/``name`` of the store at ``url``.
 
@@ -96,7 +99,12 @@ def save(
     (first match wins, None keeps a tensor lossless). See docs/quantization.md.
 
     ``keep_last=N``: after the commit, rank 0 runs ``gc --keep-last N`` on a background
-    thread (``info.retention`` is its future); other ranks do not wait for it.
+    thread (``info.retention`` is its future); other ranks do not wait for it. It finishes
+    before the interpreter exits.
+
+    ``parent``: the checkpoint to deduplicate against first (default: the latest).
+    ``settings``: a :class:`ckptstore.Settings` to start from instead of the ``CKPTSTORE_*``
+    variables; ``chunk_bytes``/``inline_bytes``/``threads`` override it.
     """
     retention = None if keep_last is None else gc.Retention(keep_last=keep_last)
     writer = _writer(
@@ -105,10 +113,11 @@ def save(
         step=step,
         name=name,
         storage_options=storage_options,
-        chunk_bytes=chunk_bytes,
-        inline_bytes=inline_bytes,
-        threads=threads,
         quantize=quantize,
+        parent=parent,
+        settings=Settings.resolve(
+            settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
+        ),
     )
     t0 = time.monotonic()
     try:
@@ -130,7 +139,9 @@ def save(
         info = _broadcast(info, process_group)
     assert info is not None
     if retention is not None and writer.is_coordinator:
-        info.retention = gc.retain_in_background(url, retention, storage_options=storage_options)
+        info.retention = gc.retain_in_background(
+            url, retention, storage_options=storage_options, settings=writer.settings
+        )
     return info
 
 
@@ -148,6 +159,8 @@ def async_save(
     threads: int | None = None,
     quantize: QuantizeSpec = None,
     keep_last: int | None = None,
+    parent: str | None = None,
+    settings: Settings | None = None,
 ) -> Future[SaveInfo]:
     """Like :func:`save`, but returns once the state is copied to host memory.
 
@@ -165,10 +178,11 @@ def async_save(
         step=step,
         name=name,
         storage_options=storage_options,
-        chunk_bytes=chunk_bytes,
-        inline_bytes=inline_bytes,
-        threads=threads,
         quantize=quantize,
+        parent=parent,
+        settings=Settings.resolve(
+            settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
+        ),
     )
     t0 = time.monotonic()
     started = _run(
@@ -188,12 +202,12 @@ def async_save(
             done.result()
             info = writer.save_info
             if info is None:  # not the coordinator: the commit is done; its catalog entry
-                repo = Repository.open(url, storage_options)  # has the figures (one listing)
+                repo = writer._repository()  # the catalog entry has the figures
                 info = SaveInfo.of_summary(repo.summary(writer.name))
             info.seconds = time.monotonic() - t0
             if retention is not None and (not _distributed() or dist.get_rank(process_group) == 0):
                 info.retention = gc.retain_in_background(
-                    url, retention, storage_options=storage_options
+                    url, retention, storage_options=storage_options, settings=writer.settings
                 )
             result.set_result(info)
         except CheckpointException as exc:
@@ -242,6 +256,7 @@ def load(
     planner: Any = None,
     allow_pickle: bool = False,
     threads: int | None = None,
+    settings: Settings | None = None,
 ) -> LoadInfo:
     """Load a checkpoint into ``state_dict`` in place (any sharding; like ``dcp.load``).
 
@@ -256,6 +271,7 @@ def load(
         storage_options=storage_options,
         allow_pickle=allow_pickle,
         threads=threads,
+        settings=Settings.resolve(settings, threads=threads),
     )
     # the coordinator resolves the checkpoint and reads its manifest once, for every rank:
     # a commit landing now must not make another rank load a different "latest", and no
@@ -290,8 +306,7 @@ def _open_everywhere(reader: Reader, process_group: Any) -> None:
         status, value = open_here()
     if status == "error":
         raise value
-    reader.name, reader.metadata = value
-    reader.step = None
+    reader.preset(*value)
 
 
 def _check_template(state_dict: StateDict, reader: Reader) -> None:
@@ -334,33 +349,20 @@ def load_full(
     storage_options: Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
     threads: int | None = None,
+    settings: Settings | None = None,
 ) -> StateDict:
     """The saved state as nested dicts/lists of whole CPU tensors and Python values.
 
     Needs no template and no process group; reads every chunk of the checkpoint.
     """
+    settings = Settings.resolve(settings, threads=threads)
     session = LoadSession(
-        Repository.open(url, storage_options), step=step, name=name, threads=threads
+        Repository.open(url, storage_options, settings=settings), step=step, name=name
     )
     m, reader = session.manifest, session.reader
     flat: dict[str, Any] = {}
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ckptstore import knobs
-
-    with ThreadPoolExecutor(knobs.get("THREADS", threads)) as pool:
-        for fqn, t in m.tensors.items():
-            dtype = torch_dtype(t.dtype)
-            full = torch.empty(t.shape, dtype=dtype)
-            where = session.where(fqn)
-            for shard in t.shards:
-                raw = reader.read_rows(shard.blob, 0, shard.blob.rows, where, pool)
-                piece = from_bytes(raw, dtype, shard.sizes)
-                box = full
-                for dim, (off, size) in enumerate(zip(shard.offsets, shard.sizes, strict=True)):
-                    box = box.narrow(dim, off, size)
-                box.copy_(piece)
-            flat[fqn] = full
+    with ThreadPoolExecutor(settings.threads) as pool:
+        flat.update(iter_full_tensors(session, m.tensors, pool))
     for fqn, blob in m.objects.items():
         where = f"{fqn!r} of checkpoint {m.name!r}"
         flat[fqn] = load_object(

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ckptstore import knobs
+from ckptstore.knobs import DEFAULTS, Settings
 
 StateDict = dict[str, Any]
 
@@ -87,8 +87,8 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "zstandard": zstandard.__version__,
         "ckptstore": __version__,
-        "ckptstore_threads": knobs.get("THREADS"),
-        "chunk_bytes": knobs.get("CHUNK_BYTES"),
+        "ckptstore_threads": Settings.resolve().threads,
+        "chunk_bytes": Settings.resolve().chunk_bytes,
     }
 
 
@@ -371,7 +371,7 @@ def _ckpt_save(state: StateDict, folder: str, fsync: bool) -> dict[str, Any]:
     """fsync is the CKPTSTORE_FSYNC knob, set for the whole run by :func:`_fsync_knob`."""
     from ckptstore.api import save
 
-    info = save(state, folder, step=0)
+    info = save(state, folder, step=0, settings=_RUN_SETTINGS)
     return {
         "logical_bytes": info.logical_bytes,
         "info_stored_bytes": info.stored_bytes,
@@ -385,7 +385,7 @@ def _ckpt_save(state: StateDict, folder: str, fsync: bool) -> dict[str, Any]:
 def _ckpt_load(folder: str, template: Any) -> tuple[Any, dict[str, Any]]:
     from ckptstore.api import load
 
-    info = load(template, folder, step=0)
+    info = load(template, folder, step=0, settings=_RUN_SETTINGS)
     return template, {"bytes_read": info.bytes_read, "objects_read": info.objects_read}
 
 
@@ -440,7 +440,7 @@ def _round(m: _Method, state: StateDict, folder: str, res: dict[str, Any], fsync
             "resave", {"method": "ckptstore-resave", "label": "ckptstore, same state again"}
         )
         before, _ = disk_usage(folder)
-        seconds, info = _timed(lambda: save(state, folder, step=1))
+        seconds, info = _timed(lambda: save(state, folder, step=1, settings=_RUN_SETTINGS))
         again.setdefault("saves", []).append(seconds)
         again.update(
             new_bytes=info.new_bytes,
@@ -503,7 +503,7 @@ def codec_bench(state: StateDict, chunk_bytes: int | None = None) -> dict[str, A
     from ckptstore.dcp.bridge import dtype_name
     from ckptstore.store.chunks import row_ranges
 
-    chunk_bytes = knobs.get("CHUNK_BYTES", chunk_bytes)
+    chunk_bytes = DEFAULTS.chunk_bytes if chunk_bytes is None else chunk_bytes
     by_dtype: dict[str, dict[str, Any]] = {}
     pieces = 0  # chunks, plus one per tensor too small to be cut
     for _, t in iter_tensors(state):
@@ -569,23 +569,25 @@ def _local_root(url: str | None) -> tuple[str, bool]:
     return os.path.abspath(url), False
 
 
+_RUN_SETTINGS: Settings | None = None  # what every ckptstore call of a run uses
+
+
 @contextlib.contextmanager
 def _fsync_knob(fsync: bool) -> Iterator[None]:
-    """Set ckptstore's FSYNC knob (read on every write) for the duration of a run."""
-    old = os.environ.get("CKPTSTORE_FSYNC")
-    os.environ["CKPTSTORE_FSYNC"] = "1" if fsync else "0"
+    """Resolve the settings of a run once (fsync as asked): every ckptstore call of the
+    run is passed them, nothing reads or changes the environment."""
+    global _RUN_SETTINGS
+    old = _RUN_SETTINGS
+    _RUN_SETTINGS = Settings.resolve(fsync=fsync)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("CKPTSTORE_FSYNC", None)
-        else:
-            os.environ["CKPTSTORE_FSYNC"] = old
+        _RUN_SETTINGS = old
 
 
 def _progress(show: bool, msg: str) -> None:
     if show:
-        from ckptstore.cli.render import err_console
+        from ckptstore.render import err_console
 
         err_console.print(f"[dim]{msg}[/dim]")
 
@@ -665,7 +667,7 @@ def run_bench(
                 else "no method fsyncs (DCP: sync_files=False, ckptstore: CKPTSTORE_FSYNC=0)",
                 "torch.load allocates its tensors; DCP and ckptstore load in place into a "
                 "template allocated before the timing",
-                f"DCP writes with 1 thread; ckptstore uses {knobs.get('THREADS')} threads",
+                f"DCP writes with 1 thread; ckptstore uses {Settings.resolve().threads} threads",
                 "DCP's ZStandard extension streams each item through zstd level 3 "
                 "(zstandard's default)",
                 "ratio = tensor bytes of the state / bytes of all files written",
@@ -683,7 +685,7 @@ def run_bench(
                 )
                 results["datasets"][name] = res
                 if "skipped" in res:
-                    from ckptstore.cli.render import err_console
+                    from ckptstore.render import err_console
 
                     err_console.print(f"ckptstore bench: skipping {name}: {res['skipped']}")
                 if temporary:
@@ -710,7 +712,7 @@ def render(results: Mapping[str, Any]) -> None:
     """Print the per-dataset tables and the codec table to the CLI console."""
     from rich.table import Table
 
-    from ckptstore.cli.render import console, human_bytes
+    from ckptstore.render import console, human_bytes
 
     mc = results["machine"]
     ram = human_bytes(mc["ram_bytes"]) if mc.get("ram_bytes") else "?"
@@ -790,9 +792,11 @@ def _sweep_one(state: StateDict, folder: str, chunk_bytes: int) -> dict[str, Any
 
     codec = codec_bench(state, chunk_bytes)
     _fresh_dir(folder)
-    save_s, info = _timed(lambda: save(state, folder, step=0, chunk_bytes=chunk_bytes))
+    save_s, info = _timed(
+        lambda: save(state, folder, step=0, chunk_bytes=chunk_bytes, settings=_RUN_SETTINGS)
+    )
     template = _template(state)
-    load_s, _ = _timed(lambda: load(template, folder, step=0))
+    load_s, _ = _timed(lambda: load(template, folder, step=0, settings=_RUN_SETTINGS))
     stored, files = disk_usage(folder)
     return {
         "chunk_bytes": chunk_bytes,
@@ -863,7 +867,7 @@ def chunk_sweep(
 def _render_sweep(out: Mapping[str, Any]) -> None:
     from rich.table import Table
 
-    from ckptstore.cli.render import console, human_bytes
+    from ckptstore.render import console, human_bytes
 
     for name, ds in out["datasets"].items():
         if "skipped" in ds:
@@ -897,7 +901,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m ckptstore.bench [--chunk-sweep] [--data D]... [URL]``."""
     import argparse
 
-    from ckptstore.cli.render import emit_json
+    from ckptstore.render import emit_json
 
     p = argparse.ArgumentParser(prog="python -m ckptstore.bench", description=__doc__)
     p.add_argument("url", nargs="?", default=None, help="local working folder")

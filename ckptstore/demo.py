@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from ckptstore.api import Store, load, save
-from ckptstore.cli.render import console, human_bytes, ratio
+from ckptstore.api import load, save
 from ckptstore.errors import StoreNotFoundError
+from ckptstore.render import console, human_bytes, ratio
+from ckptstore.store import Store
 
 
 class TinyLM(torch.nn.Module):

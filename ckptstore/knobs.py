@@ -1,5 +1,14 @@
-"""Defaults in one place. Each knob can be overridden by a ``CKPTSTORE_*`` environment
-variable; an explicit function argument wins over both.
+"""Settings, resolved once at the edge.
+
+A :class:`Settings` object is built where a user call enters ckptstore (``save``, ``load``,
+``Writer``/``Reader``, ``Store``, a CLI command, opening a store by URL) from, in rising
+priority: the defaults below, ``CKPTSTORE_*`` environment variables, and the call's own
+arguments. It is frozen and passed down; nothing below the edge reads the environment, so a
+variable changed in the middle of a save changes nothing of that save.
+
+The zstd level is not read from the environment: it is part of every chunk key (the codec
+config is hashed with the bytes), so it is chosen per call (``Settings(zstd_level=3)``), never
+by a variable that one rank may see and another not.
 
 The chunk size was chosen by measurement (docs/benchmarks.md): on MiniLM weights 1, 4 and
 16 MiB chunks compress within 0.1% of each other; 4 MiB is the fastest on the codec path
@@ -8,59 +17,101 @@ and small enough that a resharded rank reads little beyond its share.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-
-_DEFAULTS: dict[str, int] = {
-    # target uncompressed bytes per chunk; chunks are cut on row boundaries
-    "CHUNK_BYTES": 4 * 1024 * 1024,
-    # shards up to this many raw bytes are stored inside the manifest
-    "INLINE_BYTES": 16 * 1024,
-    # threads that hash, encode, upload, download and decode chunks
-    "THREADS": min(8, max(2, os.cpu_count() or 2)),
-    # zstd level for integer and byte data (floats use the entropy-coder mode)
-    "ZSTD_LEVEL": 1,
-    # 1: local files are fsync'ed before they are renamed into place, so after a power
-    # loss a committed manifest never names a chunk that did not reach the disk
-    "FSYNC": 1,
-    # host copies (of GPU or non-contiguous tensors) a sync save keeps in flight at most
-    "STAGE_BYTES": 512 * 1024 * 1024,
-    # tensors smaller than this (whole tensor) are never quantized: norms, biases, counters
-    "QUANTIZE_MIN_BYTES": 64 * 1024,
-    # 1: quantize CPU tensors with the device (torch) path too; GPU tensors always use it
-    "DEVICE_QUANTIZE": 0,
-    # object storage: how many times a request that failed transiently (5xx, throttling,
-    # connection reset, timeout) is tried again, and the first backoff in milliseconds
-    # (doubled per try, with jitter, capped at 5 s)
-    "RETRIES": 4,
-    "RETRY_BASE_MS": 200,
-    # object storage: seconds to connect, and to wait for the next bytes of a response
-    "CONNECT_TIMEOUT": 5,
-    "READ_TIMEOUT": 30,
-    # requests in flight at once for uploads and batched downloads, and the bound on the
-    # bytes those uploads hold (the encoders wait while it is reached)
-    "IO_REQUESTS": 16,
-    "IO_BYTES": 256 * 1024 * 1024,
-    # leases (docs/format.md, "Leases and garbage collection"), in seconds: a lease lives
-    # this long after its last renewal (holders renew every TTL/5)
-    "LEASE_TTL": 300,
-    # most clock difference assumed between any two machines (and the storage's clock);
-    # every time comparison between writers, gc and object mtimes leaves this margin
-    "CLOCK_SKEW": 30,
-    # gc never deletes an unreferenced chunk younger than this (default of --grace)
-    "GC_GRACE": 3600,
-    # how long a commit waits for a running gc to publish what it deletes
-    "GC_WAIT": 600,
-}
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 
-def get(name: str, override: int | None = None) -> int:
-    """Return knob ``name``: the override if given, else $CKPTSTORE_<name>, else the default."""
-    if override is not None:
-        return int(override)
-    env = os.environ.get(f"CKPTSTORE_{name}")
-    if env is not None and env.strip():
-        try:
-            return int(env)
-        except ValueError as exc:
-            raise ValueError(f"CKPTSTORE_{name}={env!r} is not an integer") from exc
-    return _DEFAULTS[name]
+def _default_threads() -> int:
+    return min(8, max(2, os.cpu_count() or 2))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of ckptstore; see docs/api.md, "Settings"."""
+
+    chunk_bytes: int = 4 * 1024 * 1024
+    """Target uncompressed bytes per chunk; chunks are cut on row boundaries."""
+    inline_bytes: int = 16 * 1024
+    """Shards up to this many raw bytes are stored inside the manifest."""
+    threads: int = dataclasses.field(default_factory=_default_threads)
+    """Threads that hash, encode, upload, download and decode chunks."""
+    zstd_level: int = 1
+    """zstd level for integer and byte data (floats use the entropy-coder mode). Part of
+    the chunk key: not taken from the environment."""
+    fsync: bool = True
+    """Local files are fsync'ed before they are renamed into place."""
+    stage_bytes: int = 512 * 1024 * 1024
+    """Host copies (of GPU or non-contiguous tensors) a sync save keeps in flight at most."""
+    quantize_min_bytes: int = 64 * 1024
+    """Tensors smaller than this (whole tensor) are never quantized."""
+    device_quantize: bool = False
+    """Quantize CPU tensors with the device (torch) path too; GPU tensors always use it."""
+    retries: int = 4
+    """Object storage: tries again of a request that failed transiently."""
+    retry_base_ms: int = 200
+    """First backoff in ms (doubled per try, with jitter, capped at 5 s)."""
+    connect_timeout: int = 5
+    read_timeout: int = 30
+    io_requests: int = 16
+    """Requests in flight at once for uploads and batched downloads."""
+    io_bytes: int = 256 * 1024 * 1024
+    """Bound on the bytes uploads in flight hold (encoders wait while it is reached)."""
+    lease_ttl: int = 300
+    """Seconds a lease lives after its last renewal (holders renew every TTL/5)."""
+    clock_skew: int = 30
+    """Most clock difference assumed between machines and the storage."""
+    gc_grace: int = 3600
+    """gc never deletes an unreferenced chunk younger than this (seconds)."""
+    gc_wait: int = 600
+    """How long a commit waits for a running gc to publish what it deletes (seconds)."""
+
+    @classmethod
+    def resolve(
+        cls,
+        base: Settings | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Settings for one call: ``base`` (or the defaults), then ``CKPTSTORE_*`` variables
+        (only when no ``base`` is given: a base was resolved at an outer edge already), then
+        the ``overrides`` that are not None."""
+        if base is None:
+            env = os.environ if environ is None else environ
+            found: dict[str, Any] = {}
+            for f in dataclasses.fields(cls):
+                if f.name in _NOT_FROM_ENV:
+                    continue
+                var = f"CKPTSTORE_{f.name.upper()}"
+                text = env.get(var)
+                if text is None or not text.strip():
+                    continue
+                try:
+                    value = int(text)
+                except ValueError as exc:
+                    raise ValueError(f"{var}={text!r} is not an integer") from exc
+                found[f.name] = bool(value) if f.type in ("bool", bool) else value
+            base = cls(**found)
+        return base.replace(**overrides)
+
+    def replace(self, **overrides: Any) -> Settings:
+        """A copy with the ``overrides`` that are not None."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(given) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        for k, v in given.items():
+            if not isinstance(v, int) or (isinstance(v, bool) and k not in _BOOLS):
+                raise TypeError(f"setting {k} must be an int, not {v!r}")
+            if k in _BOOLS:
+                given[k] = bool(v)
+        return dataclasses.replace(self, **given) if given else self
+
+
+_NOT_FROM_ENV = frozenset({"zstd_level"})
+_BOOLS = frozenset({"fsync", "device_quantize"})
+
+DEFAULTS = Settings()

@@ -31,6 +31,7 @@ from ckptstore.errors import (
     ObjectExistsError,
     StorageUnavailableError,
 )
+from ckptstore.knobs import Settings
 from ckptstore.store import Repository, layout
 from ckptstore.testing.backend_suite import BackendSuite
 from ckptstore.testing.faulty import FaultyBackend
@@ -70,9 +71,10 @@ class TestS3Backend(BackendSuite):
         assert backend.capabilities.remote and not backend.capabilities.local
         assert backend.endpoint and backend.endpoint.startswith("http://127.0.0.1:")
 
-    def test_put_async_bounded(self, backend: Backend, monkeypatch) -> None:
-        monkeypatch.setenv("CKPTSTORE_IO_BYTES", str(3000))  # a pool of its own
-        _, budget = io_pool()
+    def test_put_async_bounded(self, s3_url, s3_options, monkeypatch) -> None:
+        settings = Settings.resolve(io_bytes=3000)  # a pool of its own
+        backend = open_backend(s3_url, s3_options, settings)
+        _, budget = io_pool(settings)
         peak = [0]
         real_put = backend.put
 

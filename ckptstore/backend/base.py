@@ -37,8 +37,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
-from ckptstore import knobs
 from ckptstore.errors import ObjectNotFoundError
+from ckptstore.knobs import DEFAULTS, Settings
 
 T = TypeVar("T")
 
@@ -127,11 +127,11 @@ _IO_LOCK = threading.Lock()
 _IO: dict[tuple[int, int, int], tuple[ThreadPoolExecutor, _ByteBudget]] = {}
 
 
-def io_pool() -> tuple[ThreadPoolExecutor, _ByteBudget]:
+def io_pool(settings: Settings = DEFAULTS) -> tuple[ThreadPoolExecutor, _ByteBudget]:
     """The process's upload pool and its byte bound, shared by every backend and save (so
-    concurrent saves together stay within ``IO_BYTES``). Made anew in a forked child, or
-    when the knobs change."""
-    key = (os.getpid(), max(1, knobs.get("IO_REQUESTS")), knobs.get("IO_BYTES"))
+    concurrent saves together stay within ``io_bytes``). Made anew in a forked child, or
+    for other settings."""
+    key = (os.getpid(), max(1, settings.io_requests), settings.io_bytes)
     with _IO_LOCK:
         found = _IO.get(key)
         if found is None:
@@ -173,6 +173,9 @@ class Backend(abc.ABC):
     capabilities: Capabilities
     """What this backend guarantees beyond the contract, as data."""
     stats: Stats
+    settings: Settings = DEFAULTS
+    """The settings this backend was opened with (retries, timeouts, I/O bounds, fsync,
+    threads): resolved at the edge that opened it, never read from the environment here."""
     """Requests and bytes this backend object performed, tries included (retries counted
     apart). Counters only grow; a pickled copy starts from zero."""
 
@@ -263,7 +266,7 @@ class Backend(abc.ABC):
         uploads already started hold ``IO_BYTES`` bytes: encoders stay ahead of the network
         by a bounded amount of memory.
         """
-        pool, budget = io_pool()
+        pool, budget = io_pool(self.settings)
         n = len(data)
         budget.acquire(n)
         try:
@@ -278,20 +281,20 @@ class Backend(abc.ABC):
         """:meth:`get` of many keys concurrently (``IO_REQUESTS`` at a time by default);
         a dict in the order of ``keys``, duplicates fetched once. The first error raises."""
         keys = list(dict.fromkeys(keys))
-        n = threads if threads is not None else knobs.get("IO_REQUESTS")
+        n = threads if threads is not None else self.settings.io_requests
         return dict(zip(keys, self.map(self.get, keys, n), strict=True))
 
     def put_many(self, items: Mapping[str, bytes], threads: int | None = None) -> None:
         """:meth:`put` (overwriting) of many objects concurrently, each atomically; not a
         transaction: after an error some may be stored. The first error raises."""
-        n = threads if threads is not None else knobs.get("IO_REQUESTS")
+        n = threads if threads is not None else self.settings.io_requests
         self.map(lambda kv: self.put(kv[0], kv[1]), list(items.items()), n)
 
     def map(self, fn: Callable[[Any], T], args: list[Any], threads: int | None = None) -> list[T]:
         """Run ``fn`` over ``args`` on a bounded thread pool (``THREADS`` knob, or
         ``threads``); results in the order of ``args``. The first error raises, after the
         calls already running have ended."""
-        n = min(knobs.get("THREADS", threads), max(1, len(args)))
+        n = min(self.settings.threads if threads is None else threads, max(1, len(args)))
         if n <= 1:
             return [fn(a) for a in args]
         with ThreadPoolExecutor(n, thread_name_prefix="ckptstore-io") as pool:
@@ -321,6 +324,10 @@ class WrappedBackend(Backend):
     @property  # type: ignore[override]
     def stats(self) -> Stats:
         return self.inner.stats
+
+    @property  # type: ignore[override]
+    def settings(self) -> Settings:
+        return self.inner.settings
 
     def __getattr__(self, name: str) -> Any:
         # only called for what the wrapper itself lacks; never for dunders (copy, pickle)

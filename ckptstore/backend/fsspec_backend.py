@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ckptstore import knobs
 from ckptstore.backend.base import (
     TEMP_PREFIX,
     Backend,
@@ -53,6 +52,7 @@ from ckptstore.errors import (
     StorageUnavailableError,
     UnknownSchemeError,
 )
+from ckptstore.knobs import Settings
 
 __all__ = [
     "Backend",
@@ -249,7 +249,14 @@ def _detail(exc: BaseException, failure: Failure) -> str:
 class FsspecBackend(Backend):
     """The :class:`Backend` contract over any fsspec filesystem (local, memory, s3, …)."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        url: str,
+        settings: Settings | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings()
         self.fs = fs
         self.root = root.rstrip("/")
         self.url = url
@@ -376,7 +383,7 @@ class FsspecBackend(Backend):
         try:
             with open(tmp, "wb") as f:  # a full disk fails here: the finally removes tmp
                 f.write(data)
-                if knobs.get("FSYNC"):
+                if self.settings.fsync:
                     f.flush()
                     os.fsync(f.fileno())
             if create_only:
@@ -430,8 +437,8 @@ class FsspecBackend(Backend):
     ) -> T:
         """Run one storage call: retry transient failures with backoff, translate the rest
         into the ckptstore tree. ``op`` names the :class:`Stats` counter of each try."""
-        tries = 1 + max(0, knobs.get("RETRIES"))
-        base = max(0, knobs.get("RETRY_BASE_MS")) / 1000
+        tries = 1 + max(0, self.settings.retries)
+        base = max(0, self.settings.retry_base_ms) / 1000
         t0 = time.monotonic()
         for attempt in range(tries):
             if op is not None:
@@ -496,13 +503,13 @@ def _modified(info: Mapping[str, Any]) -> float | None:
     return None
 
 
-def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
+def _s3_options(options: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Defaults for s3fs, where the caller set none: bounded timeouts, botocore's own
     retries off (ours apply, so a dead server costs a known time), no listings cache (other
     processes commit checkpoints)."""
     config = dict(options.get("config_kwargs") or {})
-    config.setdefault("connect_timeout", knobs.get("CONNECT_TIMEOUT"))
-    config.setdefault("read_timeout", knobs.get("READ_TIMEOUT"))
+    config.setdefault("connect_timeout", settings.connect_timeout)
+    config.setdefault("read_timeout", settings.read_timeout)
     config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
     options["config_kwargs"] = config
     options.setdefault("use_listings_cache", False)
@@ -514,20 +521,26 @@ def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def open_backend(url: str, storage_options: Mapping[str, Any] | None = None) -> FsspecBackend:
+def open_backend(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    settings: Settings | None = None,
+) -> FsspecBackend:
     """Open the fsspec filesystem behind ``url``. Plain paths mean the local filesystem.
 
     ``storage_options`` go to the filesystem (s3fs: ``key``, ``secret``, ``token``,
     ``endpoint_url``, ``profile``, ``client_kwargs={"region_name": ...}``, ...); s3fs also
-    reads the usual ``AWS_*`` environment variables.
+    reads the usual ``AWS_*`` environment variables. Opening a store by URL is an edge:
+    without ``settings`` they are resolved here, once (:meth:`Settings.resolve`).
     """
     if not isinstance(url, (str, os.PathLike)):
         raise TypeError(f"store URL must be a string or path, not {type(url).__name__}")
+    settings = Settings.resolve() if settings is None else settings
     url = os.fspath(url)
     options = dict(storage_options or {})
     protocol = fsspec.core.split_protocol(url)[0]
     if protocol in S3_PROTOCOLS:
-        options = _s3_options(options)
+        options = _s3_options(options, settings)
     try:
         fs, root = fsspec.core.url_to_fs(url, **options)
     except ValueError as exc:
@@ -549,4 +562,4 @@ def open_backend(url: str, storage_options: Mapping[str, Any] | None = None) -> 
             )
     if isinstance(fs, LocalFileSystem):
         root = os.path.abspath(root)
-    return FsspecBackend(fs, root, url)
+    return FsspecBackend(fs, root, url, settings)

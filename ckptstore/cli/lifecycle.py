@@ -10,12 +10,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ckptstore.cli.common import (
-    _repo,
     handle_errors,
     json_option,
+    open_store,
     storage_option,
 )
-from ckptstore.cli.render import console, emit_json, err_console, human_bytes, ratio, when
+from ckptstore.render import console, emit_json, err_console, human_bytes, ratio, when
 
 
 def _duration(_: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -27,13 +27,6 @@ def _duration(_: click.Context, param: click.Parameter, value: str | None) -> fl
         return parse_duration(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param=param) from None
-
-
-def _pick(repo: Any, text: str) -> str:
-    """A checkpoint by name, or by step when ``text`` is a number that names none."""
-    if text.isdigit() and not repo.exists(text):
-        return repo.resolve(step=int(text))
-    return repo.resolve(name=text)
 
 
 def _progress(as_json: bool) -> Progress:
@@ -108,12 +101,9 @@ def gc_cmd(
     kept. The plan is printed first; --dry-run stops there. Otherwise gc runs that plan: what
     changed in the store since it was made only makes it do less (docs/gc.md).
     """
-    from ckptstore.store import gc
-
-    repo = _repo(url, storage_options)
-    retention = gc.Retention(keep_last=keep_last, keep_every=keep_every, keep=keep)
+    store = open_store(url, storage_options)
     with err_console.status("planning…") if not as_json else nullcontext():
-        plan = gc.plan(repo, retention, grace=grace)
+        plan = store.plan_gc(keep_last=keep_last, keep_every=keep_every, keep=keep, grace=grace)
     if not as_json:
         _show_plan(plan, dry_run)
     if dry_run:
@@ -129,7 +119,7 @@ def gc_cmd(
                 tasks[phase] = progress.add_task(label, total=total)
             progress.update(tasks[phase], completed=done, total=total)
 
-        report = gc.execute(repo, plan, wait=wait, progress=advance)
+        report = store.run_gc(plan, wait=wait, progress=advance)
     if as_json:
         result = report.to_dict()
         del result["plan"]  # the same plan object: printed once, beside the result
@@ -228,13 +218,11 @@ def rm_cmd(
 ) -> None:
     """Remove checkpoints. Their chunks are deleted by the next gc (those no other
     checkpoint references)."""
-    from ckptstore.store import gc
-
     if not steps and not names:
         raise click.UsageError("give --step N or --name NAME (repeatable)")
-    repo = _repo(url, storage_options)
-    targets = [repo.resolve(step=s) for s in steps] + [repo.resolve(name=n) for n in names]
-    report = gc.remove(repo, targets, wait=wait)
+    store = open_store(url, storage_options)
+    targets = [store.resolve(step=s) for s in steps] + [store.resolve(name=n) for n in names]
+    report = store.delete_many(targets, wait=wait)
     if as_json:
         emit_json({"removed": report.dropped, "bytes_deleted": report.bytes_deleted})
         return
@@ -252,11 +240,9 @@ def rm_cmd(
 def du_cmd(url: str, storage_options: tuple[str, ...], as_json: bool) -> None:
     """Space: logical vs stored bytes, dedup and compression factors, and per checkpoint
     the bytes only it holds (what removing it would free)."""
-    from ckptstore.store import usage
-
-    repo = _repo(url, storage_options)
+    store = open_store(url, storage_options)
     with err_console.status("listing the store…") if not as_json else nullcontext():
-        report = usage.du(repo)
+        report = store.du()
     if as_json:
         emit_json(report.to_dict())
         return
@@ -310,10 +296,7 @@ def diff_cmd(
 ) -> None:
     """Tensors added, removed, changed and unchanged from checkpoint A to B; bytes B shares
     with A and bytes new in B. Reads the two manifests only."""
-    from ckptstore.store import usage
-
-    repo = _repo(url, storage_options)
-    report = usage.diff(repo, _pick(repo, a), _pick(repo, b))
+    report = open_store(url, storage_options).diff(a, b)
     if as_json:
         emit_json(report.to_dict())
         return

@@ -28,7 +28,7 @@ from ckptstore.cli.common import (  # noqa: F401 - re-exported for older imports
     step_option,
     storage_option,
 )
-from ckptstore.cli.render import console, emit_json, err_console, human_bytes, ratio, when
+from ckptstore.render import console, emit_json, err_console, human_bytes, ratio, when
 from ckptstore.version import __version__
 
 

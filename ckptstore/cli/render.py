@@ -1,35 +1,5 @@
-"""Output helpers shared by the CLI verbs: byte formatting, rich tables, JSON."""
+"""Moved to :mod:`ckptstore.render` (shared by the CLI, bench and demo); kept for imports."""
 
-from __future__ import annotations
+from ckptstore.render import console, emit_json, err_console, human_bytes, ratio, when
 
-import datetime as _dt
-import json
-import sys
-from typing import Any
-
-from rich.console import Console
-
-# without a terminal (pipes, CI logs) rich would wrap tables at 80 columns
-console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def when(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def ratio(logical: int, stored: int) -> str:
-    return f"{logical / stored:.3f}×" if stored else "-"
-
-
-def emit_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
+__all__ = ["console", "emit_json", "err_console", "human_bytes", "ratio", "when"]

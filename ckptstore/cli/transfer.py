@@ -19,14 +19,14 @@ import click
 
 from ckptstore.cli.common import (
     _options,
-    _repo,
     handle_errors,
     json_option,
     name_option,
+    open_store,
     step_option,
     storage_option,
 )
-from ckptstore.cli.render import console, emit_json, err_console, human_bytes
+from ckptstore.render import console, emit_json, err_console, human_bytes
 
 # manifest dtype name → safetensors dtype code
 SAFETENSORS_DTYPES = {
@@ -105,23 +105,10 @@ def _format_of(out: str, fmt: str | None) -> str:
 def _tensors(repo: Any, name: str, fqns: list[str]) -> Iterator[tuple[str, Any]]:
     """Whole CPU tensors of checkpoint ``name`` (dequantized where stored lossy), one at a
     time, in ``fqns`` order."""
-    from ckptstore.dcp.bridge import from_bytes, torch_dtype
-    from ckptstore.store.blobs import BlobReader
+    from ckptstore.store.session import LoadSession
+    from ckptstore.tensors import iter_full_tensors
 
-    torch = _torch()
-    m = repo.manifest(name)
-    reader = BlobReader(repo)
-    for fqn in fqns:
-        t = m.tensors[fqn]
-        full = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
-        where = f"{fqn!r} of checkpoint {name!r}"
-        for shard in t.shards:
-            raw = reader.read_rows(shard.blob, 0, shard.blob.rows, where)
-            box = full
-            for dim, (off, size) in enumerate(zip(shard.offsets, shard.sizes, strict=True)):
-                box = box.narrow(dim, off, size)
-            box.copy_(from_bytes(raw, full.dtype, shard.sizes))
-        yield fqn, full
+    return iter_full_tensors(LoadSession(repo, name=name), fqns)
 
 
 def _torch() -> Any:
@@ -141,7 +128,7 @@ def export_checkpoint(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write checkpoint ``name`` to ``out``; returns a summary (tensors, bytes, skipped)."""
-    from ckptstore.dcp.bridge import torch_dtype
+    from ckptstore.tensors import torch_dtype
 
     if cast is not None and cast not in CASTS:
         raise ValueError(f"--dtype {cast!r}: use one of {sorted(CASTS)}")
@@ -257,8 +244,8 @@ def export_cmd(
     from rich.progress import Progress
 
     fmt = _format_of(out, fmt)
-    repo = _repo(url, storage_options)
-    target = repo.resolve(step, name)
+    store = open_store(url, storage_options)
+    repo, target = store.repo, store.resolve(step=step, name=name)
     with Progress(console=err_console, transient=True, disable=as_json) as progress:
         task = progress.add_task(f"exporting {target}", total=None)
         summary = export_checkpoint(

@@ -8,7 +8,6 @@ from typing import Any
 
 import msgpack
 
-from ckptstore import knobs
 from ckptstore.codecs.base import Buffer, Codec
 from ckptstore.codecs.bytegroup import ByteGroup
 from ckptstore.codecs.quantize import Cast, Int8Block, LossyCodec
@@ -131,14 +130,15 @@ class Pipeline:
         return " → ".join(repr(c) for c in self.codecs) or "identity"
 
 
-def default_pipeline(dtype: str) -> Pipeline:
+def default_pipeline(dtype: str, *, zstd_level: int = 1) -> Pipeline:
     """The lossless chain for elements of ``dtype`` ("bytes" for serialized objects).
 
     Floats: sign rotation + byte grouping + zstd as entropy coder, one frame per plane.
     Wider integers: byte grouping + zstd level 1 (the matcher finds runs in counters/ids).
-    One-byte types and object bytes: zstd level 1.
+    One-byte types and object bytes: zstd level 1. ``zstd_level`` (part of the chunk key)
+    applies to the integer and byte chains.
     """
-    level = knobs.get("ZSTD_LEVEL")
+    level = zstd_level
     if dtype not in DTYPES:
         return Pipeline([Zstd(level=level)])
     itemsize, floating = DTYPES[dtype]
@@ -155,7 +155,7 @@ def default_pipeline(dtype: str) -> Pipeline:
 QUANTIZERS = ("fp16", "bf16", "int8")
 
 
-def quantized_pipeline(name: str, dtype: str) -> Pipeline:
+def quantized_pipeline(name: str, dtype: str, *, zstd_level: int = 1) -> Pipeline:
     """The chain for quantizer ``name`` ("fp16", "bf16", "int8" or "int8:<block>") applied
     to elements of ``dtype``; raises ValueError for names or dtypes it cannot apply to."""
     kind, _, arg = name.partition(":")
@@ -168,7 +168,7 @@ def quantized_pipeline(name: str, dtype: str) -> Pipeline:
         )
     if kind == "int8":
         block = int(arg) if arg else 64
-        return Pipeline([Int8Block(dtype, block), Zstd(level=knobs.get("ZSTD_LEVEL"))])
+        return Pipeline([Int8Block(dtype, block), Zstd(level=zstd_level)])
     raise ValueError(
         f"unknown quantizer {name!r}: use one of {', '.join(QUANTIZERS)} or int8:<block>"
     )

@@ -13,8 +13,8 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 
-from ckptstore import knobs
 from ckptstore.codecs.pipeline import DTYPES, Pipeline, default_pipeline, quantized_pipeline
+from ckptstore.knobs import DEFAULTS
 
 QuantizeSpec = str | Mapping[str, str | None] | None
 
@@ -26,7 +26,9 @@ _CAN_QUANTIZE = {
 
 
 class QuantizePolicy:
-    def __init__(self, spec: QuantizeSpec = None, *, min_bytes: int | None = None) -> None:
+    def __init__(
+        self, spec: QuantizeSpec = None, *, min_bytes: int | None = None, zstd_level: int = 1
+    ) -> None:
         if spec is None or isinstance(spec, str):
             rules = [] if spec is None else [("*", spec)]
         elif isinstance(spec, Mapping):
@@ -41,7 +43,8 @@ class QuantizePolicy:
             if name is not None:
                 quantized_pipeline(name, "float32")  # raises ValueError for unknown names
         self.rules: list[tuple[str, str | None]] = rules
-        self.min_bytes = knobs.get("QUANTIZE_MIN_BYTES", min_bytes)
+        self.min_bytes = DEFAULTS.quantize_min_bytes if min_bytes is None else int(min_bytes)
+        self.zstd_level = zstd_level
 
     @property
     def active(self) -> bool:
@@ -57,8 +60,9 @@ class QuantizePolicy:
     def pipeline_for(self, fqn: str, dtype: str, tensor_bytes: int) -> Pipeline:
         """The chain for a shard of tensor ``fqn`` whose whole tensor has ``tensor_bytes``."""
         name = self.choose(fqn)
+        level = self.zstd_level
         if name is None or tensor_bytes < self.min_bytes or dtype not in DTYPES:
-            return default_pipeline(dtype)
+            return default_pipeline(dtype, zstd_level=level)
         if dtype not in _CAN_QUANTIZE[name.partition(":")[0]]:
-            return default_pipeline(dtype)  # ints, bools, or already as narrow as asked
-        return quantized_pipeline(name, dtype)
+            return default_pipeline(dtype, zstd_level=level)  # ints, bools, or already narrow
+        return quantized_pipeline(name, dtype, zstd_level=level)

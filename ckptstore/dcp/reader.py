@@ -22,12 +22,12 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from ckptstore import knobs
 from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import Pipeline
 from ckptstore.dcp.bridge import from_bytes, torch_dtype
 from ckptstore.dcp.metadata import metadata_from_manifest
 from ckptstore.errors import CorruptChunkError, MismatchError, UnsafeObjectError
+from ckptstore.knobs import Settings
 from ckptstore.store.blobs import BlobReader
 from ckptstore.store.manifest import Blob, ChunkRef, Manifest, Shard
 from ckptstore.store.repository import Repository
@@ -83,8 +83,10 @@ class Reader(StorageReader):
         storage_options: Mapping[str, Any] | None = None,
         threads: int | None = None,
         allow_pickle: bool = False,
+        settings: Settings | None = None,
     ) -> None:
         super().__init__()
+        self.settings = Settings.resolve(settings)  # the edge for plain-DCP users
         self.url: str | Backend = url if isinstance(url, Backend) else str(url)
         self.step = step
         self.name = name
@@ -94,10 +96,10 @@ class Reader(StorageReader):
         self.manifest: Manifest | None = None
         """The checkpoint's manifest, on the rank that read it (the coordinator)."""
         self.metadata: Metadata | None = None
-        """Set by ``ckptstore.load`` on every rank from the coordinator's read, so no other
-        rank reads the manifest; None for plain ``dcp.load`` (each rank reads it)."""
+        """DCP metadata of the checkpoint being loaded."""
         self.load_info: LoadInfo | None = None
         self._repo: Repository | None = None
+        self._preset = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -110,7 +112,7 @@ class Reader(StorageReader):
 
     def _repository(self) -> Repository:
         if self._repo is None:
-            self._repo = Repository.open(self.url, self.storage_options)
+            self._repo = Repository.open(self.url, self.storage_options, settings=self.settings)
         return self._repo
 
     # -- DCP protocol -------------------------------------------------------------------
@@ -119,6 +121,14 @@ class Reader(StorageReader):
         if checkpoint_id is not None:
             self.name, self.step = str(checkpoint_id), None
             self.metadata = self.manifest = None
+            self._preset = False
+
+    def preset(self, name: str, metadata: Metadata) -> None:
+        """For the next load only: the checkpoint and metadata the coordinator resolved and
+        read for every rank (``ckptstore.load`` broadcasts them), so this rank reads no
+        manifest. Without it each ``dcp.load`` resolves and reads on every rank."""
+        self.name, self.step, self.metadata = name, None, metadata
+        self._preset = True
 
     def open(self) -> Metadata:
         """Resolve the checkpoint, read its manifest (this rank) and build DCP's metadata
@@ -131,8 +141,8 @@ class Reader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         # called on every rank of every load: per-load state starts here
         self.load_info = None
-        if self.metadata is None:
-            self.open()
+        if not self._preset or self.metadata is None:
+            self.open()  # plain dcp.load: resolve again on every load, on every rank
         assert self.metadata is not None
         return self.metadata
 
@@ -239,9 +249,10 @@ class Reader(StorageReader):
                 for req, target, _ in users.values():
                     _copy_overlap(raw, c0, c1, shard, req, target)
 
-        threads = knobs.get("THREADS", self.threads)
+        threads = self.settings.threads if self.threads is None else self.threads
         if repo.backend.capabilities.remote and self.threads is None:
-            threads = max(threads, knobs.get("IO_REQUESTS"))  # latency-bound: more in flight
+            # latency-bound: more in flight
+            threads = max(threads, self.settings.io_requests)
         tasks = list(work.values())
         if threads > 1 and len(tasks) > 1:
             with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-load") as pool:
@@ -252,6 +263,7 @@ class Reader(StorageReader):
                 fetch(t)
         for req, target in targets:
             planner.commit_tensor(req, target)
+        self._preset = False  # a later load through this reader resolves anew
         self.load_info = LoadInfo(
             name=ckpt,
             bytes_read=reader.bytes_fetched,
@@ -272,9 +284,7 @@ class Reader(StorageReader):
             )
         return rec
 
-    def _check(
-        self, req: ReadItem, saved: str, target: torch.Tensor, fqn: str, ckpt: str
-    ) -> None:
+    def _check(self, req: ReadItem, saved: str, target: torch.Tensor, fqn: str, ckpt: str) -> None:
         if torch_dtype(saved) != target.dtype:
             raise MismatchError(
                 f"dtype mismatch for {fqn!r}: checkpoint {ckpt!r} holds {saved}, "

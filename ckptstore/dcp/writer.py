@@ -24,13 +24,13 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from ckptstore import knobs
 from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import default_pipeline
 from ckptstore.codecs.policy import QuantizePolicy, QuantizeSpec
 from ckptstore.dcp import device_quant
 from ckptstore.dcp.bridge import dtype_name, raw_size, to_host_bytes
 from ckptstore.dcp.metadata import manifest_from_metadata
+from ckptstore.knobs import Settings
 from ckptstore.store import layout
 from ckptstore.store.blobs import BlobWriter, ChunkIndex
 from ckptstore.store.catalog import CheckpointSummary
@@ -104,17 +104,23 @@ class Writer(StorageWriter):
         threads: int | None = None,
         int_keys: list[list[Any]] | None = None,
         quantize: QuantizeSpec = None,
+        settings: Settings | None = None,
     ) -> None:
         super().__init__()
-        self.policy = QuantizePolicy(quantize)  # validates names now, not mid-save
+        # the edge for plain-DCP users: settings resolved once, here (and pickled along)
+        self.settings = Settings.resolve(
+            settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
+        )
+        self.policy = QuantizePolicy(  # validates names now, not mid-save
+            quantize,
+            min_bytes=self.settings.quantize_min_bytes,
+            zstd_level=self.settings.zstd_level,
+        )
         self.url: str | Backend = url if isinstance(url, Backend) else str(url)
         self.parent = parent
         self.step = step
         self.name = layout.resolve_name(step, name)
         self.storage_options = dict(storage_options or {})
-        self.chunk_bytes = chunk_bytes
-        self.inline_bytes = inline_bytes
-        self.threads = threads
         self.int_keys = int_keys or []
         self.is_coordinator = True
         self.rank: int | None = None
@@ -153,7 +159,9 @@ class Writer(StorageWriter):
 
     def _repository(self) -> Repository:
         if self._repo is None:
-            self._repo = Repository.open(self.url, self.storage_options, create=True)
+            self._repo = Repository.open(
+                self.url, self.storage_options, create=True, settings=self.settings
+            )
         return self._repo
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
@@ -209,17 +217,21 @@ class Writer(StorageWriter):
         with BlobWriter(
             repo,
             ChunkIndex(repo, parent.sizes()),
-            chunk_bytes=self.chunk_bytes,
-            inline_bytes=self.inline_bytes,
-            threads=self.threads,
+            chunk_bytes=self.settings.chunk_bytes,
+            inline_bytes=self.settings.inline_bytes,
+            threads=self.settings.threads,
         ) as writer:
-            budget = knobs.get("STAGE_BYTES")
+            budget = self.settings.stage_bytes
             staged: list[tuple[int, ThreadFuture[Blob]]] = []  # host copies still encoding
             for item in plan.items:
                 data = planner.resolve_data(item)
                 if item.type == WriteItemType.BYTE_IO:
                     buf = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
-                    fut = writer.submit(buf, default_pipeline("bytes"), rows=len(buf))
+                    fut = writer.submit(
+                        buf,
+                        default_pipeline("bytes", zstd_level=self.settings.zstd_level),
+                        rows=len(buf),
+                    )
                 else:
                     tensor: torch.Tensor = data
                     rows = tensor.shape[0] if tensor.dim() > 0 else 1
@@ -231,7 +243,7 @@ class Writer(StorageWriter):
                         dtype_name(tensor.dtype),
                         math.prod(global_shape) * tensor.element_size(),
                     )
-                    if _quantize_on_device(tensor, pipeline):
+                    if _quantize_on_device(tensor, pipeline, self.settings.device_quantize):
                         fut = _submit_on_device(writer, tensor, pipeline, rows, first_row)
                         pending.append((item, fut))
                         continue
@@ -293,14 +305,14 @@ class Writer(StorageWriter):
         return False  # never picked automatically by dcp for a bare path
 
 
-def _quantize_on_device(tensor: torch.Tensor, pipeline: Any) -> bool:
+def _quantize_on_device(tensor: torch.Tensor, pipeline: Any, cpu_too: bool) -> bool:
     """GPU tensors with a lossy pipeline are quantized where they live, so only the
     quantized bytes are copied to the host (CKPTSTORE_DEVICE_QUANTIZE=1 does it for CPU
     tensors too — the tests use that to run this path without a GPU)."""
     lossy, _ = pipeline.split()
     if lossy is None or not device_quant.supports(lossy) or tensor.numel() == 0:
         return False
-    return tensor.device.type != "cpu" or bool(knobs.get("DEVICE_QUANTIZE"))
+    return tensor.device.type != "cpu" or cpu_too
 
 
 def _submit_on_device(

@@ -14,7 +14,6 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
-from ckptstore import knobs
 from ckptstore.codecs.base import Buffer, byte_view
 from ckptstore.codecs.pipeline import Pipeline
 from ckptstore.codecs.quantize import QuantStats
@@ -100,9 +99,12 @@ class BlobWriter:
         threads: int | None = None,
     ) -> None:
         self.repo = repo
-        self.chunk_bytes = knobs.get("CHUNK_BYTES", chunk_bytes)
-        self.inline_bytes = knobs.get("INLINE_BYTES", inline_bytes)
-        self.threads = knobs.get("THREADS", threads)
+        settings = repo.settings.replace(
+            chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
+        )
+        self.chunk_bytes = settings.chunk_bytes
+        self.inline_bytes = settings.inline_bytes
+        self.threads = settings.threads
         self.index = index
         self._pending: dict[bytes, Future[int]] = {}
         self._lock = threading.Lock()
@@ -335,7 +337,7 @@ class BlobReader:
 
     def __init__(self, repo: Repository, *, threads: int | None = None) -> None:
         self.repo = repo
-        self.threads = knobs.get("THREADS", threads)
+        self.threads = repo.settings.threads if threads is None else threads
         self.bytes_fetched = 0
         self.objects_fetched = 0
         self._lock = threading.Lock()

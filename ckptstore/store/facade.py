@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ckptstore.backend import Backend
+from ckptstore.knobs import Settings
 from ckptstore.store import gc, reports, usage
 from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.repository import Repository
@@ -19,9 +20,13 @@ class Store:
     """A store at ``url`` (any fsspec URL, or a Backend object)."""
 
     def __init__(
-        self, url: str | Backend, storage_options: Mapping[str, Any] | None = None
+        self,
+        url: str | Backend,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        settings: Settings | None = None,
     ) -> None:
-        self.repo = Repository.open(url, storage_options)
+        self.repo = Repository.open(url, storage_options, settings=settings)
         self.url = self.repo.url
         self.storage_options = dict(storage_options or {})
 
@@ -97,6 +102,24 @@ class Store:
         return usage.diff(self.repo, self.resolve(a), self.resolve(b))
 
     # -- changing ---------------------------------------------------------------------------
+    def plan_gc(
+        self,
+        *,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        keep: tuple[str, ...] | list[str] = (),
+        grace: str | float | None = None,
+    ) -> gc.GcPlan:
+        """What a gc with this policy would do (read-only, no lock): the plan that
+        :meth:`run_gc` executes, and ``gc --dry-run`` prints."""
+        retention = gc.Retention(keep_last=keep_last, keep_every=keep_every, keep=tuple(keep))
+        return gc.plan(self.repo, retention, grace=grace)
+
+    def run_gc(self, plan: gc.GcPlan, *, wait: float = 0.0, progress: Any = None) -> gc.GcReport:
+        """Execute ``plan`` under the gc lock: it drops only what the plan drops and deletes
+        only chunks it names (less where the store changed since; docs/gc.md)."""
+        return gc.execute(self.repo, plan, wait=wait, progress=progress)
+
     def gc(
         self,
         *,
@@ -111,13 +134,10 @@ class Store:
         needs (see docs/gc.md). With no policy, only garbage is collected. ``grace``:
         seconds or "2h"-style; unreferenced chunks younger than it stay. The plan is in
         ``report.plan``; with ``dry_run`` nothing else happens."""
-        retention = gc.Retention(keep_last=keep_last, keep_every=keep_every, keep=tuple(keep))
-        plan = gc.plan(self.repo, retention, grace=grace)
+        plan = self.plan_gc(keep_last=keep_last, keep_every=keep_every, keep=keep, grace=grace)
         if dry_run:
             return gc.GcReport(url=self.repo.url, dropped=[], dry_run=True, plan=plan)
-        report = gc.execute(self.repo, plan, wait=wait)  # runs the plan made above
-        report.plan = plan
-        return report
+        return self.run_gc(plan, wait=wait)
 
     def delete(
         self,
@@ -133,6 +153,12 @@ class Store:
         target = self.resolve(which, step=step, name=name)
         gc.remove(self.repo, [target], wait=wait)
         return target
+
+    def delete_many(self, refs: list[Ref], *, wait: float = 0.0) -> gc.GcReport:
+        """Remove several checkpoints (each named by the rule of :meth:`resolve`) under one
+        gc lock; all are resolved before any is removed."""
+        targets = [self.resolve(r) for r in refs]
+        return gc.remove(self.repo, targets, wait=wait)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"

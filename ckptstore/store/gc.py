@@ -27,14 +27,15 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ckptstore import knobs
-from ckptstore.backend.fsspec_backend import ObjectInfo
+from ckptstore.backend import Backend
+from ckptstore.backend.base import ObjectInfo
 from ckptstore.errors import (
     CheckpointNotFoundError,
     CkptStoreError,
     GcBusyError,
     ObjectNotFoundError,
 )
+from ckptstore.knobs import Settings
 from ckptstore.store import layout, leases
 from ckptstore.store.manifest import Manifest
 from ckptstore.store.repository import Repository, TrashEntry
@@ -70,8 +71,9 @@ def parse_duration(text: str | float | int) -> float:
     return total
 
 
-def grace_knob(override: str | float | None = None) -> float:
-    return parse_duration(override) if override is not None else float(knobs.get("GC_GRACE"))
+def grace_of(repo: Repository, override: str | float | None = None) -> float:
+    """The gc grace period: ``override`` (seconds or "2h"-style), else the settings'."""
+    return parse_duration(override) if override is not None else float(repo.settings.gc_grace)
 
 
 # -- retention -----------------------------------------------------------------------------
@@ -270,7 +272,7 @@ def _fresh(repo: Repository) -> Repository:
     name, but a name can be removed and saved again by another process: gc reads what is
     there now. (Under the gc lock nobody else removes a checkpoint, so what this instance
     caches from then on stays true while the lock is held.)"""
-    return Repository.open(repo.backend)
+    return Repository.open(repo.backend, settings=repo.settings)
 
 
 def _list_state(
@@ -292,7 +294,12 @@ def plan(
 ) -> GcPlan:
     """Read-only: what a gc run with this policy would keep, drop, delete and hold back.
     Takes no lock and writes nothing; hand the result to :func:`execute` to run it."""
-    return _plan(_fresh(repo), retention or Retention(), grace_knob(grace), leases.skew_knob(skew))
+    return _plan(
+        _fresh(repo),
+        retention or Retention(),
+        grace_of(repo, grace),
+        leases.skew_of(repo.backend, skew),
+    )
 
 
 def _plan(repo: Repository, retention: Retention, grace_s: float, skew_s: float) -> GcPlan:
@@ -455,7 +462,7 @@ def collect(
     (``save(..., keep_last=N)``, scripts). ``report.plan`` is the plan it ran."""
     t0 = time.monotonic()
     retention = retention or Retention()
-    grace_s = grace_knob(grace)
+    grace_s = grace_of(repo, grace)
     live = _fresh(repo)
     lock = leases.acquire_gc(live.backend, wait=wait, ttl=ttl, skew=skew)
     try:
@@ -695,12 +702,42 @@ _background: dict[str, threading.Thread] = {}
 _background_lock = threading.Lock()
 
 
+def _finish_background() -> None:
+    """At interpreter exit, let retention gcs finish while thread pools still take work.
+
+    Registered with ``threading._register_atexit``: those hooks run, last registered first,
+    before the interpreter joins non-daemon threads — and before concurrent.futures' own
+    hook (registered when it was imported, earlier) stops every executor, after which a gc
+    could not start a thread pool ("cannot schedule new futures after interpreter
+    shutdown")."""
+    with _background_lock:
+        threads = list(_background.values())
+    for t in threads:
+        t.join()
+
+
+def _register_exit_hook() -> None:
+    import concurrent.futures.thread  # noqa: F401 - its hook must be registered before ours
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(_finish_background)
+    else:  # pragma: no cover - CPython < 3.9
+        import atexit
+
+        atexit.register(_finish_background)
+
+
+_register_exit_hook()
+
+
 def retain_in_background(
-    url: str,
+    url: str | Backend,
     retention: Retention,
     *,
     storage_options: Mapping[str, Any] | None = None,
     grace: str | float | None = None,
+    settings: Settings | None = None,
 ) -> Future[GcReport | None]:
     """Run a gc with ``retention`` on a background thread and return its future.
 
@@ -708,17 +745,19 @@ def retain_in_background(
     new request resolves to None at once (the running gc, or the next save's, does the
     work). So does a gc that finds another gc holding the lock. Other errors are logged
     and set on the future; the checkpoint just saved is never affected. The thread is not
-    a daemon: the interpreter waits for it at exit rather than kill it mid-run."""
+    a daemon, and an exit hook lets it finish before thread pools shut down: a script whose
+    last call is ``save(..., keep_last=N)`` still applies its retention."""
     out: Future[GcReport | None] = Future()
+    key = url.url if isinstance(url, Backend) else str(url)
     with _background_lock:
-        running = _background.get(url)
+        running = _background.get(key)
         if running is not None and running.is_alive():
             out.set_result(None)
             return out
 
         def run() -> None:
             try:
-                repo = Repository.open(url, storage_options)
+                repo = Repository.open(url, storage_options, settings=settings)
                 out.set_result(collect(repo, retention, grace=grace))
             except GcBusyError as exc:
                 log.info("retention gc skipped: %s", exc)
@@ -728,6 +767,6 @@ def retain_in_background(
                 out.set_exception(exc)
 
         thread = threading.Thread(target=run, name="ckptstore-retention", daemon=False)
-        _background[url] = thread
+        _background[key] = thread
         thread.start()
     return out

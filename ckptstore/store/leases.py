@@ -37,7 +37,6 @@ from typing import Any
 
 import xxhash
 
-from ckptstore import knobs
 from ckptstore.backend import Backend
 from ckptstore.errors import (
     ConcurrentGcError,
@@ -55,12 +54,14 @@ PLAN_MAGIC = b"CKP1"
 _PLAN_HEADER = struct.Struct("<4sQ")
 
 
-def ttl_knob(override: float | None = None) -> float:
-    return float(override) if override is not None else float(knobs.get("LEASE_TTL"))
+def ttl_of(backend: Backend, override: float | None = None) -> float:
+    """The lease TTL: ``override``, else the backend's settings."""
+    return float(override) if override is not None else float(backend.settings.lease_ttl)
 
 
-def skew_knob(override: float | None = None) -> float:
-    return float(override) if override is not None else float(knobs.get("CLOCK_SKEW"))
+def skew_of(backend: Backend, override: float | None = None) -> float:
+    """The clock-skew margin: ``override``, else the backend's settings."""
+    return float(override) if override is not None else float(backend.settings.clock_skew)
 
 
 def _check_timing(ttl: float, skew: float) -> None:
@@ -258,7 +259,7 @@ class Lease:
         renew: bool = True,
     ) -> Lease:
         """Create a new lease object (create-only put) and start renewing it."""
-        ttl, skew = ttl_knob(ttl), skew_knob(skew)
+        ttl, skew = ttl_of(backend, ttl), skew_of(backend, skew)
         _check_timing(ttl, skew)
         lease_id = uuid.uuid4().hex
         t_mono, now = time.monotonic(), time.time()
@@ -423,7 +424,7 @@ def check_commit(
     the gc deleted it. The check repeats for gc records that appeared meanwhile. Waits last
     at most ``GC_WAIT`` seconds in all."""
     keys = set(keys)
-    wait = float(knobs.get("GC_WAIT")) if wait is None else float(wait)
+    wait = float(backend.settings.gc_wait) if wait is None else float(wait)
     deadline = time.monotonic() + wait
     skew = lease.skew
     settled: set[str] = set()  # gc runs whose planned chunks we found present after them

@@ -22,6 +22,7 @@ from ckptstore.errors import (
     ObjectNotFoundError,
     StoreNotFoundError,
 )
+from ckptstore.knobs import Settings
 from ckptstore.store import catalog, layout
 from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.manifest import Manifest, now
@@ -34,9 +35,13 @@ CHECKSUM_ALGORITHM = "xxh3-64"
 class Repository:
     """Open store: read its config, list and read manifests, commit new ones."""
 
-    def __init__(self, backend: Backend, config: dict[str, Any]) -> None:
+    def __init__(
+        self, backend: Backend, config: dict[str, Any], settings: Settings | None = None
+    ) -> None:
         self.backend = backend
         self.config = config
+        self.settings = settings if settings is not None else backend.settings
+        """Settings of the operations on this store (chunk size, threads, gc grace…)."""
         self._manifests: dict[str, Manifest] = {}  # manifests are immutable: cache freely
         self._lock = threading.Lock()
 
@@ -52,9 +57,15 @@ class Repository:
         storage_options: Mapping[str, Any] | None = None,
         *,
         create: bool = False,
+        settings: Settings | None = None,
     ) -> Repository:
-        """Open the store at ``url``; with ``create`` make it if there is none."""
-        backend = url if isinstance(url, Backend) else open_backend(url, storage_options)
+        """Open the store at ``url`` (or on a Backend object); with ``create`` make it if
+        there is none. ``settings`` as resolved at the edge (by URL, resolved here if None;
+        a Backend object brings its own)."""
+        if isinstance(url, Backend):
+            backend = url
+        else:
+            backend = open_backend(url, storage_options, settings)
         try:
             raw = backend.get(layout.STORE_JSON)
         except ObjectNotFoundError:
@@ -63,7 +74,7 @@ class Repository:
                     f"no ckptstore store at {backend.url} (missing {layout.STORE_JSON})"
                 ) from None
             raw = cls._create(backend)
-        return cls(backend, cls._parse_config(raw, backend))
+        return cls(backend, cls._parse_config(raw, backend), settings)
 
     @staticmethod
     def _create(backend: Backend) -> bytes:
@@ -109,11 +120,13 @@ class Repository:
         keys = self.backend.list(layout.CHECKPOINTS)
         return [n for k in keys if (n := layout.name_from_manifest_key(k)) is not None]
 
-    def manifest(self, name: str) -> Manifest:
+    def manifest(self, name: str, *, cached: bool = True) -> Manifest:
+        """Checkpoint ``name``'s manifest. Cached by name; ``cached=False`` reads it anew (a
+        name can be removed and saved again by another process)."""
         with self._lock:
-            cached = self._manifests.get(name)
-        if cached is not None:
-            return cached
+            hit = self._manifests.get(name) if cached else None
+        if hit is not None:
+            return hit
         key = layout.manifest_key(name)
         try:
             data = self.backend.get(key)

@@ -138,7 +138,13 @@ class SaveSession:
                 "checkpoints are never overwritten"
             )
         if self.lease is None:
-            lease = leases.Lease.acquire(self.repo.backend, "save", checkpoint=self.name)
+            lease = leases.Lease.acquire(
+                self.repo.backend,
+                "save",
+                checkpoint=self.name,
+                ttl=self.repo.settings.lease_ttl,
+                skew=self.repo.settings.clock_skew,
+            )
             self._finalizer = weakref.finalize(self, lease.release)  # if dropped unreleased
             self.lease = lease
         return self
@@ -155,7 +161,9 @@ class SaveSession:
                 if name is None:
                     latest = self.repo.latest()
                     name = latest.name if latest is not None else None
-                self._parent = self.repo.manifest(name) if name is not None else None
+                # read anew: a cached manifest of that name may be of a checkpoint removed
+                # and saved again since
+                self._parent = self.repo.manifest(name, cached=False) if name else None
             except CheckpointNotFoundError:
                 if self.parent_name is not None:
                     raise
@@ -200,7 +208,7 @@ class SaveSession:
                 self.lease,
                 manifest.chunk_keys(),
                 checkpoint=self.name,
-                wait=self.gc_wait,
+                wait=self.repo.settings.gc_wait if self.gc_wait is None else self.gc_wait,
             )
             self.lease.check(f"commit checkpoint {self.name!r}")
             size = self.repo._commit_manifest(manifest)

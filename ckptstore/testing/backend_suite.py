@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from ckptstore import knobs
 from ckptstore.backend import Backend, Capabilities, ObjectInfo, Stats
 from ckptstore.errors import (
     BackendError,
@@ -25,6 +24,7 @@ from ckptstore.errors import (
     ObjectNotFoundError,
     StorageFullError,
 )
+from ckptstore.knobs import DEFAULTS
 
 
 class BackendSuite:
@@ -147,7 +147,7 @@ class BackendSuite:
     # -- list_info: what gc's safety rests on --------------------------------------------------
     def _tolerance(self) -> float:
         tol = self.clock_tolerance
-        return float(knobs.get("CLOCK_SKEW") if tol is None else tol)
+        return float(DEFAULTS.clock_skew if tol is None else tol)
 
     def _info(self, backend: Backend, key: str) -> ObjectInfo:
         (found,) = [i for i in backend.list_info(key.rsplit("/", 1)[0]) if i.key == key]
