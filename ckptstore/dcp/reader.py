@@ -158,6 +158,9 @@ class Reader(StorageReader):
             self.open()
         assert self.manifest is not None
         m = self.manifest
+        shards = {  # one dict, not a scan per item: W ranks × W shards would be W²
+            (fqn, tuple(s.offsets)): (t.dtype, s) for fqn, t in m.tensors.items() for s in t.shards
+        }
         out = []
         for plan in plans:
             records: dict[tuple[str, tuple[int, ...] | None], Record] = {}
@@ -169,16 +172,13 @@ class Reader(StorageReader):
                 if offset is None and fqn in m.objects:
                     records[key] = (fqn, None, m.objects[fqn])
                     continue
-                entry = m.tensors.get(fqn)
-                shard = None
-                if entry is not None:
-                    shard = next((s for s in entry.shards if tuple(s.offsets) == offset), None)
-                if shard is None:
+                found = shards.get(key)
+                if found is None:
                     raise MismatchError(
                         f"{fqn!r} has no saved data for {req.storage_index} in checkpoint "
                         f"{m.name!r}"
                     )
-                records[key] = (fqn, entry.dtype, shard)
+                records[key] = (fqn, found[0], found[1])
             storage = {"checkpoint": m.name, "records": records}
             out.append(dataclasses.replace(plan, storage_data=storage))
         return out

@@ -19,6 +19,7 @@ the cost of a save does not grow with the number of checkpoints in the store.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import weakref
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from ckptstore.errors import (
 )
 from ckptstore.store import layout, leases
 from ckptstore.store.blobs import BlobReader
-from ckptstore.store.manifest import Blob, Manifest
+from ckptstore.store.manifest import Blob, Manifest, Shard
 from ckptstore.store.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -68,40 +69,74 @@ def _box_rows(blob: Blob, first_row: int) -> list[tuple[int, int, bytes, int]]:
     return [(first_row + c.row_start, first_row + c.row_stop, c.key, c.stored) for c in blob.chunks]
 
 
+class _Shards:
+    """A tensor's shards sorted by their first row, to find those overlapping a row range
+    in O(log shards + found) — a W-rank save asks W times, so a scan would cost W²."""
+
+    def __init__(self, shards: list[Shard]) -> None:
+        self.shards = sorted(shards, key=lambda s: s.offsets[0] if s.offsets else 0)
+        self.starts = [s.offsets[0] if s.offsets else 0 for s in self.shards]
+        self.longest = max((s.sizes[0] if s.sizes else 1 for s in self.shards), default=0)
+
+    def overlapping(self, lo: int, hi: int) -> list[Shard]:
+        i = bisect.bisect_right(self.starts, lo - self.longest)
+        j = bisect.bisect_left(self.starts, hi)
+        return [s for s in self.shards[i:j] if not s.sizes or s.offsets[0] + s.sizes[0] > lo]
+
+
+class ParentLookup:
+    """The parent checkpoint's chunks by (tensor, box), built once from its manifest."""
+
+    def __init__(self, parent: Manifest | None) -> None:
+        self.parent = parent
+        self._by_fqn: dict[str, _Shards] = {}
+
+    def chunks(
+        self, fqn: str, offsets: Sequence[int] | None = None, sizes: Sequence[int] | None = None
+    ) -> list[ParentChunk]:
+        """The chunks holding any element of box ``offsets``+``sizes`` of tensor ``fqn``
+        (of object ``fqn`` when no box is given)."""
+        parent = self.parent
+        if parent is None:
+            return []
+        if offsets is None:
+            blob = parent.objects.get(fqn)
+            if blob is None:
+                return []
+            return [ParentChunk(fqn, k, a, b, n) for a, b, k, n in _box_rows(blob, 0)]
+        entry = parent.tensors.get(fqn)
+        if entry is None or sizes is None or len(entry.shape) != len(offsets):
+            return []
+        found = self._by_fqn.get(fqn)
+        if found is None:
+            found = self._by_fqn[fqn] = _Shards(entry.shards)
+        lo = offsets[0] if offsets else 0
+        hi = lo + (sizes[0] if sizes else 1)
+        out = []
+        for shard in found.overlapping(lo, hi) if offsets else found.shards:
+            if any(
+                o + s <= so or so + ss <= o
+                for o, s, so, ss in zip(
+                    offsets[1:], sizes[1:], shard.offsets[1:], shard.sizes[1:], strict=False
+                )
+            ):
+                continue  # no overlap outside dim 0
+            first = shard.offsets[0] if shard.offsets else 0
+            for a, b, k, n in _box_rows(shard.blob, first):
+                if not shard.offsets or (a < hi and b > lo):
+                    out.append(ParentChunk(fqn, k, a, b, n))
+        return out
+
+
 def parent_chunks(
     parent: Manifest | None,
     fqn: str,
     offsets: Sequence[int] | None = None,
     sizes: Sequence[int] | None = None,
 ) -> list[ParentChunk]:
-    """The chunks of ``parent`` holding any element of box ``offsets``+``sizes`` of tensor
-    ``fqn`` (or of object ``fqn`` when no box is given). Cost: the tensor's own shards."""
-    if parent is None:
-        return []
-    if offsets is None:
-        blob = parent.objects.get(fqn)
-        if blob is None:
-            return []
-        return [ParentChunk(fqn, k, a, b, n) for a, b, k, n in _box_rows(blob, 0)]
-    entry = parent.tensors.get(fqn)
-    if entry is None or sizes is None or len(entry.shape) != len(offsets):
-        return []
-    out = []
-    for shard in entry.shards:
-        if any(
-            o + s <= so or so + ss <= o
-            for o, s, so, ss in zip(
-                offsets[1:], sizes[1:], shard.offsets[1:], shard.sizes[1:], strict=False
-            )
-        ):
-            continue  # no overlap outside dim 0
-        first = shard.offsets[0] if shard.offsets else 0
-        lo = offsets[0] if offsets else 0
-        hi = lo + (sizes[0] if sizes else 1)
-        for a, b, k, n in _box_rows(shard.blob, first):
-            if not shard.offsets or (a < hi and b > lo):
-                out.append(ParentChunk(fqn, k, a, b, n))
-    return out
+    """The chunks of ``parent`` holding any element of a box of tensor ``fqn`` (see
+    :class:`ParentLookup`, which to prefer for many lookups)."""
+    return ParentLookup(parent).chunks(fqn, offsets, sizes)
 
 
 class SaveSession:
@@ -129,6 +164,7 @@ class SaveSession:
         self._finalizer: weakref.finalize | None = None
         self._parent: Manifest | None = None
         self._parent_read = False
+        self._lookup: ParentLookup | None = None
 
     def begin(self) -> SaveSession:
         """S1: refuse an existing name, then take the save lease."""
@@ -183,9 +219,11 @@ class SaveSession:
         """The parent chunks of a rank's share: ``boxes`` are (fqn, offsets, sizes), with
         offsets None for an object."""
         parent = self.parent()
+        if self._lookup is None:
+            self._lookup = ParentLookup(parent)
         chunks: dict[bytes, ParentChunk] = {}
         for fqn, offsets, sizes in boxes:
-            for c in parent_chunks(parent, fqn, offsets, sizes):
+            for c in self._lookup.chunks(fqn, offsets, sizes):
                 chunks.setdefault(c.key, c)
         return ParentIndex(self.name, parent.name if parent else None, list(chunks.values()))
 
