@@ -36,6 +36,18 @@ class UnknownCodecError(CkptStoreError, ValueError):
     """A manifest names a codec id this reader does not know."""
 
 
+class CodecError(CkptStoreError, ValueError):
+    """Bytes handed to a codec cannot be decoded by it (malformed, or larger than the size
+    declared). Raised by the codec layer, which knows no chunk or checkpoint; the store layer
+    turns it into a :class:`CorruptChunkError` naming the object, tensor and checkpoint."""
+
+
+class StoreConfigError(CkptStoreError, ValueError):
+    """``store.json`` exists but cannot be read as a ckptstore store config (not JSON, not
+    an object, not marked ``"format": "ckptstore"``). An unknown version of a valid config is
+    a :class:`FormatVersionError`."""
+
+
 class CorruptChunkError(CkptStoreError, ValueError):
     """A chunk object failed its checksum, or could not be decoded."""
 
@@ -56,6 +68,17 @@ class ManifestCodecError(ManifestError, UnknownCodecError):
 
 class MismatchError(CkptStoreError, ValueError):
     """The state dict given to load does not match the checkpoint (shape, dtype, keys)."""
+
+
+class UnsupportedValueError(CkptStoreError, TypeError):
+    """A value of the state dict given to save cannot be stored: an object that does not
+    pickle (a lambda, a local class, a lock, an open file), a sparse tensor, a meta tensor.
+    Raised before the commit, naming the key; nothing is committed."""
+
+
+class AllocationError(CkptStoreError, MemoryError):
+    """A whole tensor of the checkpoint (``load_full``, ``export``) does not fit in this
+    host's memory: the message names the tensor, its shape and its size in bytes."""
 
 
 class UnsafeObjectError(CkptStoreError, ValueError):

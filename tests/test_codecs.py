@@ -22,7 +22,7 @@ from ckptstore.codecs import (
     known_ids,
     quantized_pipeline,
 )
-from ckptstore.errors import CorruptChunkError, UnknownCodecError
+from ckptstore.errors import CodecError, UnknownCodecError
 
 
 @given(st.binary(max_size=4096), st.sampled_from([1, 2, 4, 8]), st.booleans())
@@ -61,10 +61,10 @@ def test_zstd_stores_incompressible_raw():
 
 def test_zstd_rejects_garbage():
     enc = bytearray(Zstd(segments=2).encode(b"a" * 1000))
-    with pytest.raises(CorruptChunkError):
+    with pytest.raises(CodecError):
         Zstd().decode(bytes(enc[:-5]))
     enc[20] ^= 0xFF
-    with pytest.raises(CorruptChunkError):
+    with pytest.raises(CodecError):
         Zstd().decode(bytes(enc))
 
 
@@ -176,7 +176,7 @@ def _peak(fn) -> int:
     try:
         try:
             fn()
-        except CorruptChunkError:
+        except CodecError:
             pass
         return tracemalloc.get_traced_memory()[1]
     finally:
@@ -187,16 +187,16 @@ def test_zstd_bomb_is_refused_before_inflating():
     bomb = zstandard.ZstdCompressor().compress(bytes(32 << 20))  # ~1 KiB → 32 MiB
     payload = _zstd_container(bomb)
     pipe = Pipeline([Zstd()])
-    with pytest.raises(CorruptChunkError, match="declares 33554432 bytes, more than the 4096"):
+    with pytest.raises(CodecError, match="declares 33554432 bytes, more than the 4096"):
         pipe.decode(payload, expected_size=4096)
     assert _peak(lambda: pipe.decode(payload, expected_size=4096)) < 1 << 20
     assert _peak(lambda: pipe.decode(payload)) >= 32 << 20  # tracemalloc sees zstd's output
     # two frames that each fit but together exceed the bound
     half = zstandard.ZstdCompressor().compress(bytes(3000))
-    with pytest.raises(CorruptChunkError, match="declares 3000 bytes, more than the 1096 left"):
+    with pytest.raises(CodecError, match="declares 3000 bytes, more than the 1096 left"):
         Zstd(segments=2).decode_bounded(_zstd_container(half, half), 4096)
     # behind a bytegroup stage the bound is the same raw size
-    with pytest.raises(CorruptChunkError, match="bomb"):
+    with pytest.raises(CodecError, match="bomb"):
         default_pipeline("float32").decode(payload, expected_size=4096)
 
 
@@ -206,18 +206,18 @@ def test_zstd_frame_with_forged_content_size_is_refused():
     assert params.content_size == 100
     frame[5] = 200  # single-segment frames keep the content size in the byte after the header
     assert zstandard.frame_content_size(bytes(frame)) == 200
-    with pytest.raises(CorruptChunkError):
+    with pytest.raises(CodecError):
         Zstd().decode_bounded(_zstd_container(bytes(frame)), 1 << 20)
-    with pytest.raises(CorruptChunkError):
+    with pytest.raises(CodecError):
         Zstd().decode(_zstd_container(bytes(frame)))
 
 
 def test_zstd_frame_without_content_size_or_with_trailing_data():
     no_size = zstandard.ZstdCompressor(write_content_size=False).compress(b"y" * 500)
-    with pytest.raises(CorruptChunkError, match="without a content size"):
+    with pytest.raises(CodecError, match="without a content size"):
         Zstd().decode(_zstd_container(no_size))
     good = zstandard.ZstdCompressor().compress(b"y" * 500)
-    with pytest.raises(CorruptChunkError, match="unused data"):
+    with pytest.raises(CodecError, match="unused data"):
         Zstd().decode(_zstd_container(good + good))
     assert bytes(Zstd().decode_bounded(_zstd_container(good), 500)) == b"y" * 500
 
@@ -225,11 +225,11 @@ def test_zstd_frame_without_content_size_or_with_trailing_data():
 def test_expected_size_mismatch_is_corrupt():
     pipe = default_pipeline("float32")
     enc = pipe.encode(np.arange(64, dtype=np.float32).tobytes())
-    with pytest.raises(CorruptChunkError, match="decoded to 256 bytes, expected 260"):
+    with pytest.raises(CodecError, match="decoded to 256 bytes, expected 260"):
         pipe.decode(enc, expected_size=260)
-    with pytest.raises(CorruptChunkError):
+    with pytest.raises(CodecError):
         pipe.decode(enc, expected_size=128)  # refused by the bound, before the join
-    with pytest.raises(CorruptChunkError):  # codec ValueErrors become CorruptChunkError
+    with pytest.raises(CodecError):  # codec ValueErrors become CodecError
         pipe.decode(b"\x01" + struct.pack("<BQ", 0, 3) + b"abc", expected_size=3)
 
 
@@ -239,10 +239,10 @@ def test_lossy_stages_bound_their_output():
         pipe = quantized_pipeline(name, "float32")
         lossy, tail = pipe.split()
         body = tail.decode(pipe.encode(raw))
-        with pytest.raises(CorruptChunkError, match="over 512"):
+        with pytest.raises(CodecError, match="over 512"):
             lossy.decode_bounded(body, 512)
     forged = struct.pack("<BxxxQ", 0, 2**40)  # int8 header declaring 2^40 elements
-    with pytest.raises(CorruptChunkError):
+    with pytest.raises(CodecError):
         quantized_pipeline("int8", "float32").decode(Zstd().encode(forged), expected_size=1024)
 
 

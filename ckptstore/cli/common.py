@@ -2,7 +2,9 @@
 
 Exit codes (docs/cli.md): 0 ok; 1 damage found (verify), or a check failed (demo); 2 bad
 usage; 3 store or checkpoint not found; 4 corrupt data, unreadable manifest or unknown
-format/codec; 5 any other error (storage, locks, mismatch). Errors print one line on stderr.
+format/codec; 5 any other error (storage, locks, mismatch); 141 stdout closed early (``|
+head``: nothing printed on stderr, like a tool killed by SIGPIPE). Errors print one line on
+stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import click
 from ckptstore import errors
 
 EXIT_DAMAGED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_OTHER = 1, 2, 3, 4, 5
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell reports for `yes | head`
 
 
 def _exit_code(exc: errors.CkptStoreError) -> int:
@@ -31,6 +34,8 @@ def _exit_code(exc: errors.CkptStoreError) -> int:
             errors.ManifestError,
             errors.FormatVersionError,
             errors.UnknownCodecError,
+            errors.StoreConfigError,
+            errors.CodecError,
         ),
     ):
         return EXIT_CORRUPT
@@ -45,7 +50,13 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sys.stdout.flush()  # a reader that went away shows here, not at exit
+        except BrokenPipeError:  # `ckptstore ls --json | head`: the reader has what it wanted
+            _silence_stdout()
+            sys.exit(EXIT_BROKEN_PIPE)
         except errors.CkptStoreError as exc:
             click.echo(f"ckptstore: error: {type(exc).__name__}: {exc}", err=True)
             sys.exit(_exit_code(exc))
@@ -63,6 +74,17 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT_OTHER)
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush of what is still buffered
+    does not fail again ("Exception ignored ... BrokenPipeError") on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real fd (e.g. click's test runner)
+        pass
 
 
 def _options(pairs: tuple[str, ...]) -> dict[str, Any]:

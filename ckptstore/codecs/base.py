@@ -6,7 +6,7 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
-from ckptstore.errors import CorruptChunkError
+from ckptstore.errors import CodecError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -35,13 +35,13 @@ class Codec(abc.ABC):
         """Invert :meth:`encode`."""
 
     def decode_bounded(self, data: Buffer, max_size: int) -> Buffer:
-        """:meth:`decode`, refusing (``CorruptChunkError``) an output of more than
+        """:meth:`decode`, refusing (``CodecError``) an output of more than
         ``max_size`` bytes. The built-in codecs refuse before allocating it (a zstd frame
         that declares more is a bomb); this default decodes first and checks after."""
         out = self.decode(data)
         size = memoryview(out).nbytes
         if size > max_size:
-            raise CorruptChunkError(
+            raise CodecError(
                 f"{self.codec_id} decoded to {size} bytes, more than the {max_size} expected"
             )
         return out

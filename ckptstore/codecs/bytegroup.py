@@ -14,7 +14,7 @@ import numpy as np
 
 from ckptstore.codecs.base import Buffer, Codec, byte_view
 from ckptstore.codecs.registry import register
-from ckptstore.errors import CorruptChunkError
+from ckptstore.errors import CodecError
 
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -59,7 +59,7 @@ class ByteGroup(Codec):
     def decode_bounded(self, data: Buffer, max_size: int) -> Buffer:
         size = memoryview(data).nbytes
         if size > max_size:
-            raise CorruptChunkError(f"bytegroup input of {size} bytes exceeds {max_size}")
+            raise CodecError(f"bytegroup input of {size} bytes exceeds {max_size}")
         return self.decode(data)
 
     def decode(self, data: Buffer) -> Buffer:

@@ -4,7 +4,7 @@ the default lossless chain for each element type."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -13,30 +13,49 @@ from ckptstore.codecs.bytegroup import ByteGroup
 from ckptstore.codecs.quantize import Cast, Int8Block, LossyCodec
 from ckptstore.codecs.registry import get_codec
 from ckptstore.codecs.zstd import Zstd
-from ckptstore.errors import CorruptChunkError
+from ckptstore.errors import CodecError
 
-# element type name → (bytes per element, is floating point); names follow torch's dtypes
-DTYPES: dict[str, tuple[int, bool]] = {
-    "float64": (8, True),
-    "float32": (4, True),
-    "float16": (2, True),
-    "bfloat16": (2, True),
-    "complex128": (16, True),
-    "complex64": (8, True),
-    "complex32": (4, True),
-    "float8_e4m3fn": (1, True),
-    "float8_e5m2": (1, True),
-    "float8_e4m3fnuz": (1, True),
-    "float8_e5m2fnuz": (1, True),
-    "int64": (8, False),
-    "int32": (4, False),
-    "int16": (2, False),
-    "int8": (1, False),
-    "uint64": (8, False),
-    "uint32": (4, False),
-    "uint16": (2, False),
-    "uint8": (1, False),
-    "bool": (1, False),
+
+class DType(NamedTuple):
+    """What the store knows of an element type. ``DTYPES`` is the one dtype table: torch-free;
+    the torch mapping (``ckptstore.dcp.bridge``) and export's safetensors codes derive from
+    it."""
+
+    itemsize: int
+    """Bytes per element."""
+    kind: str
+    """"float", "complex", "int", "uint" or "bool"."""
+    safetensors: str | None = None
+    """The safetensors dtype code; None where safetensors has none."""
+
+    @property
+    def floating(self) -> bool:
+        """Floating point, complex included."""
+        return self.kind in ("float", "complex")
+
+
+# element type name → its DType; names follow torch's dtypes (manifests store these names)
+DTYPES: dict[str, DType] = {
+    "float64": DType(8, "float", "F64"),
+    "float32": DType(4, "float", "F32"),
+    "float16": DType(2, "float", "F16"),
+    "bfloat16": DType(2, "float", "BF16"),
+    "complex128": DType(16, "complex"),
+    "complex64": DType(8, "complex", "C64"),
+    "complex32": DType(4, "complex"),
+    "float8_e4m3fn": DType(1, "float", "F8_E4M3"),
+    "float8_e5m2": DType(1, "float", "F8_E5M2"),
+    "float8_e4m3fnuz": DType(1, "float"),
+    "float8_e5m2fnuz": DType(1, "float"),
+    "int64": DType(8, "int", "I64"),
+    "int32": DType(4, "int", "I32"),
+    "int16": DType(2, "int", "I16"),
+    "int8": DType(1, "int", "I8"),
+    "uint64": DType(8, "uint", "U64"),
+    "uint32": DType(4, "uint", "U32"),
+    "uint16": DType(2, "uint", "U16"),
+    "uint8": DType(1, "uint", "U8"),
+    "bool": DType(1, "bool", "BOOL"),
 }
 
 
@@ -75,8 +94,8 @@ class Pipeline:
         With ``expected_size`` (the raw size the caller's manifest declares) decoding never
         allocates more than that bound at any stage — a zstd frame declaring more is refused
         before it is inflated — and an output of any other size is refused: every failure is
-        a ``CorruptChunkError``. Without it, each codec decodes unbounded and raises its own
-        ``ValueError`` (``CorruptChunkError`` included) on malformed input.
+        a ``CodecError``. Without it, each codec decodes unbounded and raises its own
+        ``ValueError`` (``CodecError`` included) on malformed input.
         """
         return self.decode_parts(data, expected_size)[1]
 
@@ -107,13 +126,13 @@ class Pipeline:
                 data = codec.decode(data) if limit is None else codec.decode_bounded(data, limit)
                 if i > 0 or codec.lossless:
                     keyed = data
-        except CorruptChunkError:
+        except CodecError:
             raise
         except (ValueError, TypeError) as exc:
-            raise CorruptChunkError(f"cannot be decoded with {self.short()}: {exc}") from exc
+            raise CodecError(f"cannot be decoded with {self.short()}: {exc}") from exc
         size = memoryview(data).nbytes
         if size != expected_size:
-            raise CorruptChunkError(f"decoded to {size} bytes, expected {expected_size}")
+            raise CodecError(f"decoded to {size} bytes, expected {expected_size}")
         return keyed, data
 
     def short(self) -> str:
@@ -141,11 +160,11 @@ def default_pipeline(dtype: str, *, zstd_level: int = 1) -> Pipeline:
     level = zstd_level
     if dtype not in DTYPES:
         return Pipeline([Zstd(level=level)])
-    itemsize, floating = DTYPES[dtype]
+    itemsize, kind, _ = DTYPES[dtype]
     if itemsize == 1:
         return Pipeline([Zstd(level=level)])
-    if floating:
-        width = itemsize // 2 if dtype.startswith("complex") else itemsize
+    if kind in ("float", "complex"):
+        width = itemsize // 2 if kind == "complex" else itemsize
         return Pipeline(
             [ByteGroup(width, rotate=width in (2, 4, 8)), Zstd(segments=width, entropy=True)]
         )

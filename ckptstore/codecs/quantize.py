@@ -26,7 +26,7 @@ import numpy as np
 
 from ckptstore.codecs.base import Buffer, Codec, byte_view
 from ckptstore.codecs.registry import register
-from ckptstore.errors import CorruptChunkError
+from ckptstore.errors import CodecError
 
 SOURCES = ("float64", "float32", "bfloat16", "float16")
 _ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -212,27 +212,27 @@ class Cast(LossyCodec):
     def _decode(self, data: Buffer, max_size: int | None) -> Buffer:
         view = byte_view(data)
         if len(view) < _CAST_HEADER.size or (len(view) - _CAST_HEADER.size) % 2:
-            raise CorruptChunkError(f"cast payload of {len(view)} bytes is malformed")
+            raise CodecError(f"cast payload of {len(view)} bytes is malformed")
         kind, _ = _CAST_HEADER.unpack_from(view)
         if kind not in (_AS_FP16, _AS_BF16, _AS_FP16 | _PATCHED, _AS_BF16 | _PATCHED):
-            raise CorruptChunkError(f"cast payload has unknown kind {kind}")
+            raise CodecError(f"cast payload has unknown kind {kind}")
         body = view[_CAST_HEADER.size :]
         wide_dtype = np.float64 if self.source == "float64" else np.float32
         patches = 0
         if kind & _PATCHED:
             if len(body) < _PATCH_COUNT.size:
-                raise CorruptChunkError("cast payload lost its patch count")
+                raise CodecError("cast payload lost its patch count")
             (patches,) = _PATCH_COUNT.unpack_from(body, len(body) - _PATCH_COUNT.size)
             width = np.dtype(wide_dtype).itemsize
             end = len(body) - _PATCH_COUNT.size - (4 + width) * patches
             if end < 0 or end % 2:
-                raise CorruptChunkError(f"cast payload with {patches} patches is malformed")
+                raise CodecError(f"cast payload with {patches} patches is malformed")
             idx = np.frombuffer(body, dtype=np.uint32, count=patches, offset=end)
             vals = np.frombuffer(body, dtype=wide_dtype, count=patches, offset=end + 4 * patches)
             body = body[:end]
         out_size = len(body) // 2 * _ITEMSIZE[self.source]
         if max_size is not None and out_size > max_size:
-            raise CorruptChunkError(f"cast payload decodes to {out_size} bytes, over {max_size}")
+            raise CodecError(f"cast payload decodes to {out_size} bytes, over {max_size}")
         if kind & 1 == _AS_FP16:
             wide = np.frombuffer(body, dtype=np.float16).astype(wide_dtype)
         else:
@@ -240,7 +240,7 @@ class Cast(LossyCodec):
             wide = bits.view(np.float32).astype(wide_dtype)
         if patches:
             if int(idx.max()) >= wide.size:
-                raise CorruptChunkError("cast patch index beyond the data")
+                raise CodecError("cast patch index beyond the data")
             wide[idx] = vals
         return from_float(wide, self.source)
 
@@ -318,17 +318,17 @@ class Int8Block(LossyCodec):
         try:
             kind, n = _INT8_HEADER.unpack_from(view)
         except struct.error as exc:
-            raise CorruptChunkError(f"int8 payload is truncated: {exc}") from exc
+            raise CodecError(f"int8 payload is truncated: {exc}") from exc
         body = view[_INT8_HEADER.size :]
         out_size = len(body) if kind == _RAW else n * _ITEMSIZE[self.source]
         if max_size is not None and out_size > max_size:
-            raise CorruptChunkError(f"int8 payload decodes to {out_size} bytes, over {max_size}")
+            raise CodecError(f"int8 payload decodes to {out_size} bytes, over {max_size}")
         if kind == _RAW:
             return body
         blocks = -(-n // self.block)
         width = {_FP16_SCALES: 2, _FP32_SCALES: 4}.get(kind)
         if width is None or len(body) != blocks * self.block + blocks * width:
-            raise CorruptChunkError(f"int8 payload (kind {kind}, n {n}) has {len(body)} bytes")
+            raise CodecError(f"int8 payload (kind {kind}, n {n}) has {len(body)} bytes")
         q = np.frombuffer(body, dtype=np.int8, count=blocks * self.block)
         scales = np.frombuffer(
             body, dtype=np.float16 if width == 2 else np.float32, offset=blocks * self.block

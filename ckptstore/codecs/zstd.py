@@ -23,7 +23,7 @@ import zstandard
 
 from ckptstore.codecs.base import Buffer, Codec, byte_view
 from ckptstore.codecs.registry import register
-from ckptstore.errors import CorruptChunkError
+from ckptstore.errors import CodecError
 
 _RAW, _ZSTD = 0, 1
 _ENTRY = struct.Struct("<BQ")
@@ -150,5 +150,5 @@ class Zstd(Codec):
             if pos != len(view):
                 raise ValueError(f"{len(view) - pos} trailing bytes")
         except (IndexError, struct.error, ValueError, zstandard.ZstdError) as exc:
-            raise CorruptChunkError(f"zstd payload cannot be decoded: {exc}") from exc
+            raise CodecError(f"zstd payload cannot be decoded: {exc}") from exc
         return out[0] if len(out) == 1 else b"".join(out)

@@ -20,6 +20,7 @@ from ckptstore.errors import (
     ManifestError,
     ObjectExistsError,
     ObjectNotFoundError,
+    StoreConfigError,
     StoreNotFoundError,
 )
 from ckptstore.knobs import Settings
@@ -99,9 +100,9 @@ class Repository:
         try:
             config = json.loads(raw)
         except ValueError as exc:
-            raise FormatVersionError(f"{where} is not valid JSON: {exc}") from exc
+            raise StoreConfigError(f"{where} is not valid JSON: {exc}") from exc
         if not isinstance(config, dict) or config.get("format") != "ckptstore":
-            raise FormatVersionError(f"{where} is not a ckptstore store config")
+            raise StoreConfigError(f"{where} is not a ckptstore store config")
         if config.get("version") != layout.FORMAT_VERSION:
             raise FormatVersionError(
                 f"{where} has format version {config.get('version')!r}; this ckptstore "
