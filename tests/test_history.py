@@ -104,3 +104,26 @@ def test_catalog_repairs_and_old_stores(tmp_path):
     assert backend.requests[("get", "checkpoints")] == 0
     store.delete(step=1)
     assert repo.backend.list(layout.CATALOG + "/" + layout.step_name(1)) == []
+
+
+def test_cached_plans_never_carry_another_saves_parent(tmp_path):
+    """With DCP's plan caching a later save gets the plan (and our storage_data) of an earlier
+    one: the writer must not trust that parent index, and dedup still works (by probing)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    url = str(tmp_path / "s")
+    planner = DefaultSavePlanner(enable_plan_caching=True)
+    writer = ckptstore.Writer(url, step=1, chunk_bytes=32 * 1024)
+    state = _state(1)
+    dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
+    first = writer.save_info
+    writer2 = ckptstore.Writer(url, step=2, chunk_bytes=32 * 1024)
+    state["layer0.weight"] += 1
+    dcp.save(state, storage_writer=writer2, planner=planner, no_dist=True)
+    info = writer2.save_info
+    assert first is not None and info is not None
+    assert info.chunks == first.chunks and info.new_chunks == 2  # only the changed weight
+    got = ckptstore.load_full(url, step=2)
+    assert torch.equal(got["layer0.weight"], state["layer0.weight"])
+    assert ckptstore.Store(url).verify().ok
