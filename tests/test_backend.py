@@ -1,3 +1,5 @@
+import errno
+import os
 import threading
 import time
 
@@ -28,6 +30,46 @@ class TestLocalBackend(BackendSuite):
         open(backend.root + "/c/.tmp-abc", "wb").close()
         assert backend.list("c") == ["c/x"]
         assert [i.key for i in backend.list_info("c")] == ["c/x"]
+        # ... except to list_temp, with their age: what gc needs to collect stale ones
+        os.utime(backend.root + "/c/.tmp-abc", (1000.0, 1000.0))
+        assert backend.list_temp("") == [ObjectInfo("c/.tmp-abc", 0, 1000.0)]
+        assert backend.capabilities.temp_files
+
+    def test_failed_put_leaves_no_temp_file(self, backend):
+        from ckptstore.errors import StorageFullError
+
+        backend.put("f/ok", b"1")
+        real_open = open
+
+        def full_open(path, mode="r", *a, **kw):
+            f = real_open(path, mode, *a, **kw)
+            if "w" in mode and ".tmp-" in str(path):
+                f.write(b"partial")  # some bytes made it, then the disk filled up
+                f.close()
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            return f
+
+        import builtins
+
+        builtins.open = full_open
+        try:
+            with pytest.raises(StorageFullError):
+                backend.put("f/big", b"x" * 1000)
+        finally:
+            builtins.open = real_open
+        assert backend.list_temp("") == [] and backend.list("f") == ["f/ok"]
+
+    def test_put_whose_temp_file_a_gc_deleted_fails_whole(self, backend, monkeypatch):
+        real_link = os.link
+
+        def link(src, dst):
+            os.unlink(src)  # a gc deleted the temp file between the write and the link
+            return real_link(src, dst)
+
+        monkeypatch.setattr(os, "link", link)
+        with pytest.raises(BackendError, match="temporary file was deleted"):
+            backend.put("g/x", b"data", create_only=True)
+        assert not backend.exists("g/x") and backend.list_temp("") == []
 
 
 class TestFileUrlBackend(BackendSuite):
@@ -158,6 +200,7 @@ class TestMinimalBackend(BackendSuite):
     """A backend that implements only the abstract methods passes the whole suite."""
 
     mtime_resolution = 0.02
+    lists_temp = False  # the default list_temp: its puts leave nothing
 
     def make_backend(self, tmp_path):
         return MinimalBackend()

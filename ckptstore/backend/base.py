@@ -64,6 +64,11 @@ class Capabilities:
     """Objects are files on this machine's filesystem."""
     remote: bool = False
     """Every operation is a network request (latency-bound: worth many in flight)."""
+    temp_files: bool = False
+    """A put writes a temporary object first (``.tmp-*``, then renamed into place), which a
+    process killed mid-put — or a put whose cleanup failed — can leave behind. gc then looks
+    for stale ones with :meth:`Backend.list_temp`. False where a put is one request that
+    leaves nothing (object stores: a failed multipart upload is no object; see docs/gc.md)."""
 
 
 @dataclass
@@ -162,7 +167,8 @@ class Backend(abc.ABC):
 
     Subclasses implement :meth:`get`, :meth:`get_range`, :meth:`size`, :meth:`put`,
     :meth:`delete`, :meth:`list_info` and :meth:`describe`, and set :attr:`url`,
-    :attr:`capabilities` and :attr:`stats`; :meth:`exists`, :meth:`list` and the batched
+    :attr:`capabilities` and :attr:`stats`; :meth:`exists`, :meth:`list`, :meth:`list_temp`
+    (a backend whose puts can leave temporary objects must override it) and the batched
     operations have defaults built on those (override them where one request does better).
     Run :class:`ckptstore.testing.backend_suite.BackendSuite` against a new implementation.
     """
@@ -249,6 +255,21 @@ class Backend(abc.ABC):
         resolution (S3: whole seconds) and is ``None`` only where the storage cannot tell:
         gc then never deletes the object. One listing, not a request per object.
         """
+
+    def list_temp(self, prefix: str) -> list[ObjectInfo]:
+        """The temporary objects under folder ``prefix`` (recursively; ``""`` is the whole
+        root), sorted, with size and ``mtime`` as in :meth:`list_info`: exactly the keys that
+        :meth:`list` hides (a path component starting with ``.tmp-``). They are what puts in
+        progress, or puts that never finished, hold; nothing refers to them, and
+        :meth:`delete` removes one (gc deletes stale ones: docs/format.md, "Temporary
+        files").
+
+        ``mtime`` is the time of the last write to the object (by the storage's clock), so a
+        put in progress has a recent one. The default lists nothing: right for a backend
+        whose puts leave no objects behind (``capabilities.temp_files`` is False) and that
+        never stores such keys. One listing, not a request per object.
+        """
+        return []
 
     @abc.abstractmethod
     def describe(self, key: str) -> str:
@@ -361,6 +382,9 @@ class WrappedBackend(Backend):
 
     def list_info(self, prefix: str) -> list[ObjectInfo]:
         return self.inner.list_info(prefix)
+
+    def list_temp(self, prefix: str) -> list[ObjectInfo]:
+        return self.inner.list_temp(prefix)
 
     def describe(self, key: str) -> str:
         return self.inner.describe(key)

@@ -31,6 +31,9 @@ class BackendSuite:
     mtime_resolution: float = 1.0
     """Seconds between two puts that must yield different modification times (S3 stamps
     whole seconds; a subclass whose storage stamps finer may lower it to save time)."""
+    lists_temp: bool = True
+    """Whether :meth:`Backend.list_temp` lists temporary objects (False only for a backend
+    whose puts leave none and that keeps the default, which lists nothing)."""
     clock_tolerance: float | None = None
     """How far the storage's clock may be from this machine's; None: the ``CLOCK_SKEW``
     knob, the bound gc's safety assumes (docs/format.md)."""
@@ -198,6 +201,31 @@ class BackendSuite:
         assert backend.list("t") == ["t/x"]
         assert [i.key for i in backend.list_info("t")] == ["t/x"]
         assert [k for k in backend.list("") if "tmp" in k] == []
+
+    def test_list_temp_lists_what_list_hides(self, backend: Backend) -> None:
+        before = time.time()
+        for k, n in {"t/x": 1, "t/.tmp-abc": 3, "t/.tmp-dir/y": 2, "t/z/.tmp-1": 5}.items():
+            backend.put(k, b"1" * n)
+        after = time.time()
+        temps = backend.list_temp("t")
+        assert all(isinstance(i, ObjectInfo) for i in temps)
+        assert [i.key for i in temps] == sorted(i.key for i in temps)
+        if not self.lists_temp:
+            assert backend.capabilities.temp_files is False
+            assert temps == []
+            return
+        sizes = {"t/.tmp-abc": 3, "t/.tmp-dir/y": 2, "t/z/.tmp-1": 5}
+        assert {i.key: i.size for i in temps} == sizes
+        assert {i.key for i in backend.list_temp("")} >= {i.key for i in temps}
+        assert backend.list_temp("t/z") == [i for i in temps if i.key == "t/z/.tmp-1"]
+        assert backend.list_temp("missing") == []
+        slack = self._tolerance() + self.mtime_resolution
+        for i in temps:
+            assert i.mtime is not None and before - slack <= i.mtime <= after + slack
+        # delete removes one (gc does that with stale ones); the rest stays as it was
+        backend.delete("t/.tmp-abc")
+        assert [i.key for i in backend.list_temp("t")] == ["t/.tmp-dir/y", "t/z/.tmp-1"]
+        assert backend.list("t") == ["t/x"]
 
     # -- wrappers compose over it ----------------------------------------------------------------
     def test_faulty_wrapper_composes(self, backend: Backend) -> None:

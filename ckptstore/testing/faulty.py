@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import fsspec
 from fsspec.implementations.memory import MemoryFileSystem
 
-from ckptstore.backend.base import Backend, ObjectInfo, WrappedBackend
+from ckptstore.backend.base import TEMP_PREFIX, Backend, ObjectInfo, WrappedBackend
 from ckptstore.errors import BackendError, StorageFullError
 
 
@@ -176,7 +176,7 @@ class failing_deletes:  # noqa: N801 - used like a function: ``with failing_dele
 # -- the fault-injecting wrapper -------------------------------------------------------------
 OPS = ("get", "put", "delete", "exists", "size", "list")
 """Operation names of :class:`FaultyBackend` (``get`` covers ``get_range``, ``list`` covers
-``list_info``; the key of a ``list`` is its prefix)."""
+``list_info`` and ``list_temp``; the key of a ``list`` is its prefix)."""
 
 
 @dataclass(eq=False)
@@ -224,6 +224,8 @@ class FaultyBackend(WrappedBackend):
 
     ``faulty.fail_puts("chunks/*", after=2)`` fails every chunk put after the first two;
     ``faulty.storage_full()`` makes puts raise :class:`~ckptstore.errors.StorageFullError`;
+    ``faulty.capacity(50_000_000)`` makes the storage a disk of that size (puts that do not
+    fit fail with ENOSPC, optionally leaving a partial temporary file; deletes free space);
     ``faulty.corrupt_gets("chunks/*")`` / ``truncate_gets`` damage what reads return;
     ``gate = faulty.pause("delete", "chunks/*")`` holds matching deletes until
     ``gate.release()``; ``faulty.on("put", "chunks/*", fn, after=5, times=1)`` calls ``fn``
@@ -238,6 +240,11 @@ class FaultyBackend(WrappedBackend):
         self.calls: collections.Counter[str] = collections.Counter()
         self.log: list[tuple[str, str]] = []
         self._lock = threading.Lock()
+        self._capacity: int | None = None
+        self._leave_temp = False
+        self._space_lock = threading.Lock()
+        self.full_puts = 0
+        """Puts refused by :meth:`capacity`."""
 
     # -- setting faults --------------------------------------------------------------------
     def add(self, fault: Fault) -> Fault:
@@ -272,6 +279,45 @@ class FaultyBackend(WrappedBackend):
     def storage_full(self, match: str = "*", *, after: int = 0, times: int | None = None) -> Fault:
         """Matching puts raise StorageFullError (ENOSPC) and store nothing."""
         return self.add(Fault("put", match, "full", after, times))
+
+    def capacity(self, nbytes: int | None, *, leave_temp: bool = False) -> None:
+        """Make the storage a disk of ``nbytes`` (None: unlimited again). The space used is
+        the size of every object under the root, temporary objects included, counted anew at
+        each put. A put that would not fit raises StorageFullError (errno ENOSPC) and stores
+        nothing under its key — with ``leave_temp`` it leaves a ``.tmp-*`` object beside the
+        key holding as many bytes as fitted, as a process killed mid-write (or a writer that
+        did not clean up) would. Puts run one at a time while a capacity is set. Deletes free
+        space, so gc can recover."""
+        self._capacity = None if nbytes is None else int(nbytes)
+        self._leave_temp = leave_temp
+
+    def used_bytes(self) -> int:
+        """Bytes the objects under the root hold now (temporary ones included)."""
+        return sum(i.size for i in self.inner.list_info("")) + sum(
+            i.size for i in self.inner.list_temp("")
+        )
+
+    def _put_within_capacity(self, key: str, data: bytes | memoryview, create_only: bool) -> None:
+        import uuid
+
+        with self._space_lock:
+            limit = self._capacity
+            assert limit is not None
+            # a local put needs room for its whole temporary file before an object it
+            # replaces goes: what counts is the free space, whatever the key holds now
+            free = limit - self.used_bytes()
+            if len(data) > free:
+                self.full_puts += 1
+                if self._leave_temp and free > 0:
+                    folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+                    self.inner.put(f"{folder}{TEMP_PREFIX}{uuid.uuid4().hex}", bytes(data[:free]))
+                err = StorageFullError(
+                    f"injected: no space left on device writing {self.describe(key)} "
+                    f"({len(data)} bytes, {max(0, free)} of {limit} free)"
+                )
+                err.errno = errno.ENOSPC
+                raise err
+            self.inner.put(key, data, create_only=create_only)
 
     def corrupt_gets(self, match: str = "*", *, after: int = 0, times: int | None = None) -> Fault:
         """Matching reads return their bytes with one bit flipped in the middle."""
@@ -407,7 +453,10 @@ class FaultyBackend(WrappedBackend):
 
     def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
         active = self._before("put", key)
-        self.inner.put(key, data, create_only=create_only)
+        if self._capacity is not None:
+            self._put_within_capacity(key, data, create_only)
+        else:
+            self.inner.put(key, data, create_only=create_only)
         self._after(active, "put", key)
 
     def delete(self, key: str) -> None:
@@ -424,5 +473,11 @@ class FaultyBackend(WrappedBackend):
     def list_info(self, prefix: str) -> list[ObjectInfo]:
         active = self._before("list", prefix)
         infos = self.inner.list_info(prefix)
+        self._after(active, "list", prefix)
+        return infos
+
+    def list_temp(self, prefix: str) -> list[ObjectInfo]:
+        active = self._before("list", prefix)
+        infos = self.inner.list_temp(prefix)
         self._after(active, "list", prefix)
         return infos
