@@ -133,6 +133,49 @@ def test_exit_codes(store, tmp_path):
     assert _objects(store) == before
 
 
+def test_export_errors_leave_nothing(store, tmp_path):
+    """OUT inside a file: one line naming it, exit 2 (docs/cli.md), nothing written."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("text")
+    before = sorted(os.listdir(tmp_path))
+    for out in (f"{afile}/out.pt", f"{afile}/sub/out.safetensors"):
+        proc = run("export", store, out, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert (
+            proc.stderr.strip()
+            == f"ckptstore: error: cannot write {out}: {afile} is a file, not a folder"
+        )
+    proc = run("export", store, str(tmp_path / "missing" / "out.pt"), check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_interrupted_export_leaves_nothing(store, tmp_path, monkeypatch):
+    """Ctrl-C during ``ckptstore export`` (a KeyboardInterrupt between tensors): "Aborted!",
+    exit 1, and no file at all in OUT's folder."""
+    from click.testing import CliRunner
+
+    import ckptstore.tensors
+    from ckptstore.cli.main import cli
+
+    real = ckptstore.tensors.iter_full_tensors
+
+    def interrupted(session, fqns, pool=None):
+        for i, item in enumerate(real(session, fqns, pool)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(ckptstore.tensors, "iter_full_tensors", interrupted)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name in ("m.safetensors", "m.pt"):
+        res = CliRunner().invoke(cli, ["export", store, str(folder / name)])
+        assert res.exit_code == 1 and "Aborted!" in res.output, res.output
+        assert os.listdir(folder) == []
+
+
 class EvilThing:
     def __reduce__(self):
         return (os.system, ("echo pwned",))

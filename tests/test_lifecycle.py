@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 import torch
 
 import ckptstore
-from ckptstore import errors
-from ckptstore.cli import transfer
+from ckptstore import errors, transfer
 from ckptstore.store import Repository, layout
 from tests.helpers import assert_same
 
@@ -139,10 +139,13 @@ def test_export_safetensors_import_roundtrip_exact(local_url, tmp_path):
 
     state = _mixed_state()
     _save(state, local_url, step=5)
-    repo = Repository.open(local_url)
     out = str(tmp_path / "m.safetensors")
-    summary = transfer.export_checkpoint(repo, repo.resolve(step=5), out, fmt="safetensors")
-    assert summary["tensors"] == 6 and summary["skipped_objects"] == 1
+    summary = transfer.export_checkpoint(local_url, out, step=5)
+    assert summary.tensors == 6 and summary.skipped_objects == 1 and summary.format == "safetensors"
+    assert summary.file_bytes == os.path.getsize(out) and sorted(os.listdir(tmp_path)) == [
+        "m.safetensors",
+        "store",
+    ]
     assert_same(_flat(state), dict(load_file(out)))  # the package reads what we wrote
     # import into a fresh store, then export again: the same bytes
     other = str(tmp_path / "other")
@@ -151,8 +154,7 @@ def test_export_safetensors_import_roundtrip_exact(local_url, tmp_path):
     ckptstore.save(weights, other, step=5)
     assert_same(_flat(state), ckptstore.load_full(other, step=5))
     again = str(tmp_path / "again.safetensors")
-    repo2 = Repository.open(other)
-    transfer.export_checkpoint(repo2, repo2.resolve(step=5), again, fmt="safetensors")
+    transfer.export_checkpoint(ckptstore.Store(other), again, step=5)
     assert open(out, "rb").read() == open(again, "rb").read()
 
 
@@ -161,20 +163,22 @@ def test_export_prefix_dtype_and_pt(local_url, tmp_path):
 
     state = _mixed_state()
     _save(state, local_url, step=1)
-    repo = Repository.open(local_url)
-    name = repo.resolve(step=1)
     out = str(tmp_path / "bf16.safetensors")
-    transfer.export_checkpoint(repo, name, out, fmt="safetensors", cast="bf16", prefix="model.")
+    transfer.export_checkpoint(local_url, out, step=1, dtype="bf16", prefix="model.")
     got = load_file(out)
     assert sorted(got) == sorted(state["model"])
     assert torch.equal(got["w"], state["model"]["w"].to(torch.bfloat16))
     assert got["ids"].dtype == torch.int64 and torch.equal(got["ids"], state["model"]["ids"])
     assert got["mask"].dtype == torch.bool
     pt = str(tmp_path / "m.pt")
-    transfer.export_checkpoint(repo, name, pt, fmt="pt")
+    transfer.export_checkpoint(local_url, pt)  # the latest
     assert_same(_flat(state), torch.load(pt, weights_only=True))
     with pytest.raises(ValueError, match="no tensor"):
-        transfer.export_checkpoint(repo, name, out, fmt="safetensors", prefix="nothing.")
+        transfer.export_checkpoint(local_url, out, prefix="nothing.")
+    with pytest.raises(ValueError, match="format"):
+        transfer.export_checkpoint(local_url, str(tmp_path / "x.npz"))
+    with pytest.raises(ValueError, match="dtype"):
+        transfer.export_checkpoint(local_url, out, dtype="int4")
 
 
 def test_export_dequantizes(local_url, tmp_path):
@@ -182,13 +186,127 @@ def test_export_dequantizes(local_url, tmp_path):
 
     w = _t(3, 512, 256)
     _save({"w": w}, local_url, step=1, quantize="int8")
-    repo = Repository.open(local_url)
     out = str(tmp_path / "q.safetensors")
-    transfer.export_checkpoint(repo, repo.resolve(step=1), out, fmt="safetensors")
+    transfer.export_checkpoint(local_url, out, step=1)
     got = load_file(out)["w"]
     assert got.dtype == torch.float32
     assert torch.equal(got, ckptstore.load_full(local_url, step=1)["w"])  # what load gives
     assert 0 < (got - w).norm() / w.norm() < 0.02
+
+
+def test_import_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    src = str(tmp_path / "w.safetensors")
+    save_file({"w": _t(4, 64, 32), "b": torch.ones(32)}, src)
+    url = str(tmp_path / "s")
+    info = transfer.import_weights(src, url, name="base", prefix="model.", quantize="bf16")
+    assert info.name == "base" and info.step is None and info.quantize == "bf16"
+    assert info.new_bytes <= info.stored_bytes < info.logical_bytes  # bf16 halves the weight
+    got = ckptstore.load_full(url, name="base")
+    assert set(got) == {"model.w", "model.b"}  # flat names, as in the file, prefixed
+    assert info.to_dict()["file"] == src
+    with pytest.raises(ValueError, match="step or a name"):
+        transfer.import_weights(src, url)
+
+
+# -- export leaves nothing behind -------------------------------------------------------------
+def _tmp_files(folder) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if ".tmp-" in f)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_export_leaves_nothing(local_url, tmp_path, fmt, existing):
+    """Ctrl-C half-way (a KeyboardInterrupt from the progress callback): no temp file, and
+    the file a former export wrote at OUT is untouched."""
+    _save(_mixed_state(), local_url, step=1)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = str(folder / f"m.{fmt}")
+    if existing:
+        with open(out, "wb") as f:
+            f.write(b"an older export")
+    seen = []
+
+    def interrupt(done: int, total: int) -> None:
+        seen.append(_tmp_files(folder))  # the temp file exists while the export runs
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        transfer.export_checkpoint(local_url, out, progress=interrupt)
+    assert len(seen) == 2 and len(seen[0]) == 1
+    assert os.listdir(folder) == (["m." + fmt] if existing else [])
+    if existing:
+        assert open(out, "rb").read() == b"an older export"
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_failed_export_names_the_users_path(local_url, tmp_path, fmt):
+    """A write error (here a full disk, raised naming the temp file as open() would) is
+    reported with OUT, and the temp file is gone."""
+    _save(_mixed_state(), local_url, step=1)
+    out = str(tmp_path / f"m.{fmt}")
+
+    def disk_full(done: int, total: int) -> None:
+        (tmp,) = _tmp_files(tmp_path)
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / tmp))
+
+    with pytest.raises(OSError) as info:
+        transfer.export_checkpoint(local_url, out, progress=disk_full)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == out
+    assert out in str(info.value) and ".tmp-" not in str(info.value)
+    assert os.listdir(tmp_path) == ["store"]
+
+    def broken(done: int, total: int) -> None:  # any error whose message names the temp file
+        (tmp,) = _tmp_files(tmp_path)
+        raise RuntimeError(f"failed writing {tmp_path / tmp}")
+
+    with pytest.raises(RuntimeError, match="failed writing") as info:
+        transfer.export_checkpoint(local_url, out, progress=broken)
+    assert out in str(info.value) and ".tmp-" not in str(info.value)
+    assert os.listdir(tmp_path) == ["store"]
+
+
+def test_export_to_a_path_that_cannot_be(local_url, tmp_path, monkeypatch):
+    _save({"w": torch.ones(4)}, local_url, step=1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile.txt").write_text("text")
+    (tmp_path / "adir").mkdir()
+    cases = {
+        "afile.txt/out.pt": "cannot write afile.txt/out.pt: afile.txt is a file, not a folder",
+        "afile.txt/sub/out.safetensors": "afile.txt is a file, not a folder",
+        "missing/out.pt": "cannot write missing/out.pt: folder missing does not exist",
+        "adir": "cannot write adir: it is a folder",
+    }
+    for out, message in cases.items():
+        fmt = "pt" if out == "adir" else None
+        with pytest.raises(ValueError) as info:
+            transfer.export_checkpoint(local_url, out, fmt=fmt)
+        assert message in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile.txt", "store"]
+    assert os.listdir(tmp_path / "adir") == []
+
+
+def test_dtype_table_matches_torch_and_safetensors():
+    """The one dtype table (codecs.DTYPES): itemsizes are torch's, safetensors codes are the
+    package's names for the same dtype; the torch mapping covers every name this torch has."""
+    import safetensors.torch as st
+
+    from ckptstore.codecs import DTYPES
+    from ckptstore.dcp.bridge import dtype_name, torch_dtype
+
+    for name, info in DTYPES.items():
+        dt = getattr(torch, name, None)
+        if not isinstance(dt, torch.dtype):
+            continue
+        assert torch_dtype(name) is dt and dtype_name(dt) == name
+        assert info.itemsize == dt.itemsize, name
+        assert info.floating == (dt.is_floating_point or dt.is_complex), name
+        assert (info.kind == "complex") == dt.is_complex, name
+        if info.safetensors is not None and info.safetensors in getattr(st, "_TYPES", {}):
+            assert st._TYPES[info.safetensors] is dt, name
 
 
 def test_read_weights_pt_is_weights_only(tmp_path):

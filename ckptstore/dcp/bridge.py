@@ -7,16 +7,13 @@ import sys
 import torch
 
 from ckptstore.codecs.base import byte_view
+from ckptstore.codecs.pipeline import DTYPES
 from ckptstore.errors import MismatchError
 
-_BY_NAME: dict[str, torch.dtype] = {}
-for _name in (
-    "float64 float32 float16 bfloat16 complex128 complex64 complex32 int64 int32 int16 int8 "
-    "uint64 uint32 uint16 uint8 bool float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz"
-).split():
-    _dt = getattr(torch, _name, None)
-    if isinstance(_dt, torch.dtype):
-        _BY_NAME[_name] = _dt
+# torch's dtypes for the names of the one dtype table (codecs.DTYPES), those this torch has
+_BY_NAME: dict[str, torch.dtype] = {
+    name: dt for name in DTYPES if isinstance(dt := getattr(torch, name, None), torch.dtype)
+}
 _BY_DTYPE = {v: k for k, v in _BY_NAME.items()}
 
 

@@ -51,13 +51,13 @@ class CheckpointSummary:
             step=m.step,
             created=created_us(m.created) / 1e6,  # as a catalog entry carries it
             logical_bytes=m.logical_bytes,
-            stored_bytes=m.chunk_bytes + m.manifest_bytes,
-            new_bytes=m.new_chunk_bytes + m.manifest_bytes,
+            stored_bytes=m.stored_bytes,
+            new_bytes=m.new_bytes,
             tensors=len(m.tensors),
             objects=len(m.objects),
             seconds=m.seconds,
-            chunks=sum(len(b.chunks) for _, b in m.blobs()),
-            new_chunks=sum(1 for _, b in m.blobs() for c in b.chunks if c.new),
+            chunks=m.chunk_count,
+            new_chunks=m.new_chunk_count,
             manifest_bytes=m.manifest_bytes,
         )
 

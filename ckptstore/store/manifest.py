@@ -297,6 +297,31 @@ class Manifest:
         """Stored bytes of the chunk objects this checkpoint's save uploaded."""
         return sum(c.stored for _, b in self.blobs() for c in b.chunks if c.new)
 
+    @property
+    def stored_bytes(self) -> int:
+        """What the checkpoint occupies: the chunks it names (each use counted) plus its
+        manifest, which holds the inline data. ``manifest_bytes`` must be known."""
+        return self.chunk_bytes + self.manifest_bytes
+
+    @property
+    def new_bytes(self) -> int:
+        """What its save wrote: the chunks it uploaded plus its manifest."""
+        return self.new_chunk_bytes + self.manifest_bytes
+
+    @property
+    def chunk_count(self) -> int:
+        """Chunk references (each use counted)."""
+        return sum(len(b.chunks) for _, b in self.blobs())
+
+    @property
+    def new_chunk_count(self) -> int:
+        """Chunk objects its save uploaded."""
+        return sum(1 for _, b in self.blobs() for c in b.chunks if c.new)
+
+    def chunk_sizes(self) -> dict[bytes, int]:
+        """Stored size of each distinct chunk it names."""
+        return {c.key: c.stored for _, b in self.blobs() for c in b.chunks}
+
     def chunk_keys(self) -> set[bytes]:
         return {c.key for _, b in self.blobs() for c in b.chunks}
 

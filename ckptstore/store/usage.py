@@ -88,12 +88,11 @@ def du(repo: Repository) -> DuReport:
     stored_of: dict[bytes, int] = {}
     per_keys = []
     for m in manifests:
-        keys = m.chunk_keys()
-        per_keys.append(keys)
-        uses.update(keys)
-        for _, b in m.blobs():
-            for c in b.chunks:
-                stored_of.setdefault(c.key, c.stored)
+        sizes_here = m.chunk_sizes()
+        per_keys.append(sizes_here.keys())
+        uses.update(sizes_here.keys())
+        for k, n in sizes_here.items():
+            stored_of.setdefault(k, n)
     report = DuReport(repo.url, [])
     for m, keys in zip(manifests, per_keys, strict=True):
         only = sum(sizes.get(k, stored_of[k]) for k in keys if uses[k] == 1)
@@ -103,9 +102,9 @@ def du(repo: Repository) -> DuReport:
                 step=m.step,
                 created=m.created,
                 logical_bytes=m.logical_bytes,
-                stored_bytes=m.chunk_bytes + m.manifest_bytes,
+                stored_bytes=m.stored_bytes,
                 unique_bytes=only + m.manifest_bytes,
-                new_bytes=m.new_chunk_bytes + m.manifest_bytes,
+                new_bytes=m.new_bytes,
             )
         )
     report.logical_bytes = sum(c.logical_bytes for c in report.checkpoints)
@@ -246,10 +245,7 @@ def diff(repo: Repository, a: str, b: str) -> DiffReport:
             ItemDiff(fqn, kind, len(pb), len(fresh), fresh_bytes, "; ".join(notes))
         )
         report.new_bytes += sum(n for p, n in fresh if p[0] == "inline")
-    sizes: dict[bytes, int] = {}
-    for _, blob in mb.blobs():
-        for c in blob.chunks:
-            sizes[c.key] = c.stored
+    sizes = mb.chunk_sizes()
     report.shared_bytes = sum(n for k, n in sizes.items() if k in keys_a)
     report.new_bytes += sum(n for k, n in sizes.items() if k not in keys_a)
     report.b_stored_bytes = sum(sizes.values()) + mb.manifest_bytes
