@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ckptstore.backend import Backend
 from ckptstore.codecs.policy import QuantizeSpec
+from ckptstore.dcp.checks import check_state, store_url
 from ckptstore.dcp.reader import LoadInfo, Reader, load_object
 from ckptstore.dcp.writer import SaveInfo, Writer
 from ckptstore.errors import CkptStoreError, MismatchError
@@ -68,6 +69,7 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 def _writer(state_dict: StateDict, url: str | Backend, **options: Any) -> Writer:
     """The Writer of a save/async_save call; records which dict keys were ints."""
+    url = store_url(url)  # a TypeError for url=123, before anything else
     return Writer(url, int_keys=_int_key_paths(state_dict), **options)
 
 
@@ -119,6 +121,7 @@ def save(
             settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
         ),
     )
+    check_state(state_dict)  # sparse/meta tensors: a clear error before DCP stages anything
     t0 = time.monotonic()
     try:
         _run(
@@ -184,6 +187,7 @@ def async_save(
             settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
         ),
     )
+    check_state(state_dict)  # sparse/meta tensors: a clear error before DCP stages anything
     t0 = time.monotonic()
     started = _run(
         lambda: dcp.async_save(
@@ -327,7 +331,10 @@ def _check_template(state_dict: StateDict, reader: Reader) -> None:
         saved = md.state_dict_metadata[fqn]
         if isinstance(value, torch.Tensor):
             if not isinstance(saved, TensorStorageMetadata):
-                raise MismatchError(f"{fqn!r} is a tensor here but not in checkpoint {ckpt!r}")
+                raise MismatchError(
+                    f"{fqn!r} is a tensor in the state dict but a value (not a tensor) in "
+                    f"checkpoint {ckpt!r}"
+                )
             if tuple(value.shape) != tuple(saved.size):
                 raise MismatchError(
                     f"shape mismatch for {fqn!r}: checkpoint {ckpt!r} holds "
@@ -339,6 +346,13 @@ def _check_template(state_dict: StateDict, reader: Reader) -> None:
                     f"{str(saved.properties.dtype).replace('torch.', '')}, the state dict has "
                     f"{str(value.dtype).replace('torch.', '')}"
                 )
+        elif isinstance(saved, TensorStorageMetadata):  # DCP's own error would be cryptic
+            dtype = str(saved.properties.dtype).replace("torch.", "")
+            raise MismatchError(
+                f"{fqn!r} is a tensor in checkpoint {ckpt!r} ({dtype} {list(saved.size)}) "
+                f"but the state dict has a value of type {type(value).__name__}; pass a tensor "
+                "of that shape and dtype to load into"
+            )
 
 
 def load_full(
@@ -355,6 +369,7 @@ def load_full(
 
     Needs no template and no process group; reads every chunk of the checkpoint.
     """
+    url = store_url(url)  # a TypeError for url=123, before anything else
     settings = Settings.resolve(settings, threads=threads)
     session = LoadSession(
         Repository.open(url, storage_options, settings=settings), step=step, name=name

@@ -95,6 +95,10 @@ def run_demo(
     storage_options: Mapping[str, Any] | None = None,
 ) -> bool:
     """Run the demo against the store at ``url``; True if the reloaded state matched."""
+    # options first: nothing is printed or written for a bad one
+    for option, value in (("checkpoints", checkpoints), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{option} must be a whole number of at least 1, got {value!r}")
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model, opt = _fresh()

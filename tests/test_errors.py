@@ -8,6 +8,8 @@ import pickle
 
 import pytest
 import torch
+from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint.planner import WriteItemType
 
 import ckptstore
 from ckptstore import errors
@@ -173,8 +175,9 @@ def test_unknown_manifest_version_and_codec(saved):
     with pytest.raises(errors.FormatVersionError, match="format version 2"):
         ckptstore.load_full(url, name="future")
     rewrite(lambda d: d["codecs"][0][0].update(id="brotli-9000"), "newcodec")
-    with pytest.raises(errors.UnknownCodecError, match="brotli-9000"):
+    with pytest.raises(errors.UnknownCodecError, match="brotli-9000") as info:
         ckptstore.load_full(url, name="newcodec")
+    assert "newcodec" in str(info.value) and "tensors['w']" in str(info.value)
 
 
 def test_shape_mismatch_names_tensor(saved):
@@ -262,3 +265,149 @@ def test_manifest_schema_violations_are_refused(saved, damage):
     report = ckptstore.Store(url).verify()
     assert [p.checkpoint for p in report.problems] == ["bad"]
     assert ckptstore.Store(url).verify("step-000000000001").ok
+
+
+# -- things a user hits in the first hour (issue 10) -----------------------------------------
+
+
+def _no_checkpoint_committed(url: str) -> None:
+    repo = Repository.open(url)
+    assert list(repo.backend.list(layout.CHECKPOINTS)) == []
+    assert list(repo.backend.list(layout.LEASES)) == []
+
+
+def test_unpicklable_value_names_its_key_and_commits_nothing(local_url):
+    state = {"w": torch.randn(256, 64), "cfg": {"lr": 0.1, "schedule": lambda s: s * 2}}
+    with pytest.raises(errors.UnsupportedValueError, match=r"'cfg\.schedule'.*pickle") as info:
+        ckptstore.save(state, local_url, step=1)
+    assert isinstance(info.value, TypeError)
+    assert "\n" not in str(info.value)
+    _no_checkpoint_committed(local_url)
+    assert _chunk_paths(local_url) == []  # objects are serialized before any chunk is written
+    fut = ckptstore.async_save(state, local_url, step=2)
+    with pytest.raises(errors.UnsupportedValueError, match=r"'cfg\.schedule'"):
+        fut.result(timeout=120)
+    _no_checkpoint_committed(local_url)
+    ckptstore.save({"w": state["w"]}, local_url, step=3)  # the store is fine
+
+
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (lambda: torch.eye(4).to_sparse(), "sparse tensor"),
+        (lambda: torch.eye(4).to_sparse_csr(), "sparse tensor"),
+        (lambda: torch.empty(4, 4, device="meta"), "meta tensor"),
+    ],
+)
+def test_sparse_and_meta_tensors_are_refused_by_key(local_url, make, kind):
+    state = {"model": {"w": torch.ones(3), "odd": make()}}
+    for call in (ckptstore.save, ckptstore.async_save):
+        with pytest.raises(errors.UnsupportedValueError, match=rf"'model\.odd' is a {kind}"):
+            call(state, local_url, step=1)
+    # plain DCP through the Writer: the same error, from write_data
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with pytest.raises(CheckpointException, match=rf"'model\.odd' is a {kind}"):
+        dcp.save(state, storage_writer=ckptstore.Writer(local_url, step=1), no_dist=True)
+    _no_checkpoint_committed(local_url)
+
+
+def test_value_in_template_where_checkpoint_has_tensor(saved):
+    url, _ = saved
+    with pytest.raises(errors.MismatchError, match=r"'w' is a tensor in checkpoint.*type int"):
+        ckptstore.load({"w": 3, "b": torch.zeros(16)}, url)
+    with pytest.raises(errors.MismatchError, match=r"'w' is a tensor in checkpoint.*type str"):
+        ckptstore.load({"w": "weights"}, url)
+    with pytest.raises(errors.MismatchError, match=r"'meta\.epoch' is a tensor in the state"):
+        ckptstore.load({"meta": {"epoch": torch.zeros(())}}, url)
+
+
+def test_url_of_wrong_type_is_a_type_error_before_storage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = {"w": torch.ones(2)}
+    calls = [
+        lambda u: ckptstore.save(state, u, step=1),
+        lambda u: ckptstore.async_save(state, u, step=1),
+        lambda u: ckptstore.load(state, u),
+        lambda u: ckptstore.load_full(u),
+        lambda u: ckptstore.Store(u),
+        lambda u: ckptstore.Writer(u, step=1),
+        lambda u: ckptstore.Reader(u),
+    ]
+    for bad in (123, None, b"/tmp/x", 1.5):
+        for call in calls:
+            with pytest.raises(TypeError, match="store URL must be a string"):
+                call(bad)
+    assert list(tmp_path.iterdir()) == []  # no ./123 store
+    import pathlib
+
+    ckptstore.save(state, pathlib.Path(tmp_path / "p"), step=1)  # a path is fine
+    assert ckptstore.Reader(tmp_path / "p").url == str(tmp_path / "p")
+
+
+class _NotTorchSave(DefaultSavePlanner):
+    """Stores each value's bytes as a plain pickle, not a torch.save stream."""
+
+    def transform_object(self, write_item, object):  # noqa: A002 - DCP's signature
+        if write_item.type == WriteItemType.BYTE_IO:
+            return io.BytesIO(pickle.dumps(object))
+        return object
+
+
+def test_allow_pickle_with_payload_that_is_not_torch_save(local_url):
+    ckptstore.save(
+        {"w": torch.ones(2), "obj": {"k": [1, 2]}}, local_url, step=1, planner=_NotTorchSave()
+    )
+    where = r"'obj\.k' of checkpoint 'step-0+1'"
+    for error, allow in ((errors.UnsafeObjectError, False), (errors.CorruptChunkError, True)):
+        with pytest.raises(error, match=where) as info:
+            ckptstore.load_full(local_url, allow_pickle=allow)
+        assert "\n" not in str(info.value)
+        with pytest.raises(error, match=where):
+            ckptstore.load({"w": torch.zeros(2), "obj": {"k": None}}, local_url, allow_pickle=allow)
+    for raw in (b"not a torch.save stream", pickle.dumps([1, 2])):
+        with pytest.raises(errors.CorruptChunkError, match="'x' of checkpoint 'c'"):
+            ckptstore.dcp.load_object(raw, "'x' of checkpoint 'c'", True)
+
+
+def test_huge_declared_shape_is_an_allocation_error(saved):
+    """A manifest that tiles a (2**37, 512) float32 tensor (256 TiB, past any address space)
+    consistently passes validation; assembling it whole must fail with a clear error naming
+    the tensor and its size, not torch's raw RuntimeError."""
+    import msgpack
+    import xxhash
+
+    url, _ = saved
+    repo = Repository.open(url)
+    d = repo.manifest("step-000000000001").to_dict()
+    rows, per_chunk = 2**37, 2**28  # each chunk within the manifest's expansion bound
+    t = d["tensors"]["w"]
+    t["shape"] = [rows, 512]
+    shard = t["shards"][0]
+    key, _, _, stored, _ = shard["chunks"][0]
+    shard.update(sizes=[rows, 512], rows=rows, nbytes=rows * 512 * 4)
+    shard["chunks"] = [[key, r, r + per_chunk, stored, False] for r in range(0, rows, per_chunk)]
+    d["name"] = "huge"
+    body = msgpack.packb(d, use_bin_type=True)
+    frame = b"CKM1" + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little") + body
+    repo.backend.put(layout.manifest_key("huge"), frame)
+    with pytest.raises(errors.AllocationError, match=r"'w' of checkpoint 'huge'") as info:
+        ckptstore.load_full(url, name="huge")
+    msg = str(info.value)
+    assert isinstance(info.value, MemoryError) and "[137438953472, 512]" in msg
+    assert f"{rows * 512 * 4:,} bytes" in msg and "\n" not in msg
+
+
+def test_unknown_codec_on_the_read_path_names_tensor_and_checkpoint(saved):
+    import dataclasses
+
+    from ckptstore.store.blobs import BlobReader
+
+    url, _ = saved
+    repo = Repository.open(url)
+    blob = repo.manifest("step-000000000001").tensors["w"].shards[0].blob
+    odd = dataclasses.replace(blob, codec=[{"id": "brotli-9000"}])
+    where = "'w' of checkpoint 'step-000000000001'"
+    with pytest.raises(errors.UnknownCodecError, match=rf"{where}: unknown codec id 'brotli-9000'"):
+        BlobReader(repo).read_rows(odd, 0, odd.rows, where)

@@ -25,8 +25,14 @@ from torch.futures import Future
 from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import Pipeline
 from ckptstore.dcp.bridge import from_bytes, torch_dtype
+from ckptstore.dcp.checks import store_url
 from ckptstore.dcp.metadata import metadata_from_manifest
-from ckptstore.errors import CorruptChunkError, MismatchError, UnsafeObjectError
+from ckptstore.errors import (
+    CorruptChunkError,
+    MismatchError,
+    UnknownCodecError,
+    UnsafeObjectError,
+)
 from ckptstore.knobs import Settings
 from ckptstore.store.blobs import BlobReader
 from ckptstore.store.manifest import Blob, ChunkRef, Manifest, Shard
@@ -59,12 +65,28 @@ def load_object(raw: bytes, where: str, allow_pickle: bool) -> Any:
     except pickle.UnpicklingError as exc:
         if not allow_pickle:
             raise UnsafeObjectError(
-                f"{where} needs full pickle to load (it is not a plain value): {exc}. "
-                "Pass allow_pickle=True only if you trust this store."
+                f"{where} needs full pickle to load (it is not a plain value: "
+                f"{_reason(exc)}); pass allow_pickle=True only if you trust this store"
             ) from exc
     except Exception as exc:  # checksum-valid bytes that are not a torch.save stream
-        raise CorruptChunkError(f"{where} cannot be deserialized: {exc}") from exc
-    return torch.load(io.BytesIO(raw), weights_only=False, map_location="cpu")
+        raise CorruptChunkError(f"{where} cannot be deserialized: {_reason(exc)}") from exc
+    try:
+        return torch.load(io.BytesIO(raw), weights_only=False, map_location="cpu")
+    except Exception as exc:  # not a torch.save stream, or an object that fails to rebuild
+        raise CorruptChunkError(
+            f"{where} cannot be deserialized (allow_pickle=True): {type(exc).__name__}: "
+            f"{_reason(exc)}"
+        ) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The line of torch's (multi-line, advice-laden) load error that says what was wrong."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error:"):
+            rest = line.removeprefix("WeightsUnpickler error:").strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 class Reader(StorageReader):
@@ -86,8 +108,9 @@ class Reader(StorageReader):
         settings: Settings | None = None,
     ) -> None:
         super().__init__()
+        url = store_url(url)  # a TypeError for url=123, before anything else
         self.settings = Settings.resolve(settings)  # the edge for plain-DCP users
-        self.url: str | Backend = url if isinstance(url, Backend) else str(url)
+        self.url: str | Backend = url
         self.step = step
         self.name = name
         self.storage_options = dict(storage_options or {})
@@ -242,7 +265,10 @@ class Reader(StorageReader):
                 raw = reader.read_rows(blob, 0, rows_total, where)
                 spans = [(0, rows_total)]
             else:  # fetched and decoded once, copied to every row range with this content
-                pipeline = Pipeline.from_config(blob.codec)
+                try:
+                    pipeline = Pipeline.from_config(blob.codec)
+                except UnknownCodecError as exc:
+                    raise UnknownCodecError(f"{where}: {exc}") from None
                 raw = reader.fetch_chunk(first, pipeline, row_bytes, where)
                 spans = [(r.row_start, r.row_stop) for r in refs.values() if r is not None]
             for c0, c1 in spans:

@@ -29,7 +29,9 @@ from ckptstore.codecs.pipeline import default_pipeline
 from ckptstore.codecs.policy import QuantizePolicy, QuantizeSpec
 from ckptstore.dcp import device_quant
 from ckptstore.dcp.bridge import dtype_name, raw_size, to_host_bytes
+from ckptstore.dcp.checks import check_tensor, store_url
 from ckptstore.dcp.metadata import manifest_from_metadata
+from ckptstore.errors import UnsupportedValueError
 from ckptstore.knobs import Settings
 from ckptstore.store import layout
 from ckptstore.store.blobs import BlobWriter, ChunkIndex
@@ -107,6 +109,7 @@ class Writer(StorageWriter):
         settings: Settings | None = None,
     ) -> None:
         super().__init__()
+        url = store_url(url)  # a TypeError for url=123, before anything else
         # the edge for plain-DCP users: settings resolved once, here (and pickled along)
         self.settings = Settings.resolve(
             settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
@@ -116,7 +119,7 @@ class Writer(StorageWriter):
             min_bytes=self.settings.quantize_min_bytes,
             zstd_level=self.settings.zstd_level,
         )
-        self.url: str | Backend = url if isinstance(url, Backend) else str(url)
+        self.url: str | Backend = url
         self.parent = parent
         self.step = step
         self.name = layout.resolve_name(step, name)
@@ -213,6 +216,13 @@ class Writer(StorageWriter):
         parent = plan.storage_data
         if not isinstance(parent, ParentIndex) or parent.checkpoint != self.name:
             parent = ParentIndex(self.name, None)  # a plan cached from an earlier save
+        # every value is serialized before any chunk is written: one that does not pickle
+        # fails the save here, naming its key, with nothing uploaded
+        objects = {
+            id(item): _serialize(planner, item)
+            for item in plan.items
+            if item.type == WriteItemType.BYTE_IO
+        }
         pending: list[tuple[Any, ThreadFuture[Blob]]] = []
         with BlobWriter(
             repo,
@@ -224,16 +234,16 @@ class Writer(StorageWriter):
             budget = self.settings.stage_bytes
             staged: list[tuple[int, ThreadFuture[Blob]]] = []  # host copies still encoding
             for item in plan.items:
-                data = planner.resolve_data(item)
                 if item.type == WriteItemType.BYTE_IO:
-                    buf = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
+                    buf = objects.pop(id(item))
                     fut = writer.submit(
                         buf,
                         default_pipeline("bytes", zstd_level=self.settings.zstd_level),
                         rows=len(buf),
                     )
                 else:
-                    tensor: torch.Tensor = data
+                    tensor: torch.Tensor = planner.resolve_data(item)
+                    check_tensor(item.index.fqn, tensor)
                     rows = tensor.shape[0] if tensor.dim() > 0 else 1
                     offsets = item.tensor_data.chunk.offsets if item.tensor_data else ()
                     first_row = int(offsets[0]) if len(offsets) else 0
@@ -303,6 +313,20 @@ class Writer(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | Any) -> bool:
         return False  # never picked automatically by dcp for a bare path
+
+
+def _serialize(planner: SavePlanner, item: Any) -> bytes:
+    """The bytes DCP's planner makes of a non-tensor value (torch.save), or a clear error
+    naming its key when the value does not pickle."""
+    try:
+        data = planner.resolve_data(item)
+    except Exception as exc:  # pickling raises AttributeError, TypeError, PicklingError...
+        raise UnsupportedValueError(
+            f"{item.index.fqn!r} cannot be saved: {type(exc).__name__}: {exc} (values other "
+            "than tensors are stored with torch.save/pickle: a lambda, a local function or "
+            "class, a lock or an open file cannot be; save plain data instead)"
+        ) from exc
+    return data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
 
 
 def _quantize_on_device(tensor: torch.Tensor, pipeline: Any, cpu_too: bool) -> bool:

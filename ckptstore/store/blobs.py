@@ -22,6 +22,7 @@ from ckptstore.errors import (
     CkptStoreError,
     CorruptChunkError,
     ObjectNotFoundError,
+    UnknownCodecError,
 )
 from ckptstore.store import layout
 from ckptstore.store.chunks import content_key, frame, row_ranges, unframe
@@ -388,7 +389,10 @@ class BlobReader:
         pool: ThreadPoolExecutor | None = None,
     ) -> np.ndarray:
         """Raw bytes of rows [row_start, row_stop) of ``blob`` as a uint8 array."""
-        pipeline = Pipeline.from_config(blob.codec)
+        try:
+            pipeline = Pipeline.from_config(blob.codec)
+        except UnknownCodecError as exc:  # (a validated manifest has none: defence in depth)
+            raise UnknownCodecError(f"{where}: {exc}") from None
         row_bytes = blob.nbytes // blob.rows if blob.rows else blob.nbytes
         if blob.inline is not None:
             loc = f"inline data of {where}"
