@@ -24,6 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
         "import ckptstore.codecs",
         "import ckptstore.backend",
         "import ckptstore.cli.main",
+        "import ckptstore.transfer",  # its functions import torch, the module does not
         # the torch-free facade, used as a user would
         "import ckptstore, tempfile; ckptstore.Store",
     ],
