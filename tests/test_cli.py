@@ -129,3 +129,62 @@ def test_inspect_shows_quantization_error(local_url):
     assert 0 < w["rel_l2_error"] < 1e-2 and w["max_abs_error"] > 0
     b = next(t for t in rep["tensors"] if t["fqn"] == "b")
     assert b["rel_l2_error"] is None
+
+
+def test_stdout_closed_early_exits_quietly(store):
+    """``ckptstore ls URL --json | head -c 10``: the reader went away; no traceback, no
+    error line, exit 141 (128 + SIGPIPE, as for a tool killed by SIGPIPE)."""
+    for args in (("ls", store, "--json"), ("inspect", store, "--json"), ("ls", store)):
+        r, w = os.pipe()
+        os.close(r)  # the reader is gone before the first byte
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "ckptstore.cli.main", *args],
+                stdout=w,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=300,
+            )
+        finally:
+            os.close(w)
+        assert proc.returncode == 141, (args, proc.stderr)
+        assert proc.stderr == "", (args, proc.stderr)
+    proc = subprocess.run(  # as typed in a shell
+        f"{sys.executable} -m ckptstore.cli.main ls {store} --json | head -c 10; "
+        'echo " ${PIPESTATUS[0]}"',
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.stdout.startswith("[") and proc.stdout.split()[-1] in ("0", "141")
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("option", [("--checkpoints", "0"), ("--steps", "0")])
+def test_demo_rejects_bad_options_before_anything(tmp_path, option):
+    url = str(tmp_path / "demo")
+    proc = run("demo", "--url", url, *option, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and "new store" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and option[0] in proc.stderr
+    assert not os.path.exists(url)
+
+
+def test_retention_of_the_last_save_runs_at_interpreter_exit(tmp_path):
+    """The README's snippet: ``save(..., keep_last=N)`` as the last call of a script."""
+    url = str(tmp_path / "ckpts")
+    script = (
+        "import torch, ckptstore\n"
+        "for step in range(1, 6):\n"
+        "    state = {'w': torch.randn(256, 64), 'step': step}\n"
+        f"    ckptstore.save(state, {url!r}, step=step, keep_last=2)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "failed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    rows = json.loads(run("ls", url, "--json").stdout)
+    assert [r["step"] for r in rows] == [4, 5]

@@ -76,6 +76,21 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _reraise_broken_pipe() -> None:
+    raise BrokenPipeError  # (rich would exit 1 itself; handle_errors exits 141 quietly)
+
+
+def _route_rich_broken_pipe() -> None:
+    """Tables go through rich's console, which on a closed stdout exits 1 by itself; hand
+    the BrokenPipeError to :func:`handle_errors` instead, so every output exits alike."""
+    from ckptstore.render import console
+
+    console.on_broken_pipe = _reraise_broken_pipe  # type: ignore[method-assign]
+
+
+_route_rich_broken_pipe()
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's last flush of what is still buffered
     does not fail again ("Exception ignored ... BrokenPipeError") on the way out."""
