@@ -3,6 +3,7 @@ race, fresh chunks, the commit check), the gc lock, leases, and gc failing part-
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -179,21 +180,59 @@ def test_rm_then_gc(store_url):
     assert report.chunks_deleted == 4 and ckptstore.Store(store_url).verify().ok
 
 
-def test_gc_refuses_unreadable_manifest(local_url):
-    for i in range(3):
+def _old_temp_file(url: str, folder: str, nbytes: int = 100, age: float = 3600) -> str:
+    """A ``.tmp-*`` file as a put killed mid-write leaves it, ``age`` seconds old."""
+    import os
+    import uuid
+
+    path = os.path.join(url, folder, f".tmp-{uuid.uuid4().hex}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"x" * nbytes)
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+def test_gc_with_an_unreadable_manifest_deletes_no_chunk_and_does_the_rest(local_url):
+    for i in range(4):
         _save(_state(i), local_url, step=i)
+    store = ckptstore.Store(local_url)
+    store.delete(step=0)  # its 4 chunks are garbage, its manifest in the trash
     repo = Repository.open(local_url)
     path = repo.backend.path(layout.manifest_key(layout.step_name(1)))
     with open(path, "r+b") as f:
         f.truncate(40)
+    temp = _old_temp_file(local_url, "chunks/ab")
     before = _chunks(local_url)
-    with pytest.raises(errors.ManifestError):
-        ckptstore.Store(local_url).gc(keep_last=1, grace=0)
-    assert _chunks(local_url) == before and len(repo.backend.list(layout.CHECKPOINTS)) == 3
+    plan = gc.plan(Repository.open(local_url), gc.Retention(keep_last=1), grace=0)
+    assert list(plan.unreadable) == [layout.step_name(1)]
+    assert plan.unreadable[layout.step_name(1)]  # the error, as text
+    assert plan.dropped == [layout.step_name(2)] and plan.kept == [layout.step_name(3)]
+    # step 1's chunks are unknown: nothing is planned, what would go is counted as blocked
+    assert plan.chunks_freed == 0 and not plan.chunk_keys and plan.chunks_blocked == 12
+    assert plan.temp_files == 1 and plan.temp_bytes == 100
+    report = ckptstore.Store(local_url).run_gc(plan)
+    assert list(report.unreadable) == [layout.step_name(1)]
+    assert report.dropped == [layout.step_name(2)]  # the policy's drops still happen
+    assert report.chunks_deleted == 0 and report.chunks_blocked == 12
+    assert _chunks(local_url) == before  # not one chunk
+    assert report.trash_purged == 2 and repo.backend.list(layout.TRASH) == []
+    assert report.temp_deleted == 1 and not os.path.exists(temp)
     assert repo.backend.list(layout.LEASES) == []  # the lock was given back
-    # rm deletes an unreadable manifest outright; gc then works
+    assert sorted(repo.names()) == [layout.step_name(1), layout.step_name(3)]
+    # collect() (retention after a save) behaves the same
+    again = gc.collect(Repository.open(local_url), gc.Retention(keep_last=1), grace=0)
+    assert again.chunks_deleted == 0 and list(again.unreadable) == [layout.step_name(1)]
+    # --keep naming the unreadable checkpoint is no error (it is never dropped anyway)
+    assert gc.plan(repo, gc.Retention(keep=(layout.step_name(1),)), grace=0).unreadable
+    assert gc.plan(repo, gc.Retention(keep=("1",)), grace=0).unreadable
+    # rm deletes an unreadable manifest outright; gc then frees everything
     gc.remove(Repository.open(local_url), [layout.step_name(1)])
-    assert ckptstore.Store(local_url).gc(keep_last=1, grace=0).chunks_deleted == 8
+    report = ckptstore.Store(local_url).gc(keep_last=1, grace=0)
+    assert report.unreadable == {} and report.chunks_deleted == 12
+    assert _chunks(local_url) == _referenced(local_url)
+    assert ckptstore.Store(local_url).verify().ok
 
 
 # -- saves in flight -------------------------------------------------------------------------

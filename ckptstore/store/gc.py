@@ -34,6 +34,7 @@ from ckptstore.errors import (
     CkptStoreError,
     GcBusyError,
     ObjectNotFoundError,
+    StorageFullError,
 )
 from ckptstore.knobs import Settings
 from ckptstore.store import layout, leases
@@ -101,13 +102,21 @@ class Retention:
         return self.keep_last is not None or self.keep_every is not None or bool(self.keep)
 
     def reasons(
-        self, manifests: Sequence[Manifest], *, strict: bool = True
+        self,
+        manifests: Sequence[Manifest],
+        *,
+        strict: bool = True,
+        unreadable: Iterable[str] = (),
     ) -> dict[str, list[str]]:
         """Name → why it is kept ([] = dropped), for ``manifests`` oldest first.
 
         A ``keep`` entry that matches no checkpoint raises
         :class:`~ckptstore.errors.CheckpointNotFoundError` when ``strict`` (planning), and
-        keeps nothing otherwise (re-checking a plan: see :func:`execute`)."""
+        keeps nothing otherwise (re-checking a plan: see :func:`execute`). Checkpoints whose
+        manifest cannot be read (``unreadable``) are not in the result — gc never drops
+        them — but a ``keep`` entry naming one is no error."""
+        unreadable = set(unreadable)
+        unreadable_steps = {layout.step_of_name(n) for n in unreadable} - {None}
         out: dict[str, list[str]] = {m.name: [] for m in manifests}
         if not self.active:
             return {name: ["all"] for name in out}
@@ -125,7 +134,10 @@ class Retention:
             if not hits and wanted.isdigit():
                 step = int(wanted)
                 hits = [m.name for m in manifests if m.step == step]
-            if not hits and strict:
+            matches_unreadable = wanted in unreadable or (
+                wanted.isdigit() and int(wanted) in unreadable_steps
+            )
+            if not hits and strict and not matches_unreadable:
                 raise CheckpointNotFoundError(
                     f"--keep {wanted!r}: no checkpoint by that name or step (nothing deleted)"
                 )
@@ -155,6 +167,54 @@ class _Decision:
     purge_trash: list[TrashEntry]
     live_saves: list[leases.LeaseInfo]
     referenced: set[bytes]
+    grace: float = 0.0
+
+    def held_until(self) -> tuple[float | None, float | None]:
+        """When a gc frees the first, and the last, chunk the grace period holds now: the
+        oldest and the youngest such chunk's mtime + the grace (None: none with a known
+        age). Chunks held for saves in flight go once those saves have ended."""
+        ages = [c.mtime for c in self.held_by_grace if c.mtime is not None]
+        if not ages:
+            return None, None
+        return min(ages) + self.grace, max(ages) + self.grace
+
+
+@dataclass
+class _TempDecision:
+    """Which stale temporary files go (docs/format.md, "Temporary files")."""
+
+    doomed: list[ObjectInfo]
+    held: list[ObjectInfo]
+    held_until: float | None
+
+
+def _decide_temp(
+    temps: Iterable[ObjectInfo],
+    lease_infos: Iterable[leases.LeaseInfo],
+    *,
+    now: float,
+    grace: float,
+    skew: float,
+) -> _TempDecision:
+    """A temporary file may go once it is older than the grace period and than the clock
+    margin (so a put in progress on any machine is never mistaken for a leftover), and older
+    than every running save's lease (every put of a save starts after its lease)."""
+    oldest = min(
+        (x.created for x in lease_infos if x.kind == "save" and x.live(now, skew)), default=None
+    )
+    age = max(grace, skew)
+    save_cut = oldest - skew if oldest is not None else None
+    doomed, held, until = [], [], []
+    for t in temps:
+        if t.mtime is not None and save_cut is not None and t.mtime >= save_cut:
+            held.append(t)  # goes once the saves in flight have ended
+        elif t.mtime is None or t.mtime >= now - age:
+            held.append(t)
+            if t.mtime is not None:
+                until.append(t.mtime + age)
+        else:
+            doomed.append(t)
+    return _TempDecision(doomed, held, min(until, default=None))
 
 
 def _decide(
@@ -196,7 +256,7 @@ def _decide(
             by_grace.append(c)
         else:
             doomed.append(c)
-    return _Decision(doomed, by_grace, by_saves, keep_trash, purge_trash, saves, referenced)
+    return _Decision(doomed, by_grace, by_saves, keep_trash, purge_trash, saves, referenced, grace)
 
 
 def _size(objs: Iterable[ObjectInfo]) -> int:
@@ -239,8 +299,33 @@ class GcPlan:
     possibly needed by a save in flight."""
     bytes_held: int = 0
     held_by_saves: int = 0
+    """Of ``chunks_held``: possibly needed by a save in flight (they go once it ended)."""
+    bytes_held_by_saves: int = 0
+    held_by_grace: int = 0
+    """Of ``chunks_held``: younger than the grace period."""
+    bytes_held_by_grace: int = 0
+    held_until: float | None = None
+    """When a gc frees the first chunk the grace period holds (Unix seconds): the oldest
+    one's modification time + the grace. None: the grace holds none."""
+    held_all_until: float | None = None
+    """When a gc frees the last of them (the youngest one's mtime + the grace)."""
     saves_in_flight: list[str] = field(default_factory=list)
     trash_entries: int = 0
+    unreadable: dict[str, str] = field(default_factory=dict)
+    """Checkpoints whose manifest cannot be read, with the error. While there is one, no
+    chunk is deleted (its chunks are unknown); the policy neither keeps nor drops them."""
+    chunks_blocked: int = 0
+    """Chunk objects that no readable manifest references and that would go now, kept
+    because a manifest is unreadable (and their bytes)."""
+    bytes_blocked: int = 0
+    temp_files: int = 0
+    """Stale temporary files (``.tmp-*``) a run deletes, and their bytes."""
+    temp_bytes: int = 0
+    temp_held: int = 0
+    """Temporary files too young to be told from a put in progress (or of a save in
+    flight), and their bytes; ``temp_held_until``: when the first of them becomes stale."""
+    temp_bytes_held: int = 0
+    temp_held_until: float | None = None
     skew: float = 0.0
     """The clock-skew margin the plan was made with; :func:`execute` runs with it too."""
     planned_at: float = 0.0
@@ -262,6 +347,7 @@ class GcPlan:
         d["retention"] = dict(self.retention)
         d["checkpoints"] = [asdict(c) for c in self.checkpoints]
         d["saves_in_flight"] = list(self.saves_in_flight)
+        d["unreadable"] = dict(self.unreadable)
         d["kept"] = self.kept
         d["dropped"] = self.dropped
         return d
@@ -277,12 +363,14 @@ def _fresh(repo: Repository) -> Repository:
 
 def _list_state(
     repo: Repository,
-) -> tuple[list[ObjectInfo], list[leases.LeaseInfo], list[Manifest]]:
-    """Chunks, then leases, then manifests — the order execute() relies on."""
+) -> tuple[list[ObjectInfo], list[leases.LeaseInfo], list[Manifest], dict[str, str]]:
+    """Chunks, then leases, then manifests — the order execute() relies on. The last item:
+    the checkpoints whose manifest cannot be read, with the error (their chunks are unknown,
+    so no chunk may go while there is one)."""
     chunks = repo.backend.list_info(layout.CHUNKS)
     lease_infos = leases.read_leases(repo.backend)
-    manifests = repo.manifests()  # an unreadable manifest raises: never guess its chunks
-    return chunks, lease_infos, manifests
+    manifests, bad = repo.scan()
+    return chunks, lease_infos, manifests, {name: str(exc) for name, exc in bad.items()}
 
 
 def plan(
@@ -303,17 +391,22 @@ def plan(
 
 
 def _plan(repo: Repository, retention: Retention, grace_s: float, skew_s: float) -> GcPlan:
-    chunks, lease_infos, manifests = _list_state(repo)
+    temps = repo.backend.list_temp("") if repo.backend.capabilities.temp_files else []
+    chunks, lease_infos, manifests, unreadable = _list_state(repo)
     trash = repo.trash_entries()
-    reasons = retention.reasons(manifests)
+    reasons = retention.reasons(manifests, unreadable=unreadable)
     kept = [m for m in manifests if reasons[m.name]]
     dropped = [m for m in manifests if not reasons[m.name]]
     now = time.time()
     # as execute() would see it: the dropped manifests in the trash since now
     as_trash = [TrashEntry(f"(dropping {m.name})", m.name, now, m) for m in dropped]
     d = _decide(chunks, lease_infos, kept, [*trash, *as_trash], now=now, grace=grace_s, skew=skew_s)
+    t = _decide_temp(temps, lease_infos, now=now, grace=grace_s, skew=skew_s)
     sizes = {layout.chunk_digest(c.key): c.size for c in chunks}
     kept_keys = d.referenced
+    doomed = [] if unreadable else d.doomed
+    blocked = d.doomed if unreadable else []
+    held_until, held_all_until = d.held_until()
     return GcPlan(
         url=repo.url,
         retention=retention.to_dict(),
@@ -329,16 +422,29 @@ def _plan(repo: Repository, retention: Retention, grace_s: float, skew_s: float)
         chunks_kept=sum(1 for k in kept_keys if k in sizes),
         bytes_kept=sum(sizes[k] for k in kept_keys if k in sizes)
         + sum(m.manifest_bytes for m in kept),
-        chunks_freed=len(d.doomed),
-        bytes_freed=_size(d.doomed) + sum(m.manifest_bytes for m in dropped),
+        chunks_freed=len(doomed),
+        bytes_freed=_size(doomed) + sum(m.manifest_bytes for m in dropped),
         chunks_held=len(d.held_by_grace) + len(d.held_by_saves),
         bytes_held=_size(d.held_by_grace) + _size(d.held_by_saves),
         held_by_saves=len(d.held_by_saves),
+        bytes_held_by_saves=_size(d.held_by_saves),
+        held_by_grace=len(d.held_by_grace),
+        bytes_held_by_grace=_size(d.held_by_grace),
+        held_until=held_until,
+        held_all_until=held_all_until,
         saves_in_flight=[x.describe() for x in d.live_saves],
         trash_entries=len(trash),
+        unreadable=unreadable,
+        chunks_blocked=len(blocked),
+        bytes_blocked=_size(blocked),
+        temp_files=len(t.doomed),
+        temp_bytes=_size(t.doomed),
+        temp_held=len(t.held),
+        temp_bytes_held=_size(t.held),
+        temp_held_until=t.held_until,
         skew=skew_s,
         planned_at=now,
-        chunk_keys=frozenset(k for c in d.doomed if (k := layout.chunk_digest(c.key)) is not None),
+        chunk_keys=frozenset(k for c in doomed if (k := layout.chunk_digest(c.key)) is not None),
     )
 
 
@@ -353,8 +459,17 @@ class GcReport:
     bytes_deleted: int = 0
     """Chunk bytes deleted plus the bytes of the dropped manifests."""
     chunks_held: int = 0
+    """Unreferenced chunks this run kept (younger than the grace, or possibly needed by a
+    save in flight), and their bytes; split below, with when a gc frees them."""
     bytes_held: int = 0
     held_by_saves: int = 0
+    bytes_held_by_saves: int = 0
+    held_by_grace: int = 0
+    bytes_held_by_grace: int = 0
+    held_until: float | None = None
+    """When a gc frees the first chunk the grace period held in this run (Unix seconds)."""
+    held_all_until: float | None = None
+    """When a gc frees the last of them."""
     saves_in_flight: int = 0
     trash_purged: int = 0
     trash_kept: int = 0
@@ -380,12 +495,34 @@ class GcReport:
     catalog_written: int = 0
     """Catalog entries written for checkpoints that had none (a save that died between its
     commit and its entry, or a store written before the catalog existed)."""
+    unreadable: dict[str, str] = field(default_factory=dict)
+    """Checkpoints whose manifest could not be read, with the error: this run deleted no
+    chunk (it cannot know which ones they need); it did the rest."""
+    chunks_blocked: int = 0
+    """Chunks no readable manifest references that this run would have deleted, kept
+    because of ``unreadable`` (and their bytes)."""
+    bytes_blocked: int = 0
+    temp_deleted: int = 0
+    """Stale temporary files (``.tmp-*``, left by puts that never finished) deleted, and
+    their bytes — first, before the gc lock is taken: on a full disk this makes room."""
+    temp_bytes_deleted: int = 0
+    temp_held: int = 0
+    """Temporary files kept: younger than max(grace, clock skew), or of a save in flight."""
+    temp_bytes_held: int = 0
+    temp_held_until: float | None = None
+    chunks_deferred: int = 0
+    """Deletable chunks left because the storage was too full to publish the whole list
+    (docs/gc.md, "A full disk"); 0 once later passes took them."""
+    passes: int = 0
+    """gc runs (lock, observation, published list, deletes) this call made: more than one
+    when a full storage let it publish only part of the list at first."""
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["dropped"] = list(self.dropped)
         d["skipped"] = dict(self.skipped)
         d["new_checkpoints"] = list(self.new_checkpoints)
+        d["unreadable"] = dict(self.unreadable)
         d["plan"] = self.plan.to_dict() if self.plan is not None else None
         return d
 
@@ -421,10 +558,15 @@ def execute(
       (``report.chunks_skipped``); garbage the plan does not name stays for the next gc
       (``report.chunks_unplanned``).
 
-    Order (docs/format.md): lock → re-validate → drop manifests into trash → list chunks →
-    read leases → read manifests and trash → decide → publish the chunk list → delete chunks
-    → purge trash and dead leases → done. An error part-way leaves a valid store: nothing is
-    deleted before the list is published, and only unreferenced chunks are ever in it.
+    Order (docs/format.md): delete stale temporary files (no lock needed: G8) → lock →
+    re-validate → drop manifests into trash → list chunks → read leases → read manifests and
+    trash → decide → publish the chunk list → delete chunks → purge trash and dead leases →
+    done. An unreadable manifest is reported (``report.unreadable``) and then no chunk is
+    deleted, the rest is done. A storage too full for the lock record or the list fails with
+    a :class:`~ckptstore.errors.StorageFullError` that says what to do; one with room for
+    only part of the list deletes that part and then runs again for the rest (G9). An error
+    part-way leaves a valid store: nothing is deleted before the list is published, and
+    only unreferenced chunks are ever in it.
 
     Older form: ``execute(repo, retention, grace=…)`` (a :class:`Retention` or None instead
     of a plan) plans under the lock and runs that, as :func:`collect` does. Deprecated."""
@@ -443,9 +585,11 @@ def execute(
     if plan.url != repo.url:
         raise ValueError(f"this gc plan is for {plan.url}, not {repo.url}")
     t0 = time.monotonic()
+    report = GcReport(url=repo.url, dropped=[], plan=plan)
     live = _fresh(repo)
-    lock = leases.acquire_gc(live.backend, wait=wait, ttl=ttl, skew=plan.skew)
-    return _run(repo, live, plan, lock, progress, t0)
+    _clean_temp(live.backend, plan.grace, plan.skew, report)
+    lock = _acquire(live.backend, report, wait=wait, ttl=ttl, skew=plan.skew)
+    return _run(repo, live, plan, lock, report, progress, t0, wait=wait, ttl=ttl)
 
 
 def collect(
@@ -464,13 +608,88 @@ def collect(
     retention = retention or Retention()
     grace_s = grace_of(repo, grace)
     live = _fresh(repo)
-    lock = leases.acquire_gc(live.backend, wait=wait, ttl=ttl, skew=skew)
+    report = GcReport(url=repo.url, dropped=[])
+    _clean_temp(live.backend, grace_s, leases.skew_of(live.backend, skew), report)
+    lock = _acquire(live.backend, report, wait=wait, ttl=ttl, skew=skew)
     try:
         made = _plan(live, retention, grace_s, lock.skew)
     except BaseException:
         lock.release()
         raise
-    return _run(repo, live, made, lock, progress, t0)
+    report.plan = made
+    return _run(repo, live, made, lock, report, progress, t0, wait=wait, ttl=ttl)
+
+
+def _clean_temp(backend: Backend, grace: float, skew: float, report: GcReport) -> None:
+    """Delete stale temporary files (docs/format.md G8). Needs no lock and no published
+    list: nothing refers to a temporary file. Listed before the leases are read, so that
+    the lease of every save whose put left a listed file is seen (as chunks in G3)."""
+    if not backend.capabilities.temp_files:
+        return
+    temps = backend.list_temp("")
+    if not temps:
+        return
+    lease_infos = leases.read_leases(backend)
+    t = _decide_temp(temps, lease_infos, now=time.time(), grace=grace, skew=skew)
+    backend.map(lambda o: backend.delete(o.key), t.doomed)
+    report.temp_deleted += len(t.doomed)
+    report.temp_bytes_deleted += _size(t.doomed)
+    report.temp_held = len(t.held)
+    report.temp_bytes_held = _size(t.held)
+    report.temp_held_until = t.held_until
+
+
+def _full_advice(report: GcReport, what: str, exc: BaseException) -> str:
+    """The message of a gc that the full storage stopped: what it did, what to do."""
+    done = (
+        f"it deleted {report.temp_deleted} stale temporary file(s) "
+        f"({report.temp_bytes_deleted} bytes) and {report.chunks_deleted} chunk(s)"
+    )
+    young = ""
+    if report.temp_held:
+        at = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report.temp_held_until))
+            if report.temp_held_until is not None
+            else "once the saves in flight have ended"
+        )
+        young = (
+            f"; {report.temp_held} more temporary file(s) ({report.temp_bytes_held} bytes) "
+            f"are too young to be told from a put in progress and go from {at}: running gc "
+            "again then may be enough"
+        )
+    return (
+        f"storage full: gc could not {what} ({exc}); {done}{young}. gc must write that "
+        'before it deletes any chunk (docs/gc.md, "A full disk"). Free a few KiB on the '
+        "storage (on a local disk, any file outside the store; on an object store, raise the "
+        "quota) and run `ckptstore gc --grace 0s` again: its first deletes make room for "
+        "the rest"
+    )
+
+
+def _acquire(
+    backend: Backend,
+    report: GcReport,
+    *,
+    wait: float,
+    ttl: float | None,
+    skew: float | None,
+) -> leases.Lease:
+    """The gc lock; on a full storage, an error that says what to do."""
+    try:
+        return leases.acquire_gc(backend, wait=wait, ttl=ttl, skew=skew)
+    except StorageFullError as exc:
+        raise StorageFullError(
+            _full_advice(report, "write its lock record (leases/gc-<id>.json)", exc)
+        ) from exc
+
+
+class _Pass:
+    """One gc run inside :func:`_run`: whether it published a chunk list yet."""
+
+    published = False
+
+
+_MAX_PASSES = 8
 
 
 def _run(
@@ -478,64 +697,136 @@ def _run(
     live: Repository,
     plan: GcPlan,
     lock: leases.Lease,
+    report: GcReport,
     progress: Progress | None,
     t0: float,
+    *,
+    wait: float = 0.0,
+    ttl: float | None = None,
 ) -> GcReport:
     """Execute ``plan`` holding ``lock``; releases or finishes the lock. ``live`` observes
     the store (its cache filled under the lock); drops go through ``repo`` so that the
-    caller's instance forgets the dropped manifests."""
-    report = GcReport(url=repo.url, dropped=[], plan=plan)
-    published = False
-    try:
-        # 1. which planned drops still stand (every manifest must be readable: we could not
-        # know what an unreadable one needs), then drop them
-        to_drop = _revalidate(live, plan, report)
-        if to_drop:
-            lock.update(dropped=to_drop)
-        for i, name in enumerate(to_drop):
-            lock.check("drop checkpoints")
-            try:
-                _, size = repo.trash(name)
-            except CheckpointNotFoundError:  # only a writer ignoring the lock does this
-                report.skipped[name] = "gone: removed while this gc ran"
-                continue
-            report.dropped.append(name)
-            report.bytes_deleted += size
-            if progress:
-                progress("drop", i + 1, len(to_drop))
-        published = _sweep(live, lock, report, plan, progress)
-    except BaseException:
-        if report.plan_published:  # saves must keep seeing the plan: mark it finished
-            try:
-                lock.update(state="done", finished=time.time())
-            except Exception as exc:  # noqa: BLE001 - the record expires, which says the same
-                log.warning("gc could not mark its record done: %s", exc)
-            lock.stop()
-        else:
-            lock.release()
-        raise
-    finally:
-        report.seconds = time.monotonic() - t0
-    _finish(live, lock, published)
+    caller's instance forgets the dropped manifests.
+
+    Normally one pass. When the storage is too full to publish the whole chunk list (or to
+    copy a dropped manifest to the trash), the pass publishes and deletes what fits —
+    largest chunks first — and ends; then, since it freed space, another full gc run
+    (new lock record, new observation, new list) takes the rest, within the same plan."""
+    bound: set[bytes] = set(plan.chunk_keys)
+    drops: list[str] | None = None
+    while True:
+        report.passes += 1
+        this = _Pass()
+        deleted_before = report.chunks_deleted
+        try:
+            if drops is None:
+                # which planned drops still stand (an unreadable manifest is reported, and
+                # then no chunk goes: we could not know what it needs), then drop them
+                drops = _revalidate(live, plan, report)
+            else:
+                drops = _revalidate(live, plan, report, only=set(drops))
+            drops = _drop(repo, lock, drops, report, progress)
+            bound = _sweep(
+                live, lock, report, plan, bound, this, progress, first=report.passes == 1
+            )
+        except BaseException:
+            if this.published:  # saves must keep seeing the plan: mark it finished
+                try:
+                    lock.update(state="done", finished=time.time())
+                except Exception as exc:  # noqa: BLE001 - the record expires, which says the same
+                    log.warning("gc could not mark its record done: %s", exc)
+                lock.stop()
+            else:
+                lock.release()
+                _delete_quietly(live.backend, layout.gc_plan_key(lock.id))
+            raise
+        finally:
+            report.seconds = time.monotonic() - t0
+        _finish(live, lock, this.published)
+        freed = report.chunks_deleted > deleted_before
+        if not (bound or drops) or not freed or report.passes >= _MAX_PASSES:
+            break
+        # the room this pass made lets the next publish the rest: a new gc run
+        try:
+            lock = _acquire(live.backend, report, wait=wait, ttl=ttl, skew=plan.skew)
+        except CkptStoreError as exc:
+            log.warning("gc could not start another pass for what was left: %s", exc)
+            break
+    report.chunks_deferred = len(bound)
     report.seconds = time.monotonic() - t0
     return report
 
 
-def _revalidate(live: Repository, plan: GcPlan, report: GcReport) -> list[str]:
-    """Under the gc lock: the planned drops that still stand. Fills ``report.skipped`` and
-    ``report.new_checkpoints``."""
-    current = live.manifests()  # an unreadable manifest raises: never guess its chunks
+def _delete_quietly(backend: Backend, key: str) -> None:
+    try:
+        backend.delete(key)
+    except CkptStoreError as exc:
+        log.warning("gc could not delete %s: %s", key, exc)
+
+
+def _drop(
+    repo: Repository,
+    lock: leases.Lease,
+    names: list[str],
+    report: GcReport,
+    progress: Progress | None,
+) -> list[str]:
+    """Drop ``names`` into the trash; returns those a full storage left for a later pass
+    (their manifest could not be copied to ``trash/``; they stay checkpoints)."""
+    if names:
+        try:
+            lock.update(dropped=names)  # informative
+        except StorageFullError as exc:
+            log.warning("gc could not record what it drops: %s", exc)
+    deferred: list[str] = []
+    for i, name in enumerate(names):
+        if deferred:
+            deferred.append(name)
+            continue
+        lock.check("drop checkpoints")
+        try:
+            _, size = repo.trash(name)
+        except CheckpointNotFoundError:  # only a writer ignoring the lock does this
+            report.skipped[name] = "gone: removed while this gc ran"
+            continue
+        except StorageFullError:
+            deferred.append(name)
+            continue
+        report.skipped.pop(name, None)
+        report.dropped.append(name)
+        report.bytes_deleted += size
+        if progress:
+            progress("drop", i + 1, len(names))
+    for name in deferred:
+        report.skipped[name] = (
+            "storage full: its manifest could not be copied to trash/, so it was not dropped; "
+            "the next gc (or pass) drops it once chunks were freed"
+        )
+    return deferred
+
+
+def _revalidate(
+    live: Repository, plan: GcPlan, report: GcReport, only: set[str] | None = None
+) -> list[str]:
+    """Under the gc lock: the planned drops (of ``only``, on a later pass) that still
+    stand. Fills ``report.skipped``, ``report.new_checkpoints`` and ``report.unreadable``."""
+    current, bad = live.scan()
+    report.unreadable.update({name: str(exc) for name, exc in bad.items()})
     reasons = Retention.from_dict(plan.retention).reasons(current, strict=False)
     by_name = {m.name: m for m in current}
-    known = {(c.name, c.created) for c in plan.checkpoints}
-    report.new_checkpoints = [m.name for m in current if (m.name, m.created) not in known]
+    if only is None:
+        known = {(c.name, c.created) for c in plan.checkpoints}
+        report.new_checkpoints = [m.name for m in current if (m.name, m.created) not in known]
     to_drop = []
     for c in plan.checkpoints:
-        if c.keep:
+        if c.keep or (only is not None and c.name not in only):
             continue
         m = by_name.get(c.name)
         if m is None:
-            report.skipped[c.name] = "gone: removed since the plan"
+            if c.name in bad:
+                report.skipped[c.name] = "unreadable now: its manifest cannot be read"
+            else:
+                report.skipped[c.name] = "gone: removed since the plan"
         elif m.created != c.created:
             report.skipped[c.name] = "replaced: removed and saved again since the plan"
         elif reasons[c.name]:
@@ -546,44 +837,91 @@ def _revalidate(live: Repository, plan: GcPlan, report: GcReport) -> list[str]:
     return to_drop
 
 
+def _publish_sizes(n: int) -> list[int]:
+    """How many chunks to try to publish, largest list first: on a full storage a shorter
+    list (of the largest chunks) may fit where the whole one does not."""
+    return sorted({min(n, k) for k in (n, _BATCH, 16, 1)}, reverse=True)
+
+
+def _publish(backend: Backend, lock: leases.Lease, doomed: list[ObjectInfo]) -> None:
+    """G5: the plan object, then the record naming it. On failure neither names a chunk
+    list (a plan object put is atomic; a record update that failed is undone in memory and
+    the plan object deleted), so nothing may be deleted yet."""
+    key = layout.gc_plan_key(lock.id)
+    keys = [layout.chunk_digest(c.key) for c in doomed]
+    backend.put(key, leases.encode_plan(k for k in keys if k))
+    try:
+        lock.update(
+            state="planned", plan={"key": key, "chunks": len(doomed), "bytes": _size(doomed)}
+        )
+    except BaseException:
+        _delete_quietly(backend, key)
+        raise
+
+
 def _sweep(
     repo: Repository,
     lock: leases.Lease,
     report: GcReport,
     plan: GcPlan,
+    bound: set[bytes],
+    this: _Pass,
     progress: Progress | None,
-) -> bool:
-    """Steps 2-4 of :func:`execute`. Returns whether a chunk list was published."""
+    *,
+    first: bool = True,
+) -> set[bytes]:
+    """Steps 2-5 of :func:`execute`, deleting only chunks in ``bound`` (the plan's, or on a
+    later pass what the earlier left). Returns the chunks of ``bound`` a full storage made
+    it leave for another pass."""
     backend = repo.backend
     skew_s = lock.skew
     # 2. observe, in this order: chunks, leases, manifests, trash
-    chunks, lease_infos, manifests = _list_state(repo)
+    chunks, lease_infos, manifests, unreadable = _list_state(repo)
     trash = repo.trash_entries()
     now = time.time()
     d = _decide(chunks, lease_infos, manifests, trash, now=now, grace=plan.grace, skew=skew_s)
     # the plan bounds what goes: never a chunk it does not name
-    doomed = [c for c in d.doomed if layout.chunk_digest(c.key) in plan.chunk_keys]
-    report.chunks_skipped = len(plan.chunk_keys) - len(doomed)
-    report.chunks_unplanned = len(d.doomed) - len(doomed)
+    doomed = [c for c in d.doomed if layout.chunk_digest(c.key) in bound]
+    report.chunks_skipped += len(bound) - len(doomed)
+    report.unreadable.update(unreadable)
+    if report.unreadable:  # their chunks are unknown: none may go (docs/gc.md)
+        report.chunks_blocked = len(d.doomed)
+        report.bytes_blocked = _size(d.doomed)
+        doomed = []
+    elif first:
+        report.chunks_unplanned = len(d.doomed) - len(doomed)
     report.chunks_held = len(d.held_by_grace) + len(d.held_by_saves)
     report.bytes_held = _size(d.held_by_grace) + _size(d.held_by_saves)
     report.held_by_saves = len(d.held_by_saves)
+    report.bytes_held_by_saves = _size(d.held_by_saves)
+    report.held_by_grace = len(d.held_by_grace)
+    report.bytes_held_by_grace = _size(d.held_by_grace)
+    report.held_until, report.held_all_until = d.held_until()
     report.saves_in_flight = len(d.live_saves)
     report.trash_kept = len(d.keep_trash)
-    # 3. publish the list, then delete exactly that
+    # 3. publish the list, then delete exactly that (largest first: on a full storage
+    # perhaps only a part of the list can be published, and it should free the most)
+    left: set[bytes] = set()
     if doomed:
+        doomed.sort(key=lambda c: (-c.size, c.key))
         lock.check("publish its plan")
-        keys = [layout.chunk_digest(c.key) for c in doomed]
-        backend.put(layout.gc_plan_key(lock.id), leases.encode_plan(k for k in keys if k))
-        lock.update(
-            state="planned",
-            plan={
-                "key": layout.gc_plan_key(lock.id),
-                "chunks": len(doomed),
-                "bytes": _size(doomed),
-            },
-        )
-        report.plan_published = True  # from here on saves see what we delete
+        error: StorageFullError | None = None
+        for n in _publish_sizes(len(doomed)):
+            try:
+                _publish(backend, lock, doomed[:n])
+            except StorageFullError as exc:
+                error = exc
+                continue
+            left = {k for c in doomed[n:] if (k := layout.chunk_digest(c.key)) is not None}
+            doomed = doomed[:n]
+            break
+        else:
+            assert error is not None
+            raise StorageFullError(
+                _full_advice(report, "publish the list of chunks it deletes", error)
+            ) from error
+        this.published = report.plan_published = True  # from here on saves see what we delete
+        total = report.chunks_deleted + len(doomed)
         for start in range(0, len(doomed), _BATCH):
             lock.check("delete chunks")
             batch = doomed[start : start + _BATCH]
@@ -591,15 +929,21 @@ def _sweep(
             report.chunks_deleted += len(batch)
             report.bytes_deleted += _size(batch)
             if progress:
-                progress("delete", report.chunks_deleted, len(doomed))
+                progress("delete", report.chunks_deleted, total)
     # 4. the trash entries no running save needs, and dead leases / old gc records
     lock.check("purge the trash")
     backend.map(lambda t: backend.delete(t.key), d.purge_trash)
-    report.trash_purged = len(d.purge_trash)
-    report.leases_cleaned = _clean_leases(repo, lease_infos, lock, now, skew_s)
+    report.trash_purged += len(d.purge_trash)
+    report.leases_cleaned += _clean_leases(repo, lease_infos, lock, now, skew_s)
     # 5. the catalog matches the checkpoints again (docs/format.md C4)
-    report.catalog_removed, report.catalog_written = repo.tidy_catalog()
-    return report.plan_published
+    try:
+        removed, written = repo.tidy_catalog()
+    except StorageFullError as exc:  # an entry is derived data: the next gc writes it
+        log.warning("gc could not write catalog entries: %s", exc)
+    else:
+        report.catalog_removed += removed
+        report.catalog_written += written
+    return left
 
 
 def _finish(repo: Repository, lock: leases.Lease, published: bool) -> None:
