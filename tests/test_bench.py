@@ -1,0 +1,95 @@
+"""The bench package: ``ckptstore bench`` delegates to it, ``python -m ckptstore.bench SUITE``
+dispatches, the JSON keys docs/benchmarks.md names are there, and no suite touches the
+environment (settings are resolved once and passed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import ckptstore
+from ckptstore.bench import SUITES, main
+from ckptstore.cli.main import cli
+
+METHOD_KEYS = ["torch.save", "dcp", "dcp+zstd", "ckptstore", "ckptstore-resave"]
+
+
+def _check_compare(result: dict, fsync: bool) -> None:
+    assert set(result) == {"machine", "settings", "datasets"}
+    assert result["settings"]["fsync"] is fsync
+    assert {"cpu_model", "ckptstore_threads", "chunk_bytes"} <= set(result["machine"])
+    ds = result["datasets"]["synthetic"]
+    assert {"description", "tensors", "logical_bytes", "methods", "codec"} <= set(ds)
+    assert [m["method"] for m in ds["methods"]] == METHOD_KEYS
+    for m in ds["methods"]:
+        assert "error" not in m, m
+        assert {"save_s", "save_vs_torch"} <= set(m)
+        if m["method"] != "ckptstore-resave":
+            assert m["exact"] is True and m["ratio"] > 0 and m["stored_bytes"] > 0
+    ckpt = ds["methods"][3]
+    assert {"new_bytes", "chunks", "manifest_bytes", "bytes_read"} <= set(ckpt)
+    assert {"new_bytes", "disk_growth_bytes"} <= set(ds["methods"][4])
+    assert ds["codec"]["ratio"] > 1 and ds["codec"]["checkpoint_ratio"] == ckpt["ratio"]
+
+
+def test_cli_bench_delegates_to_the_package(tmp_path):
+    out = tmp_path / "work"
+    res = CliRunner().invoke(
+        cli, ["bench", str(out), "--data", "synthetic", "--size-mb", "2", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    _check_compare(result, fsync=False)
+    assert result["settings"]["folder"] == str(out)
+    rows = ckptstore.Store(str(out / "synthetic" / "ckptstore")).list()
+    assert [r.step for r in rows] == [0, 1]  # the save and the same state again
+
+
+def test_compare_takes_settings_and_leaves_the_environment_alone():
+    from ckptstore.bench.compare import run_bench
+
+    before = dict(os.environ)
+    settings = ckptstore.Settings.resolve(threads=3)
+    result = run_bench(
+        None, ["synthetic"], size_mb=2, repeat=1, show=False, fsync=True, settings=settings
+    )
+    assert dict(os.environ) == before
+    _check_compare(result, fsync=True)
+    assert result["machine"]["ckptstore_threads"] == 3
+
+
+def test_suites_dispatch(capsys):
+    main(["-h"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in SUITES)
+    main(["metadata-sim", "--world", "2", "--history", "2", "--layers", "1", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["world"], r["history"]) for r in rows] == [(2, 2)]
+    assert rows[0]["save"]["coordinator_requests"] > 0
+    with pytest.raises(SystemExit):  # an unknown option goes to compare's parser
+        main(["--no-such-option"])
+
+
+def test_history_suite_small(tmp_path):
+    from ckptstore.bench.history import run_one
+
+    row = run_one(str(tmp_path / "s"), {}, 3, 1)
+    assert row["checkpoints"] == 3
+    for op in ("save", "load_latest", "ls", "inspect", "gc_dry_run"):
+        assert {"seconds", "requests", "metadata_requests", "metadata_bytes"} <= set(row[op])
+
+
+def test_old_names_and_light_import():
+    """``ckptstore.bench`` keeps the names it had as one module, and importing the package
+    (as ``ckptstore bench`` and ``python -m ckptstore.bench -h`` do first) needs no torch."""
+    from ckptstore.bench import first_difference, iter_tensors, run_bench, synthetic_state
+
+    assert callable(run_bench) and callable(synthetic_state)
+    assert callable(first_difference) and callable(iter_tensors)
+    code = "import sys, ckptstore.bench; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
