@@ -148,6 +148,8 @@ def test_export_errors_leave_nothing(store, tmp_path):
     proc = run("export", store, str(tmp_path / "missing" / "out.pt"), check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+    proc = run("export", store, str(tmp_path), "--format", "pt", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(f"{tmp_path}: it is a folder")
     assert sorted(os.listdir(tmp_path)) == before
 
 

@@ -26,7 +26,7 @@ from ckptstore.transfer import CASTS, FORMATS
 
 @click.command("export")
 @click.argument("url")
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path())  # checked by export_checkpoint: one line
 @step_option
 @name_option
 @click.option(
