@@ -14,8 +14,8 @@ those figures; gc (which must read every live checkpoint) grows with N by design
 
     python -m ckptstore.bench history [--n 10 100 1000] [--s3] [--repeat 3] [--json out.json]
 
-``--s3`` runs the same against SeaweedFS on 127.0.0.1 (started here). Results:
-docs/benchmarks.md, "History".
+``--s3`` runs the same against SeaweedFS on 127.0.0.1 (started here). Results
+belong in docs/benchmarks.md (none are recorded there yet).
 """
 
 from __future__ import annotations
