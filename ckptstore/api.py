@@ -42,12 +42,15 @@ def _unwrap(exc: CheckpointException) -> BaseException:
     msg = f"failed on rank(s) {ranks}: " + "; ".join(
         f"rank {r}: {type(failures[r][0]).__name__}: {failures[r][0]}" for r in ranks
     )
+    err: BaseException = CkptStoreError(msg)
     if isinstance(first, CkptStoreError):
         try:
-            return type(first)(msg)
+            err = type(first)(msg)
         except TypeError:
             pass
-    return CkptStoreError(msg)
+    # every rank's own exception stays reachable, as DCP's CheckpointException has them
+    err.failures = {r: failures[r][0] for r in ranks}  # type: ignore[attr-defined]
+    return err
 
 
 def _distributed() -> bool:

@@ -263,6 +263,7 @@ def failure_worker(rank: int, world: int, port: int, url: str, out: str) -> None
         ckptstore.save(per_rank, url, step=2, planner=FailOnRank1(), chunk_bytes=CHUNK)
     except ckptstore.CkptStoreError as exc:
         seen["raise"] = str(exc)
+        seen["failures"] = {str(r): type(e).__name__ for r, e in exc.failures.items()}
     with failing_puts(after=1, match="chunks/") if rank == 1 else _nothing():
         try:
             ckptstore.save(per_rank, url, step=3, chunk_bytes=CHUNK)

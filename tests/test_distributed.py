@@ -110,6 +110,7 @@ def test_failures_name_the_rank_and_commit_nothing(tmp_path):
     w.spawn(w.failure_worker, 2, url, str(out))
     for r, seen in enumerate(_read(out, "fail", 2)):
         assert "rank(s) [1]" in seen["raise"] and "rank 1 exploded" in seen["raise"], (r, seen)
+        assert seen["failures"] == {"1": "RuntimeError"}, (r, seen)  # the rank's own error
         assert "rank(s) [1]" in seen["backend"] and "injected put failure" in seen["backend"]
         assert seen["after"] == "step-000000000004"
         assert "MismatchError" in seen["missing"] and "'nope'" in seen["missing"]
