@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from typing import Any
 
@@ -10,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ckptstore.cli.common import (
+    EXIT_CORRUPT,
     handle_errors,
     json_option,
     open_store,
@@ -107,8 +109,11 @@ def gc_cmd(
     if not as_json:
         _show_plan(plan, dry_run)
     if dry_run:
+        _show_unreadable(plan.unreadable)
         if as_json:
             emit_json({"dry_run": True, "plan": plan.to_dict(), "result": None})
+        if plan.unreadable:
+            sys.exit(EXIT_CORRUPT)
         return
     with _progress(as_json) as progress:
         tasks: dict[str, Any] = {}
@@ -120,22 +125,87 @@ def gc_cmd(
             progress.update(tasks[phase], completed=done, total=total)
 
         report = store.run_gc(plan, wait=wait, progress=advance)
+    _show_unreadable(report.unreadable)
     if as_json:
         result = report.to_dict()
         del result["plan"]  # the same plan object: printed once, beside the result
         emit_json({"dry_run": False, "plan": plan.to_dict(), "result": result})
-        return
-    console.print(
-        f"gc done in {report.seconds:.2f}s: dropped {len(report.dropped)} checkpoint(s), "
-        f"deleted {report.chunks_deleted} chunk(s), freed {human_bytes(report.bytes_deleted)}"
-    )
-    if report.chunks_held:
+    else:
         console.print(
-            f"kept {report.chunks_held} unreferenced chunk(s) ({human_bytes(report.bytes_held)}) "
-            f"for now: {report.held_by_saves} for {report.saves_in_flight} save(s) in flight, "
-            f"the rest younger than the grace period"
+            f"gc done in {report.seconds:.2f}s: dropped {len(report.dropped)} checkpoint(s), "
+            f"deleted {report.chunks_deleted} chunk(s), freed {human_bytes(report.bytes_deleted)}"
         )
-    _show_changes(report)
+        if report.temp_deleted:
+            console.print(
+                f"deleted {report.temp_deleted} stale temporary file(s) "
+                f"({human_bytes(report.temp_bytes_deleted)}) left by puts that never finished"
+            )
+        _show_held(report, plan.grace, "kept")
+        _show_changes(report)
+    if report.unreadable:
+        sys.exit(EXIT_CORRUPT)
+
+
+def _show_unreadable(unreadable: dict[str, str]) -> None:
+    """One line per unreadable checkpoint on stderr, as ``ls`` prints them."""
+    for name, why in unreadable.items():
+        click.echo(f"ckptstore: error: checkpoint {name!r} unreadable: {why}", err=True)
+
+
+def _at(t: float | None) -> str:
+    return when(t) if t is not None else "?"
+
+
+def _show_held(x: Any, grace: float, verb: str) -> None:
+    """What gc held back, why, and when a gc frees it (plan or report)."""
+    if x.chunks_held:
+        console.print(
+            f"{verb} {x.chunks_held} unreferenced chunk(s) ({human_bytes(x.bytes_held)}) for now:"
+        )
+    if x.held_by_grace:
+        first, last = _at(x.held_until), _at(x.held_all_until)
+        span = f"from {first}" if first == last else f"from {first}, all by {last}"
+        console.print(
+            f"  {x.held_by_grace} ({human_bytes(x.bytes_held_by_grace)}) younger than the grace "
+            f"period ({_duration_text(grace)}): a gc frees them {span} — or now with --grace 0s"
+        )
+    if x.held_by_saves:
+        n = x.saves_in_flight if isinstance(x.saves_in_flight, int) else len(x.saves_in_flight)
+        console.print(
+            f"  {x.held_by_saves} ({human_bytes(x.bytes_held_by_saves)}) possibly needed by "
+            f"{n} save(s) in flight: a gc after they have ended frees them"
+        )
+    temp_held = getattr(x, "temp_held", 0)
+    if temp_held:
+        console.print(
+            f"{verb} {temp_held} temporary file(s) ({human_bytes(x.temp_bytes_held)}) too young "
+            f"to be told from a put in progress, or of a save in flight: a gc frees them from "
+            f"{_at(x.temp_held_until)}"
+        )
+    if x.chunks_blocked:
+        console.print(
+            f"[red]deleted no chunk[/red]: {len(x.unreadable)} checkpoint(s) unreadable "
+            f"({', '.join(x.unreadable)}), so which chunks they need is unknown; "
+            f"{x.chunks_blocked} chunk(s) ({human_bytes(x.bytes_blocked)}) would go otherwise. "
+            "Remove them with `ckptstore rm --name NAME` (or restore them), then gc again"
+        )
+    elif x.unreadable:
+        console.print(
+            f"[red]deleted no chunk[/red]: {len(x.unreadable)} checkpoint(s) unreadable "
+            f"({', '.join(x.unreadable)})"
+        )
+    if getattr(x, "chunks_deferred", 0):
+        console.print(
+            f"[yellow]storage full[/yellow]: {x.chunks_deferred} deletable chunk(s) left; "
+            "run gc again"
+        )
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _show_changes(report: Any) -> None:
@@ -181,13 +251,11 @@ def _show_plan(plan: Any, dry_run: bool) -> None:
         f"{plan.chunks_kept} ({human_bytes(plan.bytes_kept)} with manifests); to delete "
         f"{plan.chunks_freed} ({human_bytes(plan.bytes_freed)} with manifests)"
     )
-    if plan.chunks_held:
+    if plan.temp_files:
         console.print(
-            f"held back: {plan.chunks_held} unreferenced chunk(s) "
-            f"({human_bytes(plan.bytes_held)}): {plan.held_by_saves} for "
-            f"{len(plan.saves_in_flight)} save(s) in flight, the rest younger than the grace "
-            f"period ({plan.grace:g}s)"
+            f"stale temporary files: {plan.temp_files} ({human_bytes(plan.temp_bytes)}) to delete"
         )
+    _show_held(plan, plan.grace, "held back")
     if dry_run:
         console.print("dry run: nothing was deleted")
 

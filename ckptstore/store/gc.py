@@ -370,7 +370,11 @@ def _list_state(
     chunks = repo.backend.list_info(layout.CHUNKS)
     lease_infos = leases.read_leases(repo.backend)
     manifests, bad = repo.scan()
-    return chunks, lease_infos, manifests, {name: str(exc) for name, exc in bad.items()}
+    return chunks, lease_infos, manifests, _errors(bad)
+
+
+def _errors(bad: Mapping[str, BaseException]) -> dict[str, str]:
+    return {name: f"{type(exc).__name__}: {exc}" for name, exc in bad.items()}
 
 
 def plan(
@@ -713,6 +717,8 @@ def _run(
     largest chunks first — and ends; then, since it freed space, another full gc run
     (new lock record, new observation, new list) takes the rest, within the same plan."""
     bound: set[bytes] = set(plan.chunk_keys)
+    deleted: set[bytes] = set()
+    left: set[bytes] = set()
     drops: list[str] | None = None
     while True:
         report.passes += 1
@@ -726,8 +732,8 @@ def _run(
             else:
                 drops = _revalidate(live, plan, report, only=set(drops))
             drops = _drop(repo, lock, drops, report, progress)
-            bound = _sweep(
-                live, lock, report, plan, bound, this, progress, first=report.passes == 1
+            left = _sweep(
+                live, lock, report, plan, bound, this, progress, deleted, first=report.passes == 1
             )
         except BaseException:
             if this.published:  # saves must keep seeing the plan: mark it finished
@@ -744,15 +750,19 @@ def _run(
             report.seconds = time.monotonic() - t0
         _finish(live, lock, this.published)
         freed = report.chunks_deleted > deleted_before
-        if not (bound or drops) or not freed or report.passes >= _MAX_PASSES:
+        if not (left or drops) or not freed or report.passes >= _MAX_PASSES:
             break
+        # what is left of the plan: the chunks this pass had no room to list, and those of
+        # the checkpoints it had no room to drop
+        bound = set(plan.chunk_keys) - deleted
         # the room this pass made lets the next publish the rest: a new gc run
         try:
             lock = _acquire(live.backend, report, wait=wait, ttl=ttl, skew=plan.skew)
         except CkptStoreError as exc:
             log.warning("gc could not start another pass for what was left: %s", exc)
             break
-    report.chunks_deferred = len(bound)
+    report.chunks_deferred = len(left)
+    report.chunks_skipped = len(set(plan.chunk_keys) - deleted - left)
     report.seconds = time.monotonic() - t0
     return report
 
@@ -811,7 +821,7 @@ def _revalidate(
     """Under the gc lock: the planned drops (of ``only``, on a later pass) that still
     stand. Fills ``report.skipped``, ``report.new_checkpoints`` and ``report.unreadable``."""
     current, bad = live.scan()
-    report.unreadable.update({name: str(exc) for name, exc in bad.items()})
+    report.unreadable.update(_errors(bad))
     reasons = Retention.from_dict(plan.retention).reasons(current, strict=False)
     by_name = {m.name: m for m in current}
     if only is None:
@@ -867,12 +877,13 @@ def _sweep(
     bound: set[bytes],
     this: _Pass,
     progress: Progress | None,
+    deleted: set[bytes],
     *,
     first: bool = True,
 ) -> set[bytes]:
-    """Steps 2-5 of :func:`execute`, deleting only chunks in ``bound`` (the plan's, or on a
-    later pass what the earlier left). Returns the chunks of ``bound`` a full storage made
-    it leave for another pass."""
+    """Steps 2-5 of :func:`execute`, deleting only chunks in ``bound`` (the plan's, less
+    those earlier passes deleted; their keys are added to ``deleted``). Returns the chunks a
+    full storage made it leave for another pass."""
     backend = repo.backend
     skew_s = lock.skew
     # 2. observe, in this order: chunks, leases, manifests, trash
@@ -882,7 +893,6 @@ def _sweep(
     d = _decide(chunks, lease_infos, manifests, trash, now=now, grace=plan.grace, skew=skew_s)
     # the plan bounds what goes: never a chunk it does not name
     doomed = [c for c in d.doomed if layout.chunk_digest(c.key) in bound]
-    report.chunks_skipped += len(bound) - len(doomed)
     report.unreadable.update(unreadable)
     if report.unreadable:  # their chunks are unknown: none may go (docs/gc.md)
         report.chunks_blocked = len(d.doomed)
@@ -926,6 +936,7 @@ def _sweep(
             lock.check("delete chunks")
             batch = doomed[start : start + _BATCH]
             backend.map(lambda c: backend.delete(c.key), batch)
+            deleted.update(k for c in batch if (k := layout.chunk_digest(c.key)) is not None)
             report.chunks_deleted += len(batch)
             report.bytes_deleted += _size(batch)
             if progress:

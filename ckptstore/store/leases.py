@@ -303,11 +303,19 @@ class Lease:
 
     def update(self, **fields: Any) -> None:
         """Change fields (a gc record's state, plan …) and rewrite the object; counts as
-        a renewal."""
+        a renewal. If the rewrite fails (a full storage), the fields change back, so that
+        later renewals do not publish what was never stored (a plan not written)."""
         with self._lock:
+            old = {k: getattr(self.info, k) for k in fields}
             for k, v in fields.items():
                 setattr(self.info, k, v)
-        self.renew()
+        try:
+            self.renew()
+        except BaseException:
+            with self._lock:
+                for k, v in old.items():
+                    setattr(self.info, k, v)
+            raise
 
     def renew(self) -> None:
         """Rewrite the lease with a new expiry. Raises on storage errors."""
