@@ -767,3 +767,35 @@ def test_collect_plans_under_the_lock(local_url):
             gc.collect(Repository.open(local_url), gc.Retention(keep_last=1))
     finally:
         lock.release()
+
+
+def test_chunks_reused_from_storage_survive_a_gc_that_starts_after_the_commit_check(tmp_path):
+    """A save reuses chunks a failed save left (no committed manifest names them, and they
+    are older than any grace). A gc that starts after the save's commit check, before its
+    manifest put, must not delete them: the save puts them again under its lease, so their
+    modification time falls inside it (docs/format.md rule 7)."""
+    url = str(tmp_path / "s")
+    state = {"w": torch.randn(2048, 512)}
+    faulty = FaultyBackend(open_backend(url))
+    faulty.fail_puts("checkpoints/*", times=1)
+    with pytest.raises(errors.CkptStoreError):
+        ckptstore.save(state, faulty, step=1, chunk_bytes=1 << 20)
+    faulty.clear()
+    backend = Repository.open(url).backend
+    old = time.time() - 3600
+    orphans = backend.list(layout.CHUNKS)
+    assert len(orphans) == 4
+    for key in orphans:
+        os.utime(backend.path(key), (old, old))
+    reports = []
+    faulty.on(
+        "put",
+        "checkpoints/*",
+        lambda key: reports.append(ckptstore.Store(url).gc(grace=0)),
+        times=1,
+    )
+    info = ckptstore.save(state, faulty, step=2, chunk_bytes=1 << 20)
+    assert (info.chunks, info.new_chunks) == (4, 0)  # reused: they existed
+    assert len(reports) == 1 and reports[0].chunks_deleted == 0
+    assert ckptstore.Store(url).verify().ok
+    assert torch.equal(ckptstore.load_full(url)["w"], state["w"])

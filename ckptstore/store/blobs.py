@@ -36,13 +36,17 @@ class ChunkIndex:
     """Which chunks one rank's writer may name without writing them.
 
     - chunks of the parent it was handed: a committed manifest names them, and the save
-      lease (taken before the parent was read) keeps gc from deleting them;
-    - chunks this writer wrote;
-    - any other key: the object is read and reused only when it holds exactly the bytes
-      this save would write (a chunk left by a failed save, or named by an older
-      checkpoint); else it is written again. The commit check catches a gc deleting it.
-    Costs one read per chunk the parent does not have — proportional to what changed, not to
-    the number of checkpoints in the store.
+      lease (taken before the parent was read) keeps gc from deleting them (the dropped
+      parent's manifest waits in ``trash/``);
+    - chunks this writer wrote.
+
+    Any other chunk is put again, whether it exists or not (docs/format.md rule 7): only a
+    put made under this save's lease gives the object a modification time that every gc
+    honours while the save runs — an object found in storage and merely reused could be
+    garbage that a gc starting after the commit check deletes. The put also heals an object
+    someone damaged. :meth:`existed` asks (one HEAD) only to tell written from reused in the
+    figures. Cost: one HEAD and one put per chunk the parent does not have — proportional to
+    what changed, never to the number of checkpoints in the store.
     """
 
     def __init__(
@@ -56,7 +60,7 @@ class ChunkIndex:
         self.probe_hits = 0
 
     def get(self, key: bytes) -> int | None:
-        """Stored size of a chunk known to exist, or None."""
+        """Stored size of a chunk this save may name without a put, or None."""
         with self._lock:
             return self._known.get(key)
 
@@ -64,23 +68,17 @@ class ChunkIndex:
         with self._lock:
             self._known[key] = stored
 
-    def holds(self, key: bytes, stored: bytes) -> bool:
-        """Whether the store already holds chunk ``key`` with exactly ``stored`` bytes."""
+    def existed(self, key: bytes) -> bool:
+        """Whether chunk ``key`` is in storage before this save puts it (figures only)."""
         if not self.probe:
             return False
         with self._lock:
             self.probes += 1
-        try:
-            existing = self.repo.backend.get(layout.chunk_key(key.hex()))
-        except ObjectNotFoundError:
-            return False
-        if existing != stored:
-            log.info("chunk %s differs from what this save writes: rewriting it", key.hex())
-            return False
-        with self._lock:
-            self.probe_hits += 1
-            self._known[key] = len(stored)
-        return True
+        found = self.repo.backend.exists(layout.chunk_key(key.hex()))
+        if found:
+            with self._lock:
+                self.probe_hits += 1
+        return found
 
 
 class BlobWriter:
@@ -293,12 +291,8 @@ class BlobWriter:
 
         try:
             stored = frame(tail.encode(body))
-            if self.index.holds(key, stored):  # already there, byte for byte: reuse
-                with self._lock:
-                    self._pending.pop(key, None)
-                mine.set_result(len(stored))
-                out.set_result(ChunkRef(key, start, stop, len(stored), new=False, stats=stats))
-                return
+            # put even when it exists: under the lease, so gc keeps it (ChunkIndex)
+            existed = self.index.existed(key)
             upload = self.repo.backend.put_async(layout.chunk_key(key.hex()), stored)
         except BaseException as exc:
             failed(exc)
@@ -318,7 +312,9 @@ class BlobWriter:
                 self._pending.pop(key, None)
                 self.chunks_written += 1
             mine.set_result(len(stored))
-            out.set_result(ChunkRef(key, start, stop, len(stored), new=True, stats=stats))
+            out.set_result(
+                ChunkRef(key, start, stop, len(stored), new=not existed, stats=stats)
+            )
 
         upload.add_done_callback(uploaded)
 
