@@ -6,10 +6,10 @@ A save (docs/format.md, "Read and write ordering", S1–S4, and "Catalog"):
 1. :meth:`SaveSession.begin` refuses an existing name and takes the save lease — before
    anything that tells the save which chunks exist is read;
 2. :meth:`SaveSession.parent` reads the parent checkpoint (the latest, once, on the
-   coordinator) and :func:`parent_chunks` cuts from it what each rank's share needs;
+   coordinator) and :meth:`SaveSession.index_for` cuts from it what each rank's share needs;
 3. every rank writes its chunks through a :class:`~ckptstore.store.blobs.BlobWriter` over a
-   :class:`ChunkIndex`: parent chunks are reused as they are, any other chunk is reused only
-   if the stored object holds exactly the bytes this save would write;
+   :class:`~ckptstore.store.blobs.ChunkIndex`: parent chunks are named as they are, every
+   other chunk is put under the lease (so a concurrent gc keeps it), existing or not;
 4. :meth:`SaveSession.commit` runs the commit check against concurrent gc, puts the manifest
    create-only (the commit), writes its catalog entry and releases the lease.
 
