@@ -12,6 +12,7 @@ Suites (docs/benchmarks.md says what each measures and where its figures are):
     distributed    a 4-rank FSDP2 save and 4→2 / 4→1 loads (gloo, CPU), vs DCP
     history        cost of save/load/ls/inspect/gc as a store grows to 1,000 checkpoints
     metadata-sim   metadata each rank reads and receives at up to 1,024 ranks (simulated)
+    keycheck       what checking every chunk read against its key costs a load
     gpu            save/async_save/load of CUDA tensors vs DCP (needs a CUDA device)
 
 Without a suite name the arguments go to ``compare`` (the older form
@@ -38,6 +39,7 @@ SUITES = {
     "distributed": "ckptstore.bench.distributed",
     "history": "ckptstore.bench.history",
     "metadata-sim": "ckptstore.bench.metadata_sim",
+    "keycheck": "ckptstore.bench.keycheck",
     "gpu": "ckptstore.bench.gpu",
 }
 
