@@ -107,7 +107,8 @@ def save(
     thread (``info.retention`` is its future); other ranks do not wait for it. It finishes
     before the interpreter exits.
 
-    ``parent``: the checkpoint to deduplicate against first (default: the latest).
+    ``parent``: the checkpoint to deduplicate against first (default: the one this
+    process saved last to this store if it still exists, else the latest).
     ``settings``: a :class:`ckptstore.Settings` to start from instead of the ``CKPTSTORE_*``
     variables; ``chunk_bytes``/``inline_bytes``/``threads`` override it.
     """

@@ -56,6 +56,7 @@ def test_metadata_costs_do_not_grow_with_history(tmp_path_factory, op):
     few = _costs(str(tmp_path_factory.mktemp("few") / "s"), 10)[op]
     many = _costs(str(tmp_path_factory.mktemp("many") / "s"), 200)[op]
     assert many["metadata_requests"] == few["metadata_requests"], (few, many)
+
     # (store.json's length varies by a digit or two with its creation time)
     def meta(c):
         return c["metadata_bytes"] - c["bytes_read"].get("store.json", 0)
@@ -67,6 +68,8 @@ def test_metadata_costs_do_not_grow_with_history(tmp_path_factory, op):
         assert many["requests"].get("get checkpoints", 0) <= 1
     if op == "save":
         assert many["new_chunks"] == few["new_chunks"] == 2  # the changed weight's chunks
+        # the parent is the checkpoint this process saved last: one read, no listing
+        assert "list catalog" not in many["requests"] and "list checkpoints" not in many["requests"]
 
 
 def test_dedup_finds_chunks_of_any_live_checkpoint(tmp_path):
@@ -127,3 +130,15 @@ def test_cached_plans_never_carry_another_saves_parent(tmp_path):
     got = ckptstore.load_full(url, step=2)
     assert torch.equal(got["layer0.weight"], state["layer0.weight"])
     assert ckptstore.Store(url).verify().ok
+
+
+def test_parent_falls_back_to_the_latest_when_this_process_last_save_is_gone(tmp_path):
+    url = str(tmp_path / "s")
+    state = _state(1)
+    ckptstore.save(state, url, step=1, chunk_bytes=32 * 1024)
+    ckptstore.save(_state(2), url, step=2, chunk_bytes=32 * 1024)
+    ckptstore.Store(url).delete(step=2)  # the process's last save is gone: parent = step 1
+    state["layer0.weight"] += 1
+    info = ckptstore.save(state, url, step=3, chunk_bytes=32 * 1024)
+    assert info.new_chunks == 2  # only the changed weight: deduped against step 1
+    assert torch.equal(ckptstore.load_full(url)["layer0.weight"], state["layer0.weight"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ from ckptstore.store.manifest import Blob, Manifest, Shard
 from ckptstore.store.repository import Repository
 
 log = logging.getLogger(__name__)
+
+# the checkpoint this process committed last, per store: the default parent of its next save
+# (a training loop's previous checkpoint), found with one read instead of a listing
+_last_commit: dict[str, str] = {}
+_last_commit_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,8 @@ class SaveSession:
         self.name = layout.check_name(name)
         self.step = step
         self.parent_name = parent
-        """Parent to dedup (and delta) against: None means the latest checkpoint."""
+        """Parent to dedup (and delta) against. None: the checkpoint this process committed
+        last to this store if it still exists, else the latest one."""
         self.gc_wait = gc_wait
         self.lease: leases.Lease | None = None
         self._finalizer: weakref.finalize | None = None
@@ -195,6 +202,9 @@ class SaveSession:
             try:
                 name = self.parent_name
                 if name is None:
+                    self._parent = self._last_committed()
+                    if self._parent is not None:
+                        return self._parent
                     latest = self.repo.latest()
                     name = latest.name if latest is not None else None
                 # read anew: a cached manifest of that name may be of a checkpoint removed
@@ -212,6 +222,19 @@ class SaveSession:
                 )
                 self._parent = None
         return self._parent
+
+    def _last_committed(self) -> Manifest | None:
+        """The checkpoint this process committed last to this store, if it still exists:
+        any committed checkpoint is a correct parent, and in a training loop this is the
+        one the next save shares most with — one read, no listing of the catalog."""
+        with _last_commit_lock:
+            name = _last_commit.get(self.repo.url)
+        if name is None:
+            return None
+        try:
+            return self.repo.manifest(name, cached=False)
+        except CheckpointNotFoundError:
+            return None
 
     def index_for(
         self, boxes: Sequence[tuple[str, Sequence[int] | None, Sequence[int] | None]]
@@ -252,6 +275,8 @@ class SaveSession:
             size = self.repo._commit_manifest(manifest)
         finally:
             self.release()
+        with _last_commit_lock:
+            _last_commit[self.repo.url] = self.name
         try:
             self.repo.write_catalog_entry(manifest)
         except CkptStoreError as exc:  # committed: ls reads its manifest until gc tidies
