@@ -3,7 +3,8 @@
 The sign/exponent byte of a float is low-entropy while mantissa bytes are close to random;
 grouped, zstd sees each on its own. With ``rotate`` each element is first rotated left by one
 bit, so the sign moves to the lowest bit and the top byte holds the whole exponent (bf16,
-fp32) — the grouping then isolates the exponent exactly (see the ZipNN paper; figures in docs/benchmarks.md).
+fp32) — the grouping then isolates the exponent exactly (see the ZipNN paper; figures in
+docs/benchmarks.md).
 """
 
 from __future__ import annotations

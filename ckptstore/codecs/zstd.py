@@ -4,7 +4,8 @@ shrink it).
 After byte grouping, segment i is byte plane i: a frame per plane gives each plane its own
 Huffman tables, and incompressible mantissa planes are copied instead of framed. In
 ``entropy`` mode zstd is tuned to stop hunting matches and act as a fast entropy coder of
-literals — on float weights that reaches the order-0 bound at 1–1.5 GB/s a core (docs/benchmarks.md).
+literals — on float weights that reaches the order-0 bound at 1–1.5 GB/s a core
+(docs/benchmarks.md).
 
 Encoded layout (little-endian)::
 
