@@ -23,6 +23,7 @@ _LAZY = {
     "Writer": "ckptstore.dcp.writer",
     "Reader": "ckptstore.dcp.reader",
     "Settings": "ckptstore.knobs",
+    "allow_globals": "ckptstore.dcp.safe_load",
 }
 
 __all__ = ["__version__", *_LAZY, *_errors]

@@ -263,13 +263,18 @@ def load(
     process_group: Any = None,
     planner: Any = None,
     allow_pickle: bool = False,
+    strict_dtype: bool = False,
     threads: int | None = None,
     settings: Settings | None = None,
 ) -> LoadInfo:
     """Load a checkpoint into ``state_dict`` in place (any sharding; like ``dcp.load``).
 
     With neither ``step`` nor ``name`` the latest committed checkpoint is loaded. Every
-    tensor in ``state_dict`` must be in the checkpoint with the same dtype and global shape.
+    tensor in ``state_dict`` must be in the checkpoint with the same global shape; a tensor
+    of another dtype than the saved one gets the values cast, as ``dcp.load`` does (an fp32
+    checkpoint into a bf16 model and back), unless ``strict_dtype=True``, which makes that a
+    :class:`~ckptstore.errors.MismatchError`. Non-tensor values load through an allow-list
+    (docs/api.md, "Values other than tensors"); ``allow_pickle=True`` unpickles anything.
     Returns what this rank read.
     """
     reader = Reader(
@@ -278,6 +283,7 @@ def load(
         name=name,
         storage_options=storage_options,
         allow_pickle=allow_pickle,
+        strict_dtype=strict_dtype,
         threads=threads,
         settings=Settings.resolve(settings, threads=threads),
     )
@@ -344,7 +350,7 @@ def _check_template(state_dict: StateDict, reader: Reader) -> None:
                     f"shape mismatch for {fqn!r}: checkpoint {ckpt!r} holds "
                     f"{list(saved.size)}, the state dict has {list(value.shape)}"
                 )
-            if value.dtype != saved.properties.dtype:
+            if reader.strict_dtype and value.dtype != saved.properties.dtype:
                 raise MismatchError(
                     f"dtype mismatch for {fqn!r}: checkpoint {ckpt!r} holds "
                     f"{str(saved.properties.dtype).replace('torch.', '')}, the state dict has "

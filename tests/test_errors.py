@@ -189,7 +189,7 @@ def test_shape_mismatch_names_tensor(saved):
 def test_dtype_mismatch_names_tensor(saved):
     url, _ = saved
     with pytest.raises(errors.MismatchError, match="dtype mismatch for 'w'.*float32.*bfloat16"):
-        ckptstore.load({"w": torch.zeros(1024, 512, dtype=torch.bfloat16)}, url)
+        ckptstore.load({"w": torch.zeros(1024, 512, dtype=torch.bfloat16)}, url, strict_dtype=True)
 
 
 def test_key_missing_from_checkpoint(saved):
@@ -205,7 +205,8 @@ def test_dtype_mismatch_through_plain_dcp_reader(saved):
     url, _ = saved
     with pytest.raises(CheckpointException, match="dtype mismatch for 'w'"):
         dcp.load(
-            {"w": torch.zeros(1024, 512, dtype=torch.float64)}, storage_reader=ckptstore.Reader(url)
+            {"w": torch.zeros(1024, 512, dtype=torch.float64)},
+            storage_reader=ckptstore.Reader(url, strict_dtype=True),
         )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import pickle
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +26,10 @@ from ckptstore.codecs.pipeline import Pipeline
 from ckptstore.dcp.bridge import from_bytes, torch_dtype
 from ckptstore.dcp.checks import store_url
 from ckptstore.dcp.metadata import metadata_from_manifest
+from ckptstore.dcp.safe_load import load_object
 from ckptstore.errors import (
-    CorruptChunkError,
     MismatchError,
     UnknownCodecError,
-    UnsafeObjectError,
 )
 from ckptstore.knobs import Settings
 from ckptstore.store.blobs import BlobReader
@@ -53,42 +51,6 @@ class LoadInfo:
     seconds: float
 
 
-def load_object(raw: bytes, where: str, allow_pickle: bool) -> Any:
-    """Deserialize a stored non-tensor value without running code from the store.
-
-    DCP's planners serialize objects with torch.save; we load them with
-    ``weights_only=True`` (plain containers, numbers, strings, tensors) unless the user
-    opted in to full pickle.
-    """
-    try:
-        return torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        if not allow_pickle:
-            raise UnsafeObjectError(
-                f"{where} needs full pickle to load (it is not a plain value: "
-                f"{_reason(exc)}); pass allow_pickle=True only if you trust this store"
-            ) from exc
-    except Exception as exc:  # checksum-valid bytes that are not a torch.save stream
-        raise CorruptChunkError(f"{where} cannot be deserialized: {_reason(exc)}") from exc
-    try:
-        return torch.load(io.BytesIO(raw), weights_only=False, map_location="cpu")
-    except Exception as exc:  # not a torch.save stream, or an object that fails to rebuild
-        raise CorruptChunkError(
-            f"{where} cannot be deserialized (allow_pickle=True): {type(exc).__name__}: "
-            f"{_reason(exc)}"
-        ) from exc
-
-
-def _reason(exc: BaseException) -> str:
-    """The line of torch's (multi-line, advice-laden) load error that says what was wrong."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for i, line in enumerate(lines):
-        if line.startswith("WeightsUnpickler error:"):
-            rest = line.removeprefix("WeightsUnpickler error:").strip()
-            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
-    return lines[0][:300] if lines else type(exc).__name__
-
-
 class Reader(StorageReader):
     """Load DCP checkpoints from a ckptstore store at ``url``.
 
@@ -105,6 +67,7 @@ class Reader(StorageReader):
         storage_options: Mapping[str, Any] | None = None,
         threads: int | None = None,
         allow_pickle: bool = False,
+        strict_dtype: bool = False,
         settings: Settings | None = None,
     ) -> None:
         super().__init__()
@@ -116,6 +79,9 @@ class Reader(StorageReader):
         self.storage_options = dict(storage_options or {})
         self.threads = threads
         self.allow_pickle = allow_pickle
+        self.strict_dtype = strict_dtype
+        """Refuse (MismatchError) a template tensor whose dtype differs from the saved one,
+        instead of casting as DCP does."""
         self.manifest: Manifest | None = None
         """The checkpoint's manifest, on the rank that read it (the coordinator)."""
         self.metadata: Metadata | None = None
@@ -252,7 +218,7 @@ class Reader(StorageReader):
                 key = (id(rec), ref.key if ref is not None else b"")
                 entry = work.setdefault(key, (rec, {}, {}))
                 entry[1][ref.row_start if ref is not None else -1] = ref
-                entry[2][id(req)] = (req, target, where)
+                entry[2][id(req)] = (req, target, where, dtype)
 
         def fetch(task: tuple[Shard, dict[int, ChunkRef | None], dict]) -> None:
             shard, refs, users = task
@@ -271,9 +237,10 @@ class Reader(StorageReader):
                     raise UnknownCodecError(f"{where}: {exc}") from None
                 raw = reader.fetch_chunk(first, pipeline, row_bytes, where)
                 spans = [(r.row_start, r.row_stop) for r in refs.values() if r is not None]
+            saved = torch_dtype(next(iter(users.values()))[3])
             for c0, c1 in spans:
-                for req, target, _ in users.values():
-                    _copy_overlap(raw, c0, c1, shard, req, target)
+                for req, target, _, _ in users.values():
+                    _copy_overlap(raw, c0, c1, shard, req, target, saved)
 
         threads = self.settings.threads if self.threads is None else self.threads
         if repo.backend.capabilities.remote and self.threads is None:
@@ -311,7 +278,7 @@ class Reader(StorageReader):
         return rec
 
     def _check(self, req: ReadItem, saved: str, target: torch.Tensor, fqn: str, ckpt: str) -> None:
-        if torch_dtype(saved) != target.dtype:
+        if self.strict_dtype and torch_dtype(saved) != target.dtype:
             raise MismatchError(
                 f"dtype mismatch for {fqn!r}: checkpoint {ckpt!r} holds {saved}, "
                 f"the state dict has {str(target.dtype).replace('torch.', '')}"
@@ -341,9 +308,11 @@ def _row_span(req: ReadItem, shard: Shard) -> tuple[int, int]:
     return r0, r0 + int(req.lengths[0])
 
 
-def _copy_overlap(raw, c0: int, c1: int, shard: Shard, req: ReadItem, target: torch.Tensor) -> None:
-    """Copy the part of chunk rows [c0, c1) of ``shard`` that ``req`` wants into ``target``."""
-    dtype = target.dtype
+def _copy_overlap(
+    raw, c0: int, c1: int, shard: Shard, req: ReadItem, target: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """Copy the part of chunk rows [c0, c1) of ``shard`` (saved as ``dtype``) that ``req``
+    wants into ``target``; ``copy_`` casts to the target's dtype as DCP does."""
     if not shard.sizes:  # 0-d tensor
         target.copy_(from_bytes(raw, dtype, []))
         return
