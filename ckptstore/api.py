@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ckptstore.backend import Backend
-from ckptstore.codecs.policy import QuantizeSpec
+from ckptstore.codecs.policy import DeltaSpec, QuantizeSpec
 from ckptstore.dcp.checks import check_state, store_url
 from ckptstore.dcp.reader import LoadInfo, Reader, load_object
 from ckptstore.dcp.writer import SaveInfo, Writer
@@ -91,13 +91,18 @@ def save(
     quantize: QuantizeSpec = None,
     keep_last: int | None = None,
     parent: str | None = None,
+    overwrite: bool = False,
     settings: Settings | None = None,
+    delta: DeltaSpec = None,
 ) -> SaveInfo:
     """Save ``state_dict`` as checkpoint ``step``/``name`` of the store at ``url``.
 
     Collective under torch.distributed (every rank calls it with its shards); plain
     single-process use needs no process group. Returns the same :class:`SaveInfo` on every
-    rank. Raises CheckpointExistsError rather than overwrite a checkpoint.
+    rank. Raises CheckpointExistsError ("Checkpoint already exists") rather than overwrite a
+    checkpoint, unless ``overwrite=True``: then the new checkpoint replaces the old one at
+    its commit — the old one stays loadable until then, a crash at any point leaves one of
+    the two complete, and a gc beside it is safe (docs/format.md O1–O5).
 
     ``quantize`` (default lossless): a quantizer name ("fp16", "bf16", "int8",
     "int8:<block>") for every eligible tensor, or a mapping of fqn glob patterns to names
@@ -109,6 +114,9 @@ def save(
 
     ``parent``: the checkpoint to deduplicate against first (default: the one this
     process saved last to this store if it still exists, else the latest).
+    ``delta`` (opt-in): True, or a mapping of fqn glob patterns to bools, stores each
+    lossless chunk that changed as XOR against the parent's chunk of the same rows when
+    that is smaller (docs/format.md "Delta chunks"; ``Settings.delta_chain`` bounds chains).
     ``settings``: a :class:`ckptstore.Settings` to start from instead of the ``CKPTSTORE_*``
     variables; ``chunk_bytes``/``inline_bytes``/``threads`` override it.
     """
@@ -121,6 +129,8 @@ def save(
         storage_options=storage_options,
         quantize=quantize,
         parent=parent,
+        overwrite=overwrite,
+        delta=delta,
         settings=Settings.resolve(
             settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
         ),
@@ -167,7 +177,9 @@ def async_save(
     quantize: QuantizeSpec = None,
     keep_last: int | None = None,
     parent: str | None = None,
+    overwrite: bool = False,
     settings: Settings | None = None,
+    delta: DeltaSpec = None,
 ) -> Future[SaveInfo]:
     """Like :func:`save`, but returns once the state is copied to host memory.
 
@@ -187,6 +199,8 @@ def async_save(
         storage_options=storage_options,
         quantize=quantize,
         parent=parent,
+        overwrite=overwrite,
+        delta=delta,
         settings=Settings.resolve(
             settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
         ),

@@ -135,4 +135,10 @@ class ConcurrentGcError(CkptStoreError):
     reference, so the save did not commit. Nothing was committed; saving again succeeds."""
 
 
+class CheckpointBusyError(LeaseError):
+    """A save is in flight for this checkpoint name (an ``overwrite=True`` save, or one that
+    has not committed yet): it cannot be dropped now, and a second overwrite of the same name
+    waits for the first. Try again once that save has finished (or its lease expired)."""
+
+
 __all__ = [name for name in dir() if name.endswith("Error")]

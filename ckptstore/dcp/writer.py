@@ -26,7 +26,7 @@ from torch.futures import Future
 
 from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import default_pipeline
-from ckptstore.codecs.policy import QuantizePolicy, QuantizeSpec
+from ckptstore.codecs.policy import DeltaPolicy, DeltaSpec, QuantizePolicy, QuantizeSpec
 from ckptstore.dcp import device_quant
 from ckptstore.dcp.bridge import dtype_name, raw_size, to_host_bytes
 from ckptstore.dcp.checks import check_tensor, store_url
@@ -90,7 +90,9 @@ class Writer(StorageWriter):
     """Store DCP checkpoints in a ckptstore store at ``url``.
 
     ``dcp.save(sd, storage_writer=ckptstore.Writer(url, step=3))``. Holds no open clients
-    or threads between calls, so it pickles for process-based async save.
+    or threads between calls, so it pickles for process-based async save. A checkpoint of
+    the same name is refused (``CheckpointExistsError``) unless ``overwrite=True``, which
+    replaces it at the commit: until then the old one stays loadable.
     """
 
     def __init__(
@@ -106,7 +108,9 @@ class Writer(StorageWriter):
         threads: int | None = None,
         int_keys: list[list[Any]] | None = None,
         quantize: QuantizeSpec = None,
+        overwrite: bool = False,
         settings: Settings | None = None,
+        delta: DeltaSpec = None,
     ) -> None:
         super().__init__()
         url = store_url(url)  # a TypeError for url=123, before anything else
@@ -119,8 +123,13 @@ class Writer(StorageWriter):
             min_bytes=self.settings.quantize_min_bytes,
             zstd_level=self.settings.zstd_level,
         )
+        self.delta = DeltaPolicy(delta)
+        """Which lossless tensors may be stored as deltas against the parent (opt-in)."""
         self.url: str | Backend = url
         self.parent = parent
+        self.overwrite = overwrite
+        """Replace a checkpoint of the same name, crash-safely (docs/format.md O1–O5),
+        instead of refusing with CheckpointExistsError."""
         self.step = step
         self.name = layout.resolve_name(step, name)
         self.storage_options = dict(storage_options or {})
@@ -176,7 +185,13 @@ class Writer(StorageWriter):
         lease) before any rank learns which chunks exist (every rank's write_data comes
         after the coordinator's prepare_global_plan); other ranks read nothing here."""
         if self.is_coordinator and self._session is None:
-            session = SaveSession(self._repository(), self.name, step=self.step, parent=self.parent)
+            session = SaveSession(
+                self._repository(),
+                self.name,
+                step=self.step,
+                parent=self.parent,
+                overwrite=self.overwrite,
+            )
             self._session = session.begin()
 
     def release_lease(self) -> None:
@@ -262,8 +277,17 @@ class Writer(StorageWriter):
                         while staged and sum(n for n, _ in staged) + raw_size(tensor) > budget:
                             staged.pop(0)[1].result()
                     raw, owner = to_host_bytes(tensor)
+                    bases = None
+                    if self.delta.wants(item.index.fqn, pipeline):
+                        sizes = item.tensor_data.chunk.sizes if item.tensor_data else ()
+                        bases = parent.bases_for(item.index.fqn, offsets, sizes, pipeline.spec)
                     fut = writer.submit(
-                        raw, pipeline, rows=rows, first_row=first_row, keep_alive=owner
+                        raw,
+                        pipeline,
+                        rows=rows,
+                        first_row=first_row,
+                        keep_alive=owner,
+                        bases=bases,
                     )
                     if copies:
                         staged.append((raw.nbytes, fut))

@@ -30,6 +30,7 @@ from typing import Any
 from ckptstore.backend import Backend
 from ckptstore.backend.base import ObjectInfo
 from ckptstore.errors import (
+    CheckpointBusyError,
     CheckpointNotFoundError,
     CkptStoreError,
     GcBusyError,
@@ -798,6 +799,9 @@ def _drop(
             _, size = repo.trash(name)
         except CheckpointNotFoundError:  # only a writer ignoring the lock does this
             report.skipped[name] = "gone: removed while this gc ran"
+            continue
+        except CheckpointBusyError as exc:  # G10: an overwrite of it is in flight
+            report.skipped[name] = f"busy: {exc}"
             continue
         except StorageFullError:
             deferred.append(name)

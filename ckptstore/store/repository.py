@@ -13,6 +13,7 @@ from typing import Any
 
 from ckptstore.backend import Backend, open_backend
 from ckptstore.errors import (
+    CheckpointBusyError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CkptStoreError,
@@ -24,7 +25,7 @@ from ckptstore.errors import (
     StoreNotFoundError,
 )
 from ckptstore.knobs import Settings
-from ckptstore.store import catalog, layout
+from ckptstore.store import catalog, layout, leases
 from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.manifest import Manifest, now
 from ckptstore.version import __version__
@@ -266,6 +267,61 @@ class Repository:
             self._manifests[manifest.name] = manifest
         return len(data)
 
+    def _replace_manifest(self, manifest: Manifest) -> int:
+        """The commit of an ``overwrite=True`` save (docs/format.md O1–O5): put ``manifest``
+        in place of the checkpoint of its name, which stays complete until then. Returns the
+        manifest's size.
+
+        Only :class:`ckptstore.store.session.SaveSession` calls this, holding the save lease,
+        after its commit check, as the only overwriter of that name (O1). Order: read the
+        old manifest; copy it to ``trash/`` (create-only, as a drop does: a save that read it
+        as its parent keeps its chunks, G4); delete its catalog entry (C3); one atomic put of
+        the new manifest over it. A crash before that put leaves the old checkpoint complete
+        (and a trash entry gc removes), after it the new one. With no old manifest, a
+        create-only put, as :meth:`_commit_manifest` does."""
+        key = layout.manifest_key(manifest.name)
+        data = manifest.encode()
+        while True:
+            try:
+                old = self.backend.get(key)
+            except ObjectNotFoundError:
+                try:
+                    self.backend.put(key, data, create_only=True)
+                    break
+                except ObjectExistsError:  # a plain save of that name committed meanwhile
+                    continue
+            try:
+                dropped = Manifest.decode(old, self.backend.describe(key))
+                dropped.manifest_bytes = len(old)
+                entries = [catalog.entry_key(CheckpointSummary.of(dropped))]
+                readable = True
+            except (ManifestError, FormatVersionError):  # no save can have read it (G2)
+                entries = self.backend.list(catalog.entry_prefix(manifest.name))
+                readable = False
+            if readable:  # O2
+                tkey = layout.trash_key(
+                    manifest.name, int(time.time() * 1000), uuid.uuid4().hex[:8]
+                )
+                self.backend.put(tkey, old, create_only=True)
+            self.backend.map(self.backend.delete, entries)  # O3 (C3)
+            self.backend.put(key, data)  # O4: the commit, one atomic put
+            break
+        manifest.manifest_bytes = len(data)
+        with self._lock:
+            self._manifests[manifest.name] = manifest
+        return len(data)
+
+    def saves_of(self, name: str) -> list[leases.LeaseInfo]:
+        """The live save leases that name checkpoint ``name`` (O1, G10)."""
+        now = time.time()
+        return [
+            info
+            for info in leases.read_leases(self.backend)
+            if info.kind == "save"
+            and info.checkpoint == name
+            and info.live(now, self.settings.clock_skew)
+        ]
+
     def summary(self, name: str) -> CheckpointSummary:
         """One checkpoint's summary: its catalog entry (one listing of one key), else its
         manifest."""
@@ -303,8 +359,18 @@ class Repository:
         keeps its chunks from gc while a save that may have read its manifest runs.
 
         Returns the trash key (None when the manifest was unreadable: it is deleted
-        outright, as no save's dedup index can have used it) and the manifest's size."""
+        outright, as no save's dedup index can have used it) and the manifest's size.
+
+        G10: a checkpoint that a live save lease names (an ``overwrite=True`` save may be
+        replacing it) is not dropped: :class:`~ckptstore.errors.CheckpointBusyError`. The
+        caller holds the gc lock; this reads the leases after taking it."""
         key = layout.manifest_key(layout.check_name(name))
+        busy = self.saves_of(name)
+        if busy:
+            raise CheckpointBusyError(
+                f"checkpoint {name!r} in {self.url} is not dropped: {busy[0].describe()} is "
+                "saving it (overwrite=True); try again once that save has finished"
+            )
         try:
             data = self.backend.get(key)
         except ObjectNotFoundError:

@@ -11,7 +11,10 @@ A save (docs/format.md, "Read and write ordering", S1–S4, and "Catalog"):
    :class:`~ckptstore.store.blobs.ChunkIndex`: parent chunks are named as they are, every
    other chunk is put under the lease (so a concurrent gc keeps it), existing or not;
 4. :meth:`SaveSession.commit` runs the commit check against concurrent gc, puts the manifest
-   create-only (the commit), writes its catalog entry and releases the lease.
+   create-only (the commit), writes its catalog entry and releases the lease. With
+   ``overwrite=True`` the commit replaces a checkpoint of the same name instead (O1–O5:
+   the only save of that name; old manifest to the trash, its catalog entry deleted, one
+   atomic put of the new manifest over it).
 
 Nothing here reads more than the parent manifest, the catalog listing and the lease records:
 the cost of a save does not grow with the number of checkpoints in the store.
@@ -21,12 +24,17 @@ from __future__ import annotations
 
 import bisect
 import logging
+import random
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgpack
+
 from ckptstore.errors import (
+    CheckpointBusyError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CkptStoreError,
@@ -55,6 +63,12 @@ class ParentChunk:
     """First global row (dim 0 of the whole tensor; byte offset for objects)."""
     row_stop: int
     stored: int
+    chain: tuple[bytes, ...] = ()
+    """Its delta chain ([direct base, …, root]; empty when standalone)."""
+    codec: bytes = b""
+    """Its blob's codec chain (msgpack, as Pipeline.spec): a delta needs the same."""
+    inner: tuple[int, ...] = ()
+    """Its shard's box outside dim 0 (offsets then sizes): a delta needs the same."""
 
 
 @dataclass
@@ -69,6 +83,25 @@ class ParentIndex:
 
     def sizes(self) -> dict[bytes, int]:
         return {c.key: c.stored for c in self.chunks}
+
+    def bases_for(
+        self, fqn: str, offsets: Sequence[int], sizes: Sequence[int], spec: bytes
+    ) -> dict[tuple[int, int], tuple[bytes, tuple[bytes, ...], int]]:
+        """Delta candidates of a shard of ``fqn`` (box ``offsets``+``sizes``, codec chain
+        ``spec``): the parent chunks of the same box outside dim 0 and the same codec, by
+        their global rows (``BlobWriter.submit(bases=)``)."""
+        by_fqn = self.__dict__.get("_by_fqn")
+        if by_fqn is None:
+            by_fqn = {}
+            for c in self.chunks:
+                by_fqn.setdefault(c.fqn, []).append(c)
+            self.__dict__["_by_fqn"] = by_fqn
+        inner = (*offsets[1:], *sizes[1:])
+        return {
+            (c.row_start, c.row_stop): (c.key, c.chain, c.stored)
+            for c in by_fqn.get(fqn, ())
+            if c.inner == inner and c.codec == spec
+        }
 
 
 def _box_rows(blob: Blob, first_row: int) -> list[tuple[int, int, bytes, int]]:
@@ -128,9 +161,12 @@ class ParentLookup:
             ):
                 continue  # no overlap outside dim 0
             first = shard.offsets[0] if shard.offsets else 0
-            for a, b, k, n in _box_rows(shard.blob, first):
+            spec = msgpack.packb(shard.blob.codec)
+            inner = (*shard.offsets[1:], *shard.sizes[1:])
+            for c in shard.blob.chunks:
+                a, b = first + c.row_start, first + c.row_stop
                 if not shard.offsets or (a < hi and b > lo):
-                    out.append(ParentChunk(fqn, k, a, b, n))
+                    out.append(ParentChunk(fqn, c.key, a, b, c.stored, c.base, spec, inner))
         return out
 
 
@@ -159,9 +195,13 @@ class SaveSession:
         step: int | None = None,
         parent: str | None = None,
         gc_wait: float | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.repo = repo
         self.name = layout.check_name(name)
+        self.overwrite = overwrite
+        """Replace a checkpoint of this name at the commit (docs/format.md O1–O5) instead of
+        refusing it."""
         self.step = step
         self.parent_name = parent
         """Parent to dedup (and delta) against. None: the checkpoint this process committed
@@ -174,12 +214,15 @@ class SaveSession:
         self._lookup: ParentLookup | None = None
 
     def begin(self) -> SaveSession:
-        """S1: refuse an existing name, then take the save lease."""
-        if self.repo.exists(self.name):
+        """S1: refuse an existing name (unless overwriting), then take the save lease; an
+        overwrite then makes sure it is the only save of that name (O1)."""
+        if not self.overwrite and self.repo.exists(self.name):
             raise CheckpointExistsError(
                 f"Checkpoint already exists: {self.name!r} in {self.repo.url}; "
-                "checkpoints are never overwritten"
+                "checkpoints are not overwritten unless you pass overwrite=True"
             )
+        if self.lease is None and self.overwrite:
+            self._take_alone()
         if self.lease is None:
             lease = leases.Lease.acquire(
                 self.repo.backend,
@@ -191,6 +234,34 @@ class SaveSession:
             self._finalizer = weakref.finalize(self, lease.release)  # if dropped unreleased
             self.lease = lease
         return self
+
+    def _take_alone(self) -> None:
+        """O1: take the lease, then read the save leases; while another live one names
+        this checkpoint, give ours back and try again (as gc takes its lock, G1: of two
+        racing overwriters at least one sees the other), for at most GC_WAIT seconds."""
+        settings = self.repo.settings
+        wait = settings.gc_wait if self.gc_wait is None else self.gc_wait
+        deadline = time.monotonic() + wait
+        while True:
+            lease = leases.Lease.acquire(
+                self.repo.backend,
+                "save",
+                checkpoint=self.name,
+                ttl=settings.lease_ttl,
+                skew=settings.clock_skew,
+            )
+            others = [i for i in self.repo.saves_of(self.name) if i.id != lease.id]
+            if not others:
+                self._finalizer = weakref.finalize(self, lease.release)
+                self.lease = lease
+                return
+            lease.release()
+            if time.monotonic() >= deadline:
+                raise CheckpointBusyError(
+                    f"checkpoint {self.name!r} not saved: {others[0].describe()} is saving "
+                    f"it too (waited {wait:.0f}s); try again once that save has finished"
+                )
+            time.sleep(min(0.05 + random.random() * 0.2, max(0.0, deadline - time.monotonic())))
 
     def parent(self) -> Manifest | None:
         """The parent checkpoint's manifest (None in an empty store), read once, under the
@@ -244,10 +315,10 @@ class SaveSession:
         parent = self.parent()
         if self._lookup is None:
             self._lookup = ParentLookup(parent)
-        chunks: dict[bytes, ParentChunk] = {}
+        chunks: dict[tuple[object, ...], ParentChunk] = {}
         for fqn, offsets, sizes in boxes:
             for c in self._lookup.chunks(fqn, offsets, sizes):
-                chunks.setdefault(c.key, c)
+                chunks.setdefault((c.key, c.fqn, c.row_start, c.inner), c)
         return ParentIndex(self.name, parent.name if parent else None, list(chunks.values()))
 
     def commit(self, manifest: Manifest) -> int:
@@ -272,7 +343,10 @@ class SaveSession:
                 wait=self.repo.settings.gc_wait if self.gc_wait is None else self.gc_wait,
             )
             self.lease.check(f"commit checkpoint {self.name!r}")
-            size = self.repo._commit_manifest(manifest)
+            if self.overwrite:
+                size = self.repo._replace_manifest(manifest)
+            else:
+                size = self.repo._commit_manifest(manifest)
         finally:
             self.release()
         with _last_commit_lock:
