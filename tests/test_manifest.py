@@ -189,8 +189,16 @@ def test_lossy_codec_on_an_object(d):
             r"chunks\[0\]\[4\]: expected a bool",
         ),
         (
+            lambda d: d["tensors"]["model.w"]["shards"][0]["chunks"][0].extend([[], 0]),
+            r"chunks\[0\]: expected 5 or 6 elements, got 7",
+        ),
+        (
             lambda d: d["tensors"]["model.w"]["shards"][0]["chunks"][0].append(0),
-            r"chunks\[0\]: expected 5 elements, got 6",
+            r"chunks\[0\]\[5\]: expected an array",
+        ),
+        (
+            lambda d: d["tensors"]["model.w"]["shards"][0]["chunks"][0].append([b"x"]),
+            r"chunks\[0\]\[5\]\[0\]: bad base key",
         ),
         (
             lambda d: d["tensors"]["model.w"]["shards"][0]["chunks"][1].__setitem__(1, 9),

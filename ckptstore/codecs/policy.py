@@ -66,3 +66,41 @@ class QuantizePolicy:
         if dtype not in _CAN_QUANTIZE[name.partition(":")[0]]:
             return default_pipeline(dtype, zstd_level=level)  # ints, bools, or already narrow
         return quantized_pipeline(name, dtype, zstd_level=level)
+
+
+DeltaSpec = bool | Mapping[str, bool | None] | None
+
+
+class DeltaPolicy:
+    """Which tensors a save stores as deltas against the parent (docs/format.md, "Delta
+    chunks"): ``delta`` is None/False (none, the default), True (every tensor) or a mapping
+    of fqn glob patterns to bools (first match wins; no match: no delta). Only lossless
+    chunks are ever stored as deltas: a quantized tensor is stored as it is."""
+
+    def __init__(self, spec: DeltaSpec = None) -> None:
+        if spec is None or isinstance(spec, bool):
+            rules: list[tuple[str, bool]] = [("*", True)] if spec else []
+        elif isinstance(spec, Mapping):
+            rules = []
+            for pattern, on in spec.items():
+                if not isinstance(pattern, str):
+                    raise TypeError(f"delta pattern {pattern!r} is not a string")
+                if on is not None and not isinstance(on, bool):
+                    raise TypeError(f"delta[{pattern!r}] must be a bool or None, not {on!r}")
+                rules.append((pattern, bool(on)))
+        else:
+            raise TypeError(f"delta must be a bool or a mapping, not {type(spec).__name__}")
+        self.rules = rules
+
+    @property
+    def active(self) -> bool:
+        return any(on for _, on in self.rules)
+
+    def wants(self, fqn: str, pipeline: Pipeline) -> bool:
+        """Whether a shard of ``fqn`` encoded by ``pipeline`` may be stored as a delta."""
+        if not pipeline.lossless:
+            return False
+        for pattern, on in self.rules:
+            if fnmatch.fnmatchcase(fqn, pattern):
+                return on
+        return False

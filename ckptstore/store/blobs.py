@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -25,7 +26,15 @@ from ckptstore.errors import (
     UnknownCodecError,
 )
 from ckptstore.store import layout
-from ckptstore.store.chunks import content_key, frame, row_ranges, unframe
+from ckptstore.store.chunks import (
+    content_key,
+    delta_key,
+    frame,
+    row_ranges,
+    unframe,
+    xor,
+    xor_into,
+)
 from ckptstore.store.manifest import Blob, ChunkRef
 from ckptstore.store.repository import Repository
 
@@ -81,6 +90,61 @@ class ChunkIndex:
         return found
 
 
+class RawCache:
+    """Raw bytes of chunks by key, least recently used first out: the bases of a delta
+    save (the chunks this process wrote, or decoded as bases, last). One per process."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        with self._lock:
+            raw = self._items.get(key)
+            if raw is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return raw
+
+    def put(self, key: bytes, raw: Buffer, limit: int) -> None:
+        """Keep a copy of ``raw`` (read-only) under ``key``, within ``limit`` bytes."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return
+        size = byte_view(raw).nbytes
+        if size > limit:
+            return
+        copy = np.array(np.frombuffer(raw, dtype=np.uint8), copy=True)
+        copy.flags.writeable = False
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = copy
+            self.nbytes += size
+            while self.nbytes > limit and self._items:
+                _, old = self._items.popitem(last=False)
+                self.nbytes -= old.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
+
+
+RAW_CACHE = RawCache()
+"""The process's cache of delta bases (bounded by ``Settings.delta_cache_bytes``)."""
+
+DeltaBases = Mapping[tuple[int, int], tuple[bytes, tuple[bytes, ...], int]]
+"""A tensor shard's delta candidates: (first global row, stop) → (the parent chunk's key, its
+own base chain, its stored size), for parent chunks of the same rows, box and codec."""
+
+
 class BlobWriter:
     """Turns buffers into :class:`Blob` records, writing new chunks to the store.
 
@@ -101,6 +165,11 @@ class BlobWriter:
         settings = repo.settings.replace(
             chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
         )
+        self.delta_chain = settings.delta_chain
+        self.cache_bytes = settings.delta_cache_bytes
+        self.delta_chunks = 0
+        self.delta_bytes_saved = 0
+        self._reader: BlobReader | None = None
         self.chunk_bytes = settings.chunk_bytes
         self.inline_bytes = settings.inline_bytes
         self.threads = settings.threads
@@ -132,11 +201,14 @@ class BlobWriter:
         rows: int,
         first_row: int = 0,
         keep_alive: object = None,
+        bases: DeltaBases | None = None,
     ) -> Future[Blob]:
         """Start encoding ``raw`` (``rows`` equal rows) into a Blob; returns its future.
 
         ``raw`` must stay valid until the future completes (``keep_alive`` is held for
         that). ``first_row`` is the global index of row 0, to align chunk boundaries.
+        ``bases`` (a lossless ``pipeline`` only): store each chunk as a delta against the
+        parent chunk of the same global rows when that is smaller (None: no delta).
         """
         view = byte_view(raw)
         del raw  # only ``view`` (and keep_alive) may hold the buffer from here on
@@ -156,8 +228,17 @@ class BlobWriter:
             return done
         row_bytes = nbytes // rows if rows else nbytes
         ranges = row_ranges(rows, row_bytes, self.chunk_bytes, first_row)
+        delta = bases is not None and pipeline.lossless
         futures = [
-            self._start_chunk(view[a * row_bytes : b * row_bytes], pipeline, a, b)
+            self._start_chunk(
+                view[a * row_bytes : b * row_bytes],
+                pipeline,
+                a,
+                b,
+                delta=(bases.get((first_row + a, first_row + b)) if bases else None)
+                if delta
+                else False,
+            )
             for a, b in ranges
         ]
         return self._gather(futures, pipeline, nbytes, rows, held=[keep_alive, view])
@@ -232,14 +313,17 @@ class BlobWriter:
         start: int,
         stop: int,
         pre: tuple[bytes, QuantStats] | None = None,
+        delta: tuple[bytes, tuple[bytes, ...], int] | None | bool = False,
     ) -> Future[ChunkRef]:
         """Hash and encode ``piece`` on the pool; its future completes once the chunk is
-        stored (the upload runs on the backend's I/O pool, so encoders move on)."""
+        stored (the upload runs on the backend's I/O pool, so encoders move on).
+        ``delta``: False (no delta), None (delta save, no base for these rows) or the
+        parent chunk to try as base."""
         out: Future[ChunkRef] = Future()
 
         def run() -> None:
             try:
-                self._write_chunk(piece, pipeline, start, stop, out, pre)
+                self._write_chunk(piece, pipeline, start, stop, out, pre, delta)
             except BaseException as exc:
                 if not out.done():
                     out.set_exception(exc)
@@ -255,17 +339,31 @@ class BlobWriter:
         stop: int,
         out: Future[ChunkRef],
         pre: tuple[bytes, QuantStats] | None = None,
+        delta: tuple[bytes, tuple[bytes, ...], int] | None | bool = False,
     ) -> None:
         lossy, tail = pipeline.split()
+        encoded: Buffer | None = None
+        chain: tuple[bytes, ...] = ()
         if lossy is None:
             body, stats, key = piece, None, content_key(pipeline, piece)
+            if delta is not False:
+                if self.index.get(key) is None and delta is not None:
+                    found = self._try_delta(piece, pipeline, tail, key, delta)
+                    if found is not None:
+                        key, chain, encoded = found
+                        if encoded is None:  # unchanged: the parent's own delta chunk
+                            RAW_CACHE.put(key, piece, self.cache_bytes)
+                            size = delta[2]
+                            out.set_result(ChunkRef(key, start, stop, size, False, base=chain))
+                            return
+                RAW_CACHE.put(key, piece, self.cache_bytes)
         else:  # the key hashes what the lossy stage produced: equal input → equal output
             body, stats = pre if pre is not None else lossy.quantize(piece)
             key = content_key(pipeline, body)
         with self._lock:
             size = self.index.get(key)
             if size is not None:
-                out.set_result(ChunkRef(key, start, stop, size, new=False, stats=stats))
+                out.set_result(ChunkRef(key, start, stop, size, new=False, stats=stats, base=chain))
                 return
             pending = self._pending.get(key)
             if pending is None:
@@ -278,7 +376,7 @@ class BlobWriter:
                 if exc is not None:
                     out.set_exception(exc)
                 else:
-                    out.set_result(ChunkRef(key, start, stop, f.result(), False, stats))
+                    out.set_result(ChunkRef(key, start, stop, f.result(), False, stats, base=chain))
 
             pending.add_done_callback(shared)
             return
@@ -290,7 +388,7 @@ class BlobWriter:
             out.set_exception(exc)
 
         try:
-            stored = frame(tail.encode(body))
+            stored = frame(tail.encode(body) if encoded is None else encoded)
             # put even when it exists: under the lease, so gc keeps it (ChunkIndex)
             existed = self.index.existed(key)
             upload = self.repo.backend.put_async(layout.chunk_key(key.hex()), stored)
@@ -313,10 +411,57 @@ class BlobWriter:
                 self.chunks_written += 1
             mine.set_result(len(stored))
             out.set_result(
-                ChunkRef(key, start, stop, len(stored), new=not existed, stats=stats)
+                ChunkRef(key, start, stop, len(stored), new=not existed, stats=stats, base=chain)
             )
 
         upload.add_done_callback(uploaded)
+
+    def _try_delta(
+        self,
+        piece: memoryview,
+        pipeline: Pipeline,
+        tail: Pipeline,
+        key: bytes,
+        parent: tuple[bytes, tuple[bytes, ...], int],
+    ) -> tuple[bytes, tuple[bytes, ...], Buffer | None] | None:
+        """Delta of ``piece`` against the parent chunk ``parent`` of the same rows: (its
+        key, its chain, its encoding) when smaller than the standalone chunk; (the parent's
+        key, chain, None) when ``piece`` is that delta chunk's content unchanged; None to
+        store it standalone (smaller, chain full, or base unreadable)."""
+        base_key, base_chain, _ = parent
+        if base_chain and delta_key(pipeline, base_chain[0], piece) == base_key:
+            return base_key, base_chain, None
+        if len(base_chain) + 1 > self.delta_chain:
+            return None  # a standalone chunk every delta_chain + 1 links
+        base_raw = RAW_CACHE.get(base_key)
+        if base_raw is None:
+            try:
+                base_raw = np.frombuffer(
+                    self._base_reader().decode_chain(
+                        base_key, base_chain, pipeline, len(piece), "a delta base"
+                    ),
+                    dtype=np.uint8,
+                )
+            except CkptStoreError as exc:
+                log.warning("delta base %s unreadable, chunk stored whole: %s", base_key.hex(), exc)
+                return None
+            RAW_CACHE.put(base_key, base_raw, self.cache_bytes)
+        if base_raw.nbytes != len(piece):
+            return None
+        as_delta = tail.encode(xor(piece, base_raw))
+        whole = tail.encode(piece)
+        if byte_view(as_delta).nbytes >= byte_view(whole).nbytes:
+            return key, (), whole
+        with self._lock:
+            self.delta_chunks += 1
+            self.delta_bytes_saved += byte_view(whole).nbytes - byte_view(as_delta).nbytes
+        return delta_key(pipeline, base_key, piece), (base_key, *base_chain), as_delta
+
+    def _base_reader(self) -> BlobReader:
+        with self._lock:
+            if self._reader is None:
+                self._reader = BlobReader(self.repo, threads=1)
+            return self._reader
 
 
 def _sum_stats(parts: Iterable[QuantStats | None]) -> QuantStats | None:
@@ -347,20 +492,40 @@ class BlobReader:
         self, ref: ChunkRef, pipeline: Pipeline, row_bytes: int, where: str
     ) -> tuple[Buffer, Buffer]:
         """Fetch and check one chunk; returns (what its key hashes, its raw bytes): the
-        lossy stage's output and its decoding, or the raw bytes twice when lossless."""
-        key = layout.chunk_key(ref.key.hex())
+        lossy stage's output and its decoding, or the raw bytes twice when lossless (a
+        delta chunk is decoded through its chain)."""
+        expected = (ref.row_stop - ref.row_start) * row_bytes
+        if ref.base:
+            raw = self.decode_chain(ref.key, ref.base, pipeline, expected, where)
+            return raw, raw
+        payload, loc = self._fetch(ref.key, where)
+        body, raw = self._decode(payload, pipeline, expected, loc)
+        if content_key(pipeline, body) != ref.key:  # e.g. two chunk objects swapped
+            raise CorruptChunkError(
+                f"chunk {loc} does not hold the content its key names (overwritten or "
+                "swapped with another object)"
+            )
+        return body, raw
+
+    def _fetch(self, key: bytes, where: str) -> tuple[memoryview, str]:
+        """The checked payload of chunk object ``key`` and its name for messages."""
+        name = layout.chunk_key(key.hex())
         try:
-            stored = self.repo.backend.get(key)
+            stored = self.repo.backend.get(name)
         except ObjectNotFoundError:
             raise ChunkNotFoundError(
-                f"chunk {self.repo.backend.describe(key)} of {where} is missing"
+                f"chunk {self.repo.backend.describe(name)} of {where} is missing"
             ) from None
         with self._lock:
             self.bytes_fetched += len(stored)
             self.objects_fetched += 1
-        loc = f"{self.repo.backend.describe(key)} of {where}"
-        payload = unframe(stored, loc)
-        expected = (ref.row_stop - ref.row_start) * row_bytes
+        loc = f"{self.repo.backend.describe(name)} of {where}"
+        return unframe(stored, loc), loc
+
+    @staticmethod
+    def _decode(
+        payload: memoryview, pipeline: Pipeline, expected: int, loc: str
+    ) -> tuple[Buffer, Buffer]:
         try:  # never allocates more than the declared raw size (a zstd bomb is refused)
             body, raw = pipeline.decode_parts(payload, expected_size=expected)
         except (CkptStoreError, ValueError, TypeError) as exc:
@@ -369,12 +534,58 @@ class BlobReader:
             raise CorruptChunkError(
                 f"chunk {loc} decoded to {byte_view(raw).nbytes} bytes, expected {expected}"
             )
-        if content_key(pipeline, body) != ref.key:  # e.g. two chunk objects swapped
-            raise CorruptChunkError(
-                f"chunk {loc} does not hold the content its key names (overwritten or "
-                "swapped with another object)"
-            )
         return body, raw
+
+    def decode_chain(
+        self,
+        key: bytes,
+        chain: tuple[bytes, ...],
+        pipeline: Pipeline,
+        expected: int,
+        where: str,
+    ) -> np.ndarray:
+        """Raw bytes of chunk ``key`` whose delta chain is ``chain`` ([direct base, …,
+        root]; empty for a standalone chunk), all under the lossless ``pipeline``: the root
+        is decoded, then each delta XORed into it in turn — two chunk-sized buffers — and
+        every level's key checked against the bytes rebuilt so far. A base that is missing
+        or damaged is a CorruptChunkError naming the chunk's key and the base's."""
+        levels = [key, *chain]
+        root = levels[-1]
+        acc: np.ndarray | None = None
+        for i in range(len(levels) - 1, -1, -1):
+            k = levels[i]
+            what = where if i == 0 else f"delta base {k.hex()} of chunk {key.hex()} of {where}"
+            try:
+                payload, loc = self._fetch(k, what)
+                _, raw = self._decode(payload, pipeline, expected, loc)
+                if acc is None:
+                    acc = np.array(np.frombuffer(raw, dtype=np.uint8), copy=True)
+                    ok = content_key(pipeline, acc) == root
+                else:
+                    xor_into(acc, raw)
+                    ok = delta_key(pipeline, levels[i + 1], acc) == k
+                del raw, payload
+                if not ok:
+                    raise CorruptChunkError(
+                        f"chunk {loc} does not hold the content its key names (overwritten, "
+                        "swapped with another object, or a base of its chain is wrong)"
+                    )
+            except (ChunkNotFoundError, CorruptChunkError) as exc:
+                if i == 0 and not chain:
+                    raise
+                if i == 0:
+                    if isinstance(exc, ChunkNotFoundError):
+                        raise
+                    raise CorruptChunkError(
+                        f"delta chunk {key.hex()} of {where} (base {levels[1].hex()}): {exc}"
+                    ) from exc
+                state = "missing" if isinstance(exc, ChunkNotFoundError) else "corrupt"
+                raise CorruptChunkError(
+                    f"delta chunk {key.hex()} of {where} cannot be rebuilt: its base "
+                    f"{k.hex()} is {state}: {exc}"
+                ) from exc
+        assert acc is not None
+        return acc
 
     def read_rows(
         self,

@@ -2,7 +2,9 @@
 shows, so listing a store of 1,000 checkpoints is two listings and no reads.
 
 ``catalog/<name>/<created µs, 16 digits>.s<step>.t<tensors>.o<objects>.l<logical>.b<stored>.
-w<new>.c<chunks>.n<new chunks>.m<manifest bytes>.d<save ms>`` (docs/format.md, "Catalog"):
+w<new>.c<chunks>.n<new chunks>.m<manifest bytes>.d<save ms>`` (docs/format.md, "Catalog"),
+then ``.x<delta bytes>.k<max chain>`` for a delta save only (ckptstore 0.1 does not parse
+such a key and reads the manifest instead, as for a missing entry):
 one folder per name, so a writer finds its own entry with a listing of one key. The manifest
 stays the commit and the truth: a catalog entry counts only while its manifest is listed,
 and a listed manifest without an entry is read instead (a crash between commit and entry,
@@ -20,7 +22,8 @@ from ckptstore.store.manifest import Manifest
 
 _ENTRY = re.compile(
     r"^([A-Za-z0-9][A-Za-z0-9._-]{0,199})/(\d{16})\."
-    r"s(n|\d+)\.t(\d+)\.o(\d+)\.l(\d+)\.b(\d+)\.w(\d+)\.c(\d+)\.n(\d+)\.m(\d+)\.d(\d+)$"
+    r"s(n|\d+)\.t(\d+)\.o(\d+)\.l(\d+)\.b(\d+)\.w(\d+)\.c(\d+)\.n(\d+)\.m(\d+)\.d(\d+)"
+    r"(?:\.x(\d+)\.k(\d+))?$"
 )
 
 
@@ -42,6 +45,10 @@ class CheckpointSummary:
     new_chunks: int = 0
     """Chunk objects its save wrote."""
     manifest_bytes: int = 0
+    delta_bytes: int = 0
+    """Stored bytes of its chunks that are deltas (each use counted)."""
+    max_chain: int = 0
+    """Longest delta chain of its chunks."""
 
     @classmethod
     def of(cls, m: Manifest) -> CheckpointSummary:
@@ -59,6 +66,8 @@ class CheckpointSummary:
             chunks=m.chunk_count,
             new_chunks=m.new_chunk_count,
             manifest_bytes=m.manifest_bytes,
+            delta_bytes=m.delta_chunk_bytes,
+            max_chain=m.max_chain,
         )
 
     @property
@@ -89,6 +98,8 @@ def entry_key(s: CheckpointSummary) -> str:
         f".w{s.new_bytes}.c{s.chunks}.n{s.new_chunks}.m{s.manifest_bytes}"
         f".d{max(0, int(round(s.seconds * 1000)))}"
     )
+    if s.delta_bytes or s.max_chain:  # only delta saves: other keys stay as v0.1 wrote them
+        fields += f".x{s.delta_bytes}.k{s.max_chain}"
     return f"{entry_prefix(s.name)}{created_us(s.created):016d}.{fields}"
 
 
@@ -104,7 +115,9 @@ def parse_entry_key(key: str) -> CheckpointSummary | None:
     m = _ENTRY.match(key[len(layout.CATALOG) + 1 :])
     if m is None:
         return None
-    name, us, step, tensors, objects, logical, stored, new, chunks, new_chunks, mb, ms = m.groups()
+    name, us, step, tensors, objects, logical, stored, new, chunks, new_chunks, mb, ms, dx, dk = (
+        m.groups()
+    )
     return CheckpointSummary(
         name=name,
         step=None if step == "n" else int(step),
@@ -118,6 +131,8 @@ def parse_entry_key(key: str) -> CheckpointSummary | None:
         chunks=int(chunks),
         new_chunks=int(new_chunks),
         manifest_bytes=int(mb),
+        delta_bytes=int(dx or 0),
+        max_chain=int(dk or 0),
     )
 
 

@@ -115,6 +115,10 @@ def _path(v: Any, where: str) -> list[str | int]:
     return out
 
 
+MAX_CHAIN = 64
+"""Longest delta chain (bases of one chunk) a reader accepts; writers use Settings.delta_chain."""
+
+
 @dataclass
 class ChunkRef:
     """One chunk of a blob: rows [row_start, row_stop) of the shard (bytes, for objects)."""
@@ -126,25 +130,50 @@ class ChunkRef:
     new: bool
     stats: QuantStats | None = field(default=None, compare=False)
     """Error of a lossy codec on this chunk, at save time only (not stored per chunk)."""
+    base: tuple[bytes, ...] = ()
+    """Delta chunk: its base chain [direct base, its base, …, root]; the root is a standalone
+    chunk. Empty for a standalone chunk (the 5-element entry of ckptstore 0.1)."""
 
     def pack(self) -> list[Any]:
-        return [self.key, self.row_start, self.row_stop, self.stored, self.new]
+        out: list[Any] = [self.key, self.row_start, self.row_stop, self.stored, self.new]
+        if self.base:
+            out.append(list(self.base))
+        return out
 
     @classmethod
     def unpack(cls, v: Any, where: str = "chunk") -> ChunkRef:
         v = _list(v, where)
-        if len(v) != 5:
-            raise SchemaError(f"{where}: expected 5 elements, got {len(v)}")
-        key, start, stop, stored, new = v
+        if len(v) not in (5, 6):
+            raise SchemaError(f"{where}: expected 5 or 6 elements, got {len(v)}")
+        key, start, stop, stored, new = v[:5]
         if not isinstance(key, bytes) or len(key) != 16:
             raise SchemaError(f"{where}[0]: bad chunk key {key!r:.60}")
+        base: tuple[bytes, ...] = ()
+        if len(v) == 6:
+            chain = _list(v[5], f"{where}[5]")
+            if not 1 <= len(chain) <= MAX_CHAIN:
+                raise SchemaError(
+                    f"{where}[5]: a delta chain of {len(chain)} bases (1 to {MAX_CHAIN})"
+                )
+            for i, b in enumerate(chain):
+                if not isinstance(b, bytes) or len(b) != 16:
+                    raise SchemaError(f"{where}[5][{i}]: bad base key {b!r:.60}")
+            if key in chain or len(set(chain)) != len(chain):
+                raise SchemaError(f"{where}[5]: the delta chain repeats a key")
+            base = tuple(chain)
         return cls(
             key,
             _int(start, f"{where}[1]"),
             _int(stop, f"{where}[2]"),
             _int(stored, f"{where}[3]"),
             _bool(new, f"{where}[4]"),
+            base=base,
         )
+
+    @property
+    def depth(self) -> int:
+        """Delta links to the standalone root (0 for a standalone chunk)."""
+        return len(self.base)
 
 
 def _qstats(v: Any, where: str) -> QuantStats:
@@ -323,7 +352,24 @@ class Manifest:
         return {c.key: c.stored for _, b in self.blobs() for c in b.chunks}
 
     def chunk_keys(self) -> set[bytes]:
-        return {c.key for _, b in self.blobs() for c in b.chunks}
+        """Every chunk object a load of this checkpoint reads: the chunks it names and the
+        bases of their delta chains — what gc keeps, trash protects and a commit checks."""
+        out = {c.key for _, b in self.blobs() for c in b.chunks}
+        for _, b in self.blobs():
+            for c in b.chunks:
+                if c.base:
+                    out.update(c.base)
+        return out
+
+    @property
+    def delta_chunk_bytes(self) -> int:
+        """Stored bytes of the delta chunks it names (each use counted)."""
+        return sum(c.stored for _, b in self.blobs() for c in b.chunks if c.base)
+
+    @property
+    def max_chain(self) -> int:
+        """Longest delta chain of its chunks (0: none is a delta)."""
+        return max((len(c.base) for _, b in self.blobs() for c in b.chunks), default=0)
 
     # -- encoding -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -491,7 +537,17 @@ class Manifest:
             return
         row_bytes = blob.nbytes // blob.rows if blob.rows else 0
         expect = 0
+        lossless = pipelines[msgpack.packb(blob.codec)].lossless
         for i, c in enumerate(blob.chunks):  # chunks must tile [0, rows) in order
+            if c.base and not lossless:
+                raise SchemaError(
+                    f"{where}.chunks[{i}]: a delta chunk under a lossy codec (delta is for "
+                    "lossless chunks only)"
+                )
+            if len(c.base) > MAX_CHAIN or c.key in c.base or len(set(c.base)) != len(c.base):
+                raise SchemaError(f"{where}.chunks[{i}]: bad delta chain ({len(c.base)} bases)")
+            if any(not isinstance(k, bytes) or len(k) != 16 for k in c.base):
+                raise SchemaError(f"{where}.chunks[{i}]: a base key is not 16 bytes")
             if c.row_start != expect or c.row_stop <= c.row_start:
                 raise SchemaError(
                     f"{where}.chunks[{i}]: rows [{c.row_start}, {c.row_stop}) do not continue "

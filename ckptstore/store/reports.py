@@ -45,6 +45,10 @@ class TensorReport:
     fallback_chunks: int = 0
     """Chunks a lossy codec stored more exactly than asked (fp16 overflow/underflow patches,
     int8 chunks with inf/NaN kept lossless)."""
+    delta_bytes: int = 0
+    """Stored bytes of its chunks that are deltas against an earlier checkpoint's."""
+    max_chain: int = 0
+    """Longest delta chain of its chunks (a load reads at most this + 1 objects a chunk)."""
 
     @property
     def ratio(self) -> float:
@@ -95,6 +99,8 @@ def inspect(repo: Repository, name: str) -> InspectReport:
                 max_abs_error=None if err is None else err.max_abs,
                 rel_l2_error=None if err is None else err.rel_l2,
                 fallback_chunks=0 if err is None else err.fallback,
+                delta_bytes=sum(c.stored for b in blobs for c in b.chunks if c.base),
+                max_chain=max((len(c.base) for b in blobs for c in b.chunks), default=0),
             )
         )
     objects = {fqn: b.stored_bytes for fqn, b in m.objects.items()}
@@ -171,8 +177,9 @@ def verify(
             pipeline = Pipeline.from_config(blob.codec)
             row_bytes = blob.nbytes // blob.rows if blob.rows else blob.nbytes
             body, raw = reader.fetch_chunk_parts(ref, pipeline, row_bytes, where)
-            # the key hashes the lossy stage's output (the raw bytes when lossless)
-            if content_key(pipeline, body) != ref.key:
+            # the key hashes the lossy stage's output (the raw bytes when lossless); a delta
+            # chunk's chain was checked level by level (every key, root to chunk)
+            if not ref.base and content_key(pipeline, body) != ref.key:
                 return ref.key, "decoded content does not match the chunk's key", ref.stored
             del raw
         except DAMAGE as exc:  # storage outages and refusals are raised, not reported

@@ -1,0 +1,260 @@
+"""Delta chunks (opt-in): a changed lossless chunk stored as XOR against the parent's chunk
+of the same rows, with bounded chains (docs/format.md, "Delta chunks")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ckptstore
+from ckptstore import errors
+from ckptstore.codecs.pipeline import Pipeline
+from ckptstore.store import Repository, layout, reports
+from ckptstore.store.blobs import RAW_CACHE, BlobReader
+from ckptstore.store.manifest import Manifest
+
+CHUNK = 16 * 1024
+K = 3
+
+
+def _settings(**kw) -> ckptstore.Settings:
+    return ckptstore.Settings(chunk_bytes=CHUNK, delta_chain=K, **kw)
+
+
+def _walk(seed: int, steps: int, dtype=torch.float32, rows: int = 96):
+    """States of a slow random walk: every element changes a little at every step."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, 128, generator=g)
+    for _ in range(steps):
+        w = w + 1e-3 * torch.randn(rows, 128, generator=g)
+        yield {"w": w.to(dtype), "frozen": torch.arange(4096, dtype=torch.float32).reshape(32, 128)}
+
+
+def _manifest(url: str, step: int) -> Manifest:
+    repo = Repository.open(url)
+    return repo.manifest(layout.step_name(step), cached=False)
+
+
+def _chains(m: Manifest, fqn: str) -> list[int]:
+    return [len(c.base) for s in m.tensors[fqn].shards for c in s.blob.chunks]
+
+
+@pytest.fixture(autouse=True)
+def _cold_cache():
+    RAW_CACHE.clear()
+    yield
+    RAW_CACHE.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_over_chains_longer_than_k(store_url, dtype):
+    states = list(_walk(0, 2 * K + 3, dtype))
+    for step, sd in enumerate(states):
+        ckptstore.save(sd, store_url, step=step, delta=True, settings=_settings())
+    for step, sd in enumerate(states):
+        out = ckptstore.load_full(store_url, step=step)
+        assert torch.equal(out["w"], sd["w"]) and out["w"].dtype == dtype, step
+        assert torch.equal(out["frozen"], sd["frozen"])
+        m = _manifest(store_url, step)
+        depths = _chains(m, "w")
+        assert max(depths) <= K
+        assert depths == [step % (K + 1)] * len(depths), (step, depths)  # standalone every K+1
+        assert _chains(m, "frozen") == [0] * len(_chains(m, "frozen"))  # unchanged: reused
+        assert m.max_chain == step % (K + 1)
+        if step % (K + 1):
+            assert 0 < m.delta_chunk_bytes <= m.chunk_bytes
+    # a delta checkpoint is smaller than the same state saved whole
+    assert _manifest(store_url, 1).tensors["w"].shards[0].blob.stored_bytes < (
+        _manifest(store_url, 0).tensors["w"].shards[0].blob.stored_bytes
+    )
+    assert reports.verify(Repository.open(store_url)).ok
+
+
+def test_default_is_off_and_cold_cache_reads_bases_back(local_url):
+    states = list(_walk(1, 3))
+    ckptstore.save(states[0], local_url, step=0, settings=_settings())
+    ckptstore.save(states[1], local_url, step=1, settings=_settings())
+    assert _manifest(local_url, 1).max_chain == 0  # delta is opt-in
+    RAW_CACHE.clear()  # a new process: the base is read (and decoded) from the store
+    ckptstore.save(states[2], local_url, step=2, delta=True, settings=_settings())
+    assert _manifest(local_url, 2).max_chain == 1
+    assert torch.equal(ckptstore.load_full(local_url, step=2)["w"], states[2]["w"])
+
+
+def test_partial_and_resharded_reads(local_url):
+    states = list(_walk(2, 3, rows=200))
+    for step, sd in enumerate(states):
+        ckptstore.save(sd, local_url, step=step, delta=True, settings=_settings())
+    m = _manifest(local_url, 2)
+    blob = m.tensors["w"].shards[0].blob
+    assert len(blob.chunks) > 3 and all(c.base for c in blob.chunks)
+    want = states[2]["w"].numpy().view(np.uint8).reshape(200, -1)
+    reader = BlobReader(Repository.open(local_url))
+    for a, b in [(0, 1), (5, 77), (31, 32), (100, 200), (0, 200)]:  # boxes across chunks
+        got = reader.read_rows(blob, a, b, "w").reshape(b - a, -1)
+        assert np.array_equal(got, want[a:b]), (a, b)
+    # a load into a template of another dtype (a resharded plan reads sub-boxes per chunk)
+    out = {"w": torch.zeros(200, 128, dtype=torch.float64), "frozen": torch.zeros(32, 128)}
+    ckptstore.load(out, local_url, step=2)
+    assert torch.equal(out["w"], states[2]["w"].double())
+
+
+def test_resharded_save_finds_its_parent_rows(local_url):
+    """A save whose shards differ from the parent's still deltas the chunks whose global
+    rows line up (the row grid is global)."""
+    states = list(_walk(3, 2, rows=256))
+    ckptstore.save(states[0], local_url, step=0, delta=True, settings=_settings())
+    # the same tensor saved as two row shards (as two ranks would), through the store API
+    from ckptstore.store.blobs import BlobWriter, ChunkIndex
+    from ckptstore.store.manifest import Shard, TensorEntry
+    from ckptstore.store.session import SaveSession
+
+    repo = Repository.open(local_url, settings=_settings())
+    w = states[1]["w"]
+    pipe = Pipeline.from_config(_manifest(local_url, 0).tensors["w"].shards[0].blob.codec)
+    with SaveSession(repo, layout.step_name(1), step=1).begin() as session:
+        shards = []
+        for lo, hi in [(0, 128), (128, 256)]:
+            index = session.index_for([("w", [lo, 0], [hi - lo, 128])])
+            bases = index.bases_for("w", [lo, 0], [hi - lo, 128], pipe.spec)
+            with BlobWriter(repo, ChunkIndex(repo, index.sizes())) as writer:
+                raw = w[lo:hi].contiguous().numpy()
+                blob = writer.submit(raw, pipe, rows=hi - lo, first_row=lo, bases=bases).result()
+            shards.append(Shard([lo, 0], [hi - lo, 128], blob))
+        parent = _manifest(local_url, 0)
+        m = Manifest(
+            name=layout.step_name(1),
+            step=1,
+            created=parent.created + 1,
+            tensors={
+                "w": TensorEntry("float32", [256, 128], shards),
+                "frozen": parent.tensors["frozen"],
+            },
+            objects={},
+        )
+        session.commit(m)
+    assert _chains(_manifest(local_url, 1), "w") == [1] * 8  # 256 rows of 512 B, 32 a chunk
+    assert torch.equal(ckptstore.load_full(local_url, step=1)["w"], w)
+
+
+def _root_and_child(url: str) -> tuple[bytes, bytes]:
+    """(root key, delta key) of the first chunk of 'w' in checkpoint 1."""
+    ref = _manifest(url, 1).tensors["w"].shards[0].blob.chunks[0]
+    assert len(ref.base) == 1
+    return ref.base[0], ref.key
+
+
+def _two(url: str) -> None:
+    for step, sd in enumerate(_walk(4, 2)):
+        ckptstore.save(sd, url, step=step, delta=True, settings=_settings())
+
+
+def test_missing_base_names_both_keys(local_url):
+    _two(local_url)
+    root, child = _root_and_child(local_url)
+    Repository.open(local_url).backend.delete(layout.chunk_key(root.hex()))
+    with pytest.raises(errors.CorruptChunkError) as info:
+        ckptstore.load_full(local_url, step=1)
+    assert root.hex() in str(info.value) and child.hex() in str(info.value)
+    assert "missing" in str(info.value)
+    report = reports.verify(Repository.open(local_url))
+    assert not report.ok
+    assert any(child.hex() in p.chunk or child.hex() in p.message for p in report.problems)
+    assert any(root.hex() in p.message for p in report.problems)
+
+
+@pytest.mark.parametrize("damage", ["flip", "swap"])
+def test_corrupt_base_names_both_keys(local_url, damage):
+    _two(local_url)
+    root, child = _root_and_child(local_url)
+    backend = Repository.open(local_url).backend
+    path = layout.chunk_key(root.hex())
+    if damage == "flip":
+        data = bytearray(backend.get(path))
+        data[-1] ^= 0x40
+    else:  # a valid object of the same size, other content: only the key check sees it
+        other = _manifest(local_url, 1).tensors["w"].shards[0].blob.chunks[1].base[0]
+        data = bytearray(backend.get(layout.chunk_key(other.hex())))
+    backend.put(path, bytes(data))
+    with pytest.raises(errors.CorruptChunkError) as info:
+        ckptstore.load_full(local_url, step=1)
+    assert root.hex() in str(info.value) and child.hex() in str(info.value)
+    assert not reports.verify(Repository.open(local_url), layout.step_name(1)).ok
+
+
+def test_gc_keeps_the_bases_of_live_checkpoints(store_url):
+    states = list(_walk(5, 3))
+    for step, sd in enumerate(states):
+        ckptstore.save(sd, store_url, step=step, delta=True, settings=_settings())
+    root, _ = _root_and_child(store_url)
+    store = ckptstore.Store(store_url)
+    store.delete(step=0)
+    store.delete(step=1)
+    RAW_CACHE.clear()
+    ckptstore.Store(store_url).gc(grace=0)
+    repo = Repository.open(store_url)
+    assert repo.backend.exists(layout.chunk_key(root.hex()))  # step 2's chain needs it
+    assert torch.equal(ckptstore.load_full(store_url, step=2)["w"], states[2]["w"])
+    assert reports.verify(repo).ok
+    m = _manifest(store_url, 2)
+    kept = {layout.chunk_digest(k) for k in repo.backend.list(layout.CHUNKS)}
+    assert kept == m.chunk_keys()  # exactly the chunks and bases of the one left
+    store.delete(step=2)
+    ckptstore.Store(store_url).gc(grace=0)
+    assert repo.backend.list(layout.CHUNKS) == []
+
+
+def test_quantized_tensors_never_delta(local_url):
+    for step, sd in enumerate(_walk(6, 3, rows=256)):
+        sd["q"] = sd["w"].clone()
+        ckptstore.save(
+            sd,
+            local_url,
+            step=step,
+            delta={"w": True, "q": True},
+            quantize={"q": "bf16"},
+            settings=_settings(),
+        )
+    m = _manifest(local_url, 2)
+    assert _chains(m, "q") == [0] * len(_chains(m, "q"))
+    assert max(_chains(m, "w")) == 2
+    # a pattern map chooses tensors; no match, no delta
+    ckptstore.save(
+        next(iter(_walk(6, 1, rows=256))), local_url, step=3, delta={"x*": True},
+        settings=_settings(),
+    )  # fmt: skip
+    assert _manifest(local_url, 3).max_chain == 0
+
+
+def test_delta_policy_rejects_bad_specs():
+    from ckptstore.codecs.policy import DeltaPolicy
+
+    with pytest.raises(TypeError):
+        DeltaPolicy("yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        DeltaPolicy({"w": "bf16"})  # type: ignore[dict-item]
+
+
+def test_unchanged_delta_chunk_is_reused(local_url):
+    states = list(_walk(7, 2))
+    ckptstore.save(states[0], local_url, step=0, delta=True, settings=_settings())
+    ckptstore.save(states[1], local_url, step=1, delta=True, settings=_settings())
+    RAW_CACHE.clear()
+    ckptstore.save(states[1], local_url, step=2, delta=True, settings=_settings())
+    a, b = _manifest(local_url, 1), _manifest(local_url, 2)
+    assert [c.key for c in b.tensors["w"].shards[0].blob.chunks] == [
+        c.key for c in a.tensors["w"].shards[0].blob.chunks
+    ]
+    assert b.new_chunk_count == 0 and b.max_chain == 1
+
+
+def test_catalog_shows_the_delta_share(local_url):
+    _two(local_url)
+    rows = {s.name: s for s in ckptstore.Store(local_url).list()}
+    s1 = rows[layout.step_name(1)]
+    assert s1.delta_bytes > 0 and s1.max_chain == 1
+    assert rows[layout.step_name(0)].delta_bytes == 0
+    report = reports.inspect(Repository.open(local_url), layout.step_name(1))
+    w = next(t for t in report.tensors if t.fqn == "w")
+    assert w.delta_bytes == w.stored_bytes and w.max_chain == 1
