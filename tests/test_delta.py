@@ -258,3 +258,15 @@ def test_catalog_shows_the_delta_share(local_url):
     report = reports.inspect(Repository.open(local_url), layout.step_name(1))
     w = next(t for t in report.tensors if t.fqn == "w")
     assert w.delta_bytes == w.stored_bytes and w.max_chain == 1
+
+
+def test_du_counts_bases_as_used_and_shows_the_delta_share(local_url):
+    from ckptstore.store import usage
+
+    _two(local_url)
+    ckptstore.Store(local_url).delete(step=0)
+    report = usage.du(Repository.open(local_url))
+    assert report.garbage_chunks == 0 and report.missing_chunks == 0  # the bases are used
+    (c,) = report.checkpoints
+    assert c.delta_bytes > 0 and c.max_chain == 1
+    assert c.unique_bytes > c.stored_bytes - c.delta_bytes  # its bases are its alone now

@@ -92,13 +92,14 @@ def _saver(wid: int, url: str, opts: dict, sync: Any, out: Any) -> None:
     import torch
 
     import ckptstore
-    from ckptstore.errors import ConcurrentGcError
+    from ckptstore.errors import CheckpointNotFoundError, ConcurrentGcError
     from ckptstore.store import Repository
 
     rng = random.Random(1000 + wid)
+    delta = os.environ.get("STRESS_DELTA") == "1"
     frozen = torch.randn(64, 1024, generator=torch.Generator().manual_seed(7))  # 8 chunks
     stats = {"attempts": 0, "saved": 0, "refused": 0, "reused_existing": 0,
-             "reused_then_dropped": 0, "resurrected": 0}  # fmt: skip
+             "reused_then_dropped": 0, "resurrected": 0, "delta": 0}  # fmt: skip
     history: list[int] = []
     n = 0
     for _ in _rounds_of(sync):
@@ -118,13 +119,27 @@ def _saver(wid: int, url: str, opts: dict, sync: Any, out: Any) -> None:
                 stats["resurrected"] += 1
             name = f"w{wid}-n{n}-s{seed}"
             state = {"frozen": frozen, "head": _head(seed), "n": torch.tensor(n)}
+            extra: dict[str, Any] = {}
+            if delta:  # a few elements changed: the head is stored as a delta on its source
+                state["head"][0, : 1 + n % 8] += n
+                extra = {"delta": True, "parent": source}
             try:
-                ckptstore.save(state, url, name=name, storage_options=opts, chunk_bytes=CHUNK)
+                try:
+                    ckptstore.save(
+                        state, url, name=name, storage_options=opts, chunk_bytes=CHUNK, **extra
+                    )
+                except CheckpointNotFoundError:  # the named parent was dropped meanwhile
+                    extra["parent"] = None
+                    ckptstore.save(
+                        state, url, name=name, storage_options=opts, chunk_bytes=CHUNK, **extra
+                    )
             except ConcurrentGcError:
                 stats["refused"] += 1
                 continue
             stats["saved"] += 1
             history.append(seed)
+            if delta and Repository.open(url, opts).manifest(name).max_chain:
+                stats["delta"] += 1
             if source is not None and not Repository.open(url, opts).exists(source):
                 stats["reused_then_dropped"] += 1
     out.put(("saver", wid, stats))
@@ -261,6 +276,7 @@ def _stress(url: str, opts: dict, s3: bool, monkeypatch) -> dict:
         "saves_reusing_a_listed_checkpoint": total(savers, "reused_existing"),
         "of_which_source_dropped_before_commit": total(savers, "reused_then_dropped"),
         "saves_of_old_content": total(savers, "resurrected"),
+        "saves_with_delta_chunks": total(savers, "delta"),
         "gc_attempts": total(gcs, "attempts"),
         "gc_runs": total(gcs, "runs"),
         "gc_busy": total(gcs, "busy"),
@@ -300,6 +316,17 @@ def _check(f: dict) -> None:
 @pytest.mark.slow
 def test_gc_beside_saves_local(tmp_path, monkeypatch):
     _check(_stress(str(tmp_path / "store"), {}, False, monkeypatch))
+
+
+@pytest.mark.slow
+def test_gc_beside_delta_saves_local(tmp_path, monkeypatch):
+    """The same with delta saves: a save reusing a checkpoint stores its head as a delta
+    on that checkpoint's chunks, which gc may be dropping meanwhile; every base a live
+    checkpoint's chain names must stay (verify decodes every chain)."""
+    monkeypatch.setenv("STRESS_DELTA", "1")
+    figures = _stress(str(tmp_path / "store"), {}, False, monkeypatch)
+    _check(figures)
+    assert figures["saves_with_delta_chunks"] > 0
 
 
 @pytest.mark.slow

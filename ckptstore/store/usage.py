@@ -27,6 +27,10 @@ class CheckpointUsage:
     what dropping it (and a gc after) would free."""
     new_bytes: int
     """Bytes its save wrote."""
+    delta_bytes: int = 0
+    """Of ``stored_bytes``, the chunks stored as deltas against an earlier checkpoint's."""
+    max_chain: int = 0
+    """Longest delta chain of its chunks (0: no delta)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +93,8 @@ def du(repo: Repository) -> DuReport:
     per_keys = []
     for m in manifests:
         sizes_here = m.chunk_sizes()
+        for k in m.chunk_keys() - sizes_here.keys():  # delta bases a load of it reads
+            sizes_here[k] = sizes.get(k, 0)
         per_keys.append(sizes_here.keys())
         uses.update(sizes_here.keys())
         for k, n in sizes_here.items():
@@ -105,6 +111,8 @@ def du(repo: Repository) -> DuReport:
                 stored_bytes=m.stored_bytes,
                 unique_bytes=only + m.manifest_bytes,
                 new_bytes=m.new_bytes,
+                delta_bytes=m.delta_chunk_bytes,
+                max_chain=m.max_chain,
             )
         )
     report.logical_bytes = sum(c.logical_bytes for c in report.checkpoints)
