@@ -65,7 +65,7 @@ class Settings:
     """Most clock difference assumed between machines and the storage."""
     gc_grace: int = 3600
     """gc never deletes an unreferenced chunk younger than this (seconds)."""
-    delta_chain: int = 8
+    delta_chain: int = 4
     """Delta saves: most delta links from a chunk to its standalone root (a load reads at
     most this many + 1 objects per chunk; a damaged base breaks at most this many later
     checkpoints). Chosen by measurement, docs/benchmarks.md "Delta"."""

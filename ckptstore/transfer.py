@@ -73,6 +73,7 @@ class ImportInfo:
     skipped_objects: int
     """Non-tensor values of the file that were left out."""
     quantize: Any = None
+    delta: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -351,12 +352,15 @@ def import_weights(
     quantize: Any = None,
     prefix: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    delta: Any = None,
+    parent: str | None = None,
 ) -> ImportInfo:
     """Save the tensors of the file ``path`` (.safetensors, .pt, .pth, .bin; weights only)
     as a new checkpoint of the store at ``url`` (created if there is none), through
     :func:`ckptstore.save`; give ``step`` or ``name``.
 
-    ``quantize``: as ``save(..., quantize=)``. ``prefix``: prepended to every tensor name.
+    ``quantize``, ``delta``, ``parent``: as in ``save``. ``prefix``: prepended to every tensor
+    name.
     Nested dicts of a .pt file keep their nesting; non-tensor values are left out (counted).
     """
     from ckptstore.api import save
@@ -368,7 +372,14 @@ def import_weights(
     if prefix:
         weights = {f"{prefix}{k}": v for k, v in weights.items()}
     info = save(
-        weights, url, step=step, name=name, storage_options=storage_options, quantize=quantize
+        weights,
+        url,
+        step=step,
+        name=name,
+        storage_options=storage_options,
+        quantize=quantize,
+        delta=delta,
+        parent=parent,
     )
     return ImportInfo(
         file=path,
@@ -380,6 +391,7 @@ def import_weights(
         seconds=info.seconds,
         skipped_objects=dropped,
         quantize=quantize,
+        delta=bool(delta),
     )
 
 

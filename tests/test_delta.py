@@ -270,3 +270,22 @@ def test_du_counts_bases_as_used_and_shows_the_delta_share(local_url):
     (c,) = report.checkpoints
     assert c.delta_bytes > 0 and c.max_chain == 1
     assert c.unique_bytes > c.stored_bytes - c.delta_bytes  # its bases are its alone now
+
+
+def test_import_delta_cli(tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.helpers import run_cli
+
+    url = str(tmp_path / "s")
+    files = []
+    for i, sd in enumerate(_walk(8, 2, rows=256)):
+        path = str(tmp_path / f"w{i}.safetensors")
+        save_file({"w": sd["w"].contiguous()}, path)
+        files.append((path, sd["w"]))
+    run_cli("import", files[0][0], url, "--step", "0", "--delta")
+    out = run_cli("import", files[1][0], url, "--step", "1", "--delta", "--json")
+    assert '"delta": true' in out.stdout
+    m = _manifest(url, 1)
+    assert m.max_chain == 1 and m.delta_chunk_bytes > 0
+    assert torch.equal(ckptstore.load_full(url, step=1)["w"], files[1][1])

@@ -14,6 +14,8 @@ Suites (docs/benchmarks.md says what each measures and where its figures are):
     metadata-sim   metadata each rank reads and receives at up to 1,024 ranks (simulated)
     keycheck       what checking every chunk read against its key costs a load
     gpu            save/async_save/load of CUDA tensors vs DCP (needs a CUDA device)
+    delta          delta saves on a MiniLM full fine-tune and a GPT pretraining run: stored
+                   ratio, save/load time, load time vs chain depth
 
 Without a suite name the arguments go to ``compare`` (the older form
 ``python -m ckptstore.bench [--chunk-sweep] [URL]``). The building blocks:
@@ -41,6 +43,7 @@ SUITES = {
     "metadata-sim": "ckptstore.bench.metadata_sim",
     "keycheck": "ckptstore.bench.keycheck",
     "gpu": "ckptstore.bench.gpu",
+    "delta": "ckptstore.bench.delta",
 }
 
 # the names ``ckptstore.bench`` offered when it was one module, imported on first use

@@ -61,11 +61,17 @@ def load_minilm(dtype: torch.dtype = torch.float32) -> StateDict | None:
 
 
 def fine_tune_states(
-    n: int, every: int, trainable_layers: int, info: dict[str, Any] | None = None
+    n: int,
+    every: int,
+    trainable_layers: int,
+    info: dict[str, Any] | None = None,
+    *,
+    train_all: bool = False,
 ) -> Iterator[tuple[int, StateDict]]:
     """Yield (step, ``{"model", "optim"}``) for ``n`` checkpoints of a MiniLM fine-tune that
     trains only the last ``trainable_layers`` encoder layers and the pooler with AdamW, a
-    checkpoint every ``every`` steps. The gradients are synthetic: the bytes change as in
+    checkpoint every ``every`` steps (``train_all``: every floating tensor trains, a full
+    fine-tune). The gradients are synthetic: the bytes change as in
     training, which is all that matters for storage. When the series is exhausted, ``info``
     (if given) receives the parameter counts."""
     weights = load_minilm()
@@ -77,7 +83,9 @@ def fine_tune_states(
     train = [
         k
         for k in weights
-        if k.startswith("pooler.") or any(k.startswith(f"encoder.layer.{i}.") for i in trained)
+        if (train_all and weights[k].is_floating_point())
+        or k.startswith("pooler.")
+        or any(k.startswith(f"encoder.layer.{i}.") for i in trained)
     ]
     params = {k: torch.nn.Parameter(weights[k]) for k in train}
     opt = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=0.01)

@@ -120,6 +120,13 @@ def _quantize_spec(text: str | None) -> Any:
     'a JSON object of fqn globs to names, e.g. \'{"*.weight": "int8"}\'.',
 )
 @click.option("--prefix", default=None, help="Prepend this to every tensor name (e.g. 'model.').")
+@click.option(
+    "--delta",
+    is_flag=True,
+    help="Store changed lossless chunks as XOR deltas against the parent checkpoint's chunks "
+    "of the same rows when smaller (a series of fine-tuned weights).",
+)
+@click.option("--parent", default=None, help="Checkpoint to dedup and delta against.")
 @storage_option
 @json_option
 @handle_errors
@@ -130,6 +137,8 @@ def import_cmd(
     name: str | None,
     quantize: str | None,
     prefix: str | None,
+    delta: bool,
+    parent: str | None,
     storage_options: tuple[str, ...],
     as_json: bool,
 ) -> None:
@@ -149,6 +158,8 @@ def import_cmd(
             quantize=spec,
             prefix=prefix,
             storage_options=_options(storage_options),
+            delta=delta or None,
+            parent=parent,
         )
     if as_json:
         emit_json(info.to_dict())

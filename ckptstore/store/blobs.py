@@ -32,7 +32,6 @@ from ckptstore.store.chunks import (
     frame,
     row_ranges,
     unframe,
-    xor,
     xor_into,
 )
 from ckptstore.store.manifest import Blob, ChunkRef
@@ -112,24 +111,36 @@ class RawCache:
             return raw
 
     def put(self, key: bytes, raw: Buffer, limit: int) -> None:
-        """Keep a copy of ``raw`` (read-only) under ``key``, within ``limit`` bytes."""
+        """Keep a copy of ``raw`` (read-only) under ``key``, within ``limit`` bytes. The
+        memory of an entry it evicts is reused when it has the same size (a fresh large
+        allocation costs page faults at ~1 GB/s; a copy into used memory runs ~5 GB/s)."""
+        src = np.frombuffer(raw, dtype=np.uint8)
+        size = src.nbytes
+        if size > limit:
+            return
+        spare: np.ndarray | None = None
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return
-        size = byte_view(raw).nbytes
-        if size > limit:
-            return
-        copy = np.array(np.frombuffer(raw, dtype=np.uint8), copy=True)
+            while self._items and self.nbytes + size > limit:
+                _, old = self._items.popitem(last=False)
+                self.nbytes -= old.nbytes
+                if spare is None and old.nbytes == size and old.base is None:
+                    spare = old
+            self.nbytes += size  # reserved now, filled below
+        if spare is not None:
+            spare.flags.writeable = True
+            spare[:] = src
+            copy = spare
+        else:
+            copy = src.copy()
         copy.flags.writeable = False
         with self._lock:
             if key in self._items:
+                self.nbytes -= size
                 return
             self._items[key] = copy
-            self.nbytes += size
-            while self.nbytes > limit and self._items:
-                _, old = self._items.popitem(last=False)
-                self.nbytes -= old.nbytes
 
     def clear(self) -> None:
         with self._lock:
@@ -138,6 +149,48 @@ class RawCache:
 
 
 RAW_CACHE = RawCache()
+
+_SIZES: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
+"""Chunk key → (its standalone encoded size, measured or carried forward; how many saves in
+a row a delta of those rows lost): what the next delta save of the same rows needs to
+decide without encoding the chunk twice. Process-wide, bounded by _SIZES_MAX entries."""
+_SIZES_LOCK = threading.Lock()
+_SIZES_MAX = 1 << 18
+RETRY_LOST_DELTA = 4
+"""Rows whose delta lost by more than 10% are stored standalone without trying, except every
+this many saves."""
+SURE_WIN = 0.9
+"""A delta below this fraction of the rows' last standalone size is taken without encoding
+the chunk standalone too; closer calls encode both and keep the smaller."""
+
+
+def _size_of(key: bytes) -> tuple[int, int] | None:
+    with _SIZES_LOCK:
+        return _SIZES.get(key)
+
+
+def _remember(key: bytes, standalone: int, lost: int) -> None:
+    with _SIZES_LOCK:
+        _SIZES[key] = (standalone, lost)
+        _SIZES.move_to_end(key)
+        while len(_SIZES) > _SIZES_MAX:
+            _SIZES.popitem(last=False)
+
+
+_XOR = threading.local()
+
+
+def _xor_buffer(a: Buffer, b: np.ndarray) -> np.ndarray:
+    """``a ^ b`` in this thread's reused buffer (valid until its next call)."""
+    n = b.nbytes
+    buf = getattr(_XOR, "buf", None)
+    if buf is None or buf.nbytes < n:
+        buf = _XOR.buf = np.empty(n, dtype=np.uint8)
+    out = buf[:n]
+    np.bitwise_xor(np.frombuffer(a, dtype=np.uint8), b, out=out)
+    return out
+
+
 """The process's cache of delta bases (bounded by ``Settings.delta_cache_bytes``)."""
 
 DeltaBases = Mapping[tuple[int, int], tuple[bytes, tuple[bytes, ...], int]]
@@ -448,14 +501,30 @@ class BlobWriter:
             RAW_CACHE.put(base_key, base_raw, self.cache_bytes)
         if base_raw.nbytes != len(piece):
             return None
-        as_delta = tail.encode(xor(piece, base_raw))
-        whole = tail.encode(piece)
-        if byte_view(as_delta).nbytes >= byte_view(whole).nbytes:
+        known = _size_of(base_key)
+        if known is not None and known[1] % RETRY_LOST_DELTA:  # lost last time: skip
+            whole = tail.encode(piece)
+            _remember(key, byte_view(whole).nbytes, known[1] + 1)
             return key, (), whole
+        as_delta = tail.encode(_xor_buffer(piece, base_raw))
+        n_delta = byte_view(as_delta).nbytes
+        if known is not None and n_delta < SURE_WIN * known[0]:
+            # clearly smaller than these rows were standalone last save: taken without
+            # encoding the chunk whole too (docs/benchmarks.md, "Delta": the heuristic)
+            standalone, whole = known[0], None
+        else:
+            whole = tail.encode(piece)
+            standalone = byte_view(whole).nbytes
+        if whole is not None and n_delta >= standalone:
+            # lost by a wide margin: skip the next tries; a near miss: try again next save
+            _remember(key, standalone, 1 if n_delta > 1.1 * standalone else 0)
+            return key, (), whole
+        dkey = delta_key(pipeline, base_key, piece)
+        _remember(dkey, standalone, 0)
         with self._lock:
             self.delta_chunks += 1
-            self.delta_bytes_saved += byte_view(whole).nbytes - byte_view(as_delta).nbytes
-        return delta_key(pipeline, base_key, piece), (base_key, *base_chain), as_delta
+            self.delta_bytes_saved += standalone - n_delta
+        return dkey, (base_key, *base_chain), bytes(as_delta)
 
     def _base_reader(self) -> BlobReader:
         with self._lock:

@@ -3,8 +3,8 @@ shows, so listing a store of 1,000 checkpoints is two listings and no reads.
 
 ``catalog/<name>/<created µs, 16 digits>.s<step>.t<tensors>.o<objects>.l<logical>.b<stored>.
 w<new>.c<chunks>.n<new chunks>.m<manifest bytes>.d<save ms>`` (docs/format.md, "Catalog"),
-then ``.x<delta bytes>.k<max chain>`` for a delta save only (ckptstore 0.1 does not parse
-such a key and reads the manifest instead, as for a missing entry):
+then ``.x<delta bytes>.k<max chain>`` for a delta save only (a reader that predates delta
+does not parse such a key and reads the manifest instead, as for a missing entry):
 one folder per name, so a writer finds its own entry with a listing of one key. The manifest
 stays the commit and the truth: a catalog entry counts only while its manifest is listed,
 and a listed manifest without an entry is read instead (a crash between commit and entry,
