@@ -17,7 +17,7 @@ delta), the others their delta size — ``ratio_by_chain`` reports that for seve
 DCP (FileSystemWriter) is saved for the first and last checkpoint of each series.
 
     python -m ckptstore.bench delta [--n 20] [--every 20] [--pre-n 6] [--pre-every 100]
-                                    [--chain 64] [--json docs/results/delta.json]
+                                    [--chain 64] [--exact] [--json docs/results/delta.json]
 """
 
 from __future__ import annotations
@@ -232,25 +232,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--chain", type=int, default=64, help="delta_chain of the delta stores")
     p.add_argument("--skip", nargs="*", default=[], choices=["finetune", "pretrain"])
     p.add_argument("--dir", default=None, help="where the stores go (default: a temp dir)")
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="encode every chunk both ways and keep the smaller (no save-time heuristic)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.exact:
+        from ckptstore.store import blobs
+
+        blobs.SURE_WIN = 0.0  # never take a delta unseen
+        blobs.RETRY_LOST_DELTA = 1  # never skip a try
     settings = Settings.resolve()
     depths = sorted({0, 1, 2, 4, 8, 12, 16, args.n - 1})
     result: dict[str, Any] = {"machine": machine(settings), "args": vars(args), "series": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
         if "finetune" not in args.skip:
             states = fine_tune_states(args.n, args.every, 0, train_all=True)
-            result["series"].append(
-                series("finetune-minilm-fp32", states, root, settings, args.chain, depths)
-            )
+            label = "finetune-minilm-fp32" + ("-exact" if args.exact else "")
+            result["series"].append(series(label, states, root, settings, args.chain, depths))
         if "pretrain" not in args.skip:
             pre_depths = list(range(args.pre_n))
             for dtype in ("fp32", "bf16"):
                 states = pretrain_states(args.pre_n, args.pre_every)
                 if dtype == "bf16":
                     states = ((s, _bf16(sd)) for s, sd in states)
+                label = f"pretrain-gpt-{dtype}" + ("-exact" if args.exact else "")
                 result["series"].append(
-                    series(f"pretrain-gpt-{dtype}", states, root, settings, args.chain, pre_depths)
+                    series(label, states, root, settings, args.chain, pre_depths)
                 )
     for s in result["series"]:
         print(s["label"], s["summary"])
