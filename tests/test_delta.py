@@ -317,3 +317,13 @@ def test_catalog_keys_old_and_new():
     )
     assert before.match(old_key[len(layout.CATALOG) + 1 :])
     assert not before.match(new_key[len(layout.CATALOG) + 1 :])
+
+
+def test_ls_and_inspect_show_delta_columns(local_url):
+    from tests.helpers import run_cli
+
+    _two(local_url)
+    out = run_cli("ls", local_url).stdout
+    assert "delta" in out and "chain" in out
+    out = run_cli("inspect", local_url, "--step", "1").stdout
+    assert "delta" in out and "100%" in out

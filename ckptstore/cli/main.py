@@ -56,7 +56,15 @@ def ls_cmd(url: str, storage_options: tuple[str, ...], as_json: bool) -> None:
     table = Table(title=f"{url} — {len(rows)} checkpoint(s)")
     for col in ("name", "step", "created", "tensors", "logical", "stored", "ratio", "written"):
         table.add_column(col, justify="left" if col in ("name", "created") else "right")
+    deltas = any(r.max_chain for r in rows)
+    if deltas:  # only stores with delta saves show the columns
+        table.add_column("delta", justify="right")
+        table.add_column("chain", justify="right")
     for r in rows:
+        delta_cells = []
+        if deltas:
+            share = 100 * r.delta_bytes / r.stored_bytes if r.stored_bytes else 0
+            delta_cells = [f"{share:.0f}%", str(r.max_chain)]
         table.add_row(
             r.name,
             "" if r.step is None else str(r.step),
@@ -66,6 +74,7 @@ def ls_cmd(url: str, storage_options: tuple[str, ...], as_json: bool) -> None:
             human_bytes(r.stored_bytes),
             ratio(r.logical_bytes, r.stored_bytes),
             human_bytes(r.new_bytes),
+            *delta_cells,
         )
     console.print(table)
     if bad:
@@ -95,6 +104,10 @@ def inspect_cmd(
     for col in ("tensor", "dtype", "shape", "codec", "chunks", "logical", "stored", "ratio"):
         table.add_column(col, justify="left" if col in ("tensor", "codec") else "right")
     table.add_column("shared", justify="right")
+    deltas = any(t.max_chain for t in report.tensors)
+    if deltas:  # stored as deltas against earlier checkpoints: share and longest chain
+        table.add_column("delta", justify="right")
+        table.add_column("chain", justify="right")
     lossy = any(t.rel_l2_error is not None for t in report.tensors)
     if lossy:  # quantized tensors: the error they were stored with
         table.add_column("rel. L2 err", justify="right")
@@ -116,6 +129,14 @@ def inspect_cmd(
             human_bytes(t.stored_bytes),
             ratio(t.logical_bytes, t.stored_bytes),
             f"{100 * t.shared_bytes / t.stored_bytes:.0f}%" if t.stored_bytes else "-",
+            *(
+                [
+                    f"{100 * t.delta_bytes / t.stored_bytes:.0f}%" if t.stored_bytes else "-",
+                    str(t.max_chain),
+                ]
+                if deltas
+                else []
+            ),
             *error_cells,
         )
     console.print(table)
