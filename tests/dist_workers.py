@@ -328,3 +328,28 @@ def quant_worker(rank: int, world: int, port: int, url: str) -> None:
     policy = {"optim.*exp_avg*": "bf16", "model.*": "int8", "*": None}
     ckptstore.save(state, url, step=1, quantize=policy, chunk_bytes=CHUNK)
     _finish()
+
+
+def delta_state(world: int, step: int) -> dict:
+    """DTensor state that changes a little at every step (for delta saves)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = global_tensors()
+    big = g["big"] * (1 + 1e-3 * step)
+    col = g["col"] + 1e-4 * step
+    return {
+        "big": distribute_tensor(big, mesh, [Shard(0)]),
+        "col": distribute_tensor(col, mesh, [Shard(1)]),
+    }
+
+
+def delta_worker(rank: int, world: int, port: int, url: str, steps: list) -> None:
+    """Delta saves of :func:`delta_state` at each of ``steps``."""
+    import ckptstore
+
+    _init(rank, world, port)
+    for step in steps:
+        ckptstore.save(delta_state(world, step), url, step=step, chunk_bytes=CHUNK, delta=True)
+    _finish()

@@ -327,3 +327,24 @@ def test_ls_and_inspect_show_delta_columns(local_url):
     assert "delta" in out and "chain" in out
     out = run_cli("inspect", local_url, "--step", "1").stdout
     assert "delta" in out and "100%" in out
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_distributed_delta_saves_and_a_resharded_delta_save(tmp_path):
+    """Two ranks save deltas of their shards; one rank then saves against that parent: the
+    row-sharded tensor's chunks line up on the global row grid and stay deltas."""
+    from tests import dist_workers as w
+
+    url = str(tmp_path / "store")
+    w.spawn(w.delta_worker, 2, url, [1, 2])
+    w.spawn(w.delta_worker, 1, url, [3])
+    g = w.global_tensors()
+    for step in (1, 2, 3):
+        full = ckptstore.load_full(url, step=step)
+        assert torch.equal(full["big"], g["big"] * (1 + 1e-3 * step))
+        assert torch.equal(full["col"], g["col"] + 1e-4 * step)
+    m2, m3 = _manifest(url, 2), _manifest(url, 3)
+    assert len(m2.tensors["big"].shards) == 2 and min(_chains(m2, "big")) == 1
+    assert len(m3.tensors["big"].shards) == 1 and min(_chains(m3, "big")) == 2  # resharded
+    assert max(_chains(m3, "col")) == 0  # column shards: another box, no base
+    assert reports.verify(Repository.open(url)).ok
