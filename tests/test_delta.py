@@ -348,3 +348,21 @@ def test_distributed_delta_saves_and_a_resharded_delta_save(tmp_path):
     assert len(m3.tensors["big"].shards) == 1 and min(_chains(m3, "big")) == 2  # resharded
     assert max(_chains(m3, "col")) == 0  # column shards: another box, no base
     assert reports.verify(Repository.open(url)).ok
+
+
+def test_raw_cache_never_reuses_memory_someone_holds():
+    from ckptstore.store.blobs import RawCache
+
+    cache = RawCache()
+    cache.put(b"a" * 16, np.arange(100, dtype=np.uint8), 200)
+    held = cache.get(b"a" * 16)  # a writer XORing with this base right now
+    cache.put(b"b" * 16, np.zeros(100, np.uint8), 150)  # evicts it
+    assert held is not None and held[5] == 5 and cache.get(b"a" * 16) is None
+    del held
+    first = cache.get(b"b" * 16)
+    assert first is not None
+    where = first.ctypes.data
+    del first
+    cache.put(b"c" * 16, np.full(100, 7, np.uint8), 150)  # nobody holds b: memory reused
+    got = cache.get(b"c" * 16)
+    assert got is not None and got.ctypes.data == where and got[0] == 7 and cache.nbytes == 100

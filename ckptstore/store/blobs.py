@@ -8,6 +8,7 @@ uploaded again. Readers fetch only the chunks that overlap the rows asked for.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -126,8 +127,16 @@ class RawCache:
             while self._items and self.nbytes + size > limit:
                 _, old = self._items.popitem(last=False)
                 self.nbytes -= old.nbytes
-                if spare is None and old.nbytes == size and old.base is None:
+                # reused only when nobody holds it: a writer may be XORing with it right
+                # now (this frame's ``old`` and getrefcount's argument are the 2 references)
+                if (
+                    spare is None
+                    and old.nbytes == size
+                    and old.base is None
+                    and sys.getrefcount(old) <= 2
+                ):
                     spare = old
+                del old
             self.nbytes += size  # reserved now, filled below
         if spare is not None:
             spare.flags.writeable = True
