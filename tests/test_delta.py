@@ -366,3 +366,13 @@ def test_raw_cache_never_reuses_memory_someone_holds():
     cache.put(b"c" * 16, np.full(100, 7, np.uint8), 150)  # nobody holds b: memory reused
     got = cache.get(b"c" * 16)
     assert got is not None and got.ctypes.data == where and got[0] == 7 and cache.nbytes == 100
+
+
+def test_a_delta_that_loses_is_not_stored(local_url):
+    """Content unrelated to the parent's: the delta is larger, so every chunk stays
+    standalone, also on the saves after, which skip the try."""
+    for step in range(5):
+        sd = {"w": torch.randn(96, 128, generator=torch.Generator().manual_seed(100 + step))}
+        ckptstore.save(sd, local_url, step=step, delta=True, settings=_settings())
+        assert _manifest(local_url, step).max_chain == 0
+        assert torch.equal(ckptstore.load_full(local_url, step=step)["w"], sd["w"])

@@ -495,6 +495,11 @@ class BlobWriter:
             return base_key, base_chain, None
         if len(base_chain) + 1 > self.delta_chain:
             return None  # a standalone chunk every delta_chain + 1 links
+        known = _size_of(base_key)
+        if known is not None and known[1] % RETRY_LOST_DELTA:  # lost last time: skip
+            whole = tail.encode(piece)
+            _remember(key, byte_view(whole).nbytes, known[1] + 1)
+            return key, (), whole
         base_raw = RAW_CACHE.get(base_key)
         if base_raw is None:
             try:
@@ -510,11 +515,6 @@ class BlobWriter:
             RAW_CACHE.put(base_key, base_raw, self.cache_bytes)
         if base_raw.nbytes != len(piece):
             return None
-        known = _size_of(base_key)
-        if known is not None and known[1] % RETRY_LOST_DELTA:  # lost last time: skip
-            whole = tail.encode(piece)
-            _remember(key, byte_view(whole).nbytes, known[1] + 1)
-            return key, (), whole
         as_delta = tail.encode(_xor_buffer(piece, base_raw))
         n_delta = byte_view(as_delta).nbytes
         if known is not None and n_delta < SURE_WIN * known[0]:
