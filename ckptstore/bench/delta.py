@@ -257,9 +257,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             label = "finetune-minilm-fp32" + ("-exact" if args.exact else "")
             result["series"].append(series(label, states, root, settings, args.chain, depths))
         if "finetune-real" not in args.skip:
-            states = fine_tune_real_states(args.n, args.every)
-            label = "finetune-minilm-fp32-real-grad" + ("-exact" if args.exact else "")
-            result["series"].append(series(label, states, root, settings, args.chain, depths))
+            import importlib.util
+
+            if importlib.util.find_spec("transformers") is None:  # not in the test extra
+                print("finetune-real skipped: needs `pip install transformers`")
+            else:
+                states = fine_tune_real_states(args.n, args.every)
+                label = "finetune-minilm-fp32-real-grad" + ("-exact" if args.exact else "")
+                result["series"].append(
+                    series(label, states, root, settings, args.chain, depths)
+                )
         if "pretrain" not in args.skip:
             pre_depths = list(range(args.pre_n))
             for dtype in ("fp32", "bf16"):
