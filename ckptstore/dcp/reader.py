@@ -116,6 +116,8 @@ class Reader(StorageReader):
         """For the next load only: the checkpoint and metadata the coordinator resolved and
         read for every rank (``ckptstore.load`` broadcasts them), so this rank reads no
         manifest. Without it each ``dcp.load`` resolves and reads on every rank."""
+        if self.manifest is not None and self.manifest.name != name:
+            self.manifest = None  # of an earlier load through this reader: never use it
         self.name, self.step, self.metadata = name, None, metadata
         self._preset = True
 

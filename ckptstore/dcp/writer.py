@@ -178,7 +178,9 @@ class Writer(StorageWriter):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         self._begin()
-        return plan
+        # this rank's id of this save, which the coordinator returns in its ParentIndex:
+        # only an index carrying it was made (and read under the lease) for this save
+        return dataclasses.replace(plan, storage_data=self._save_id)
 
     def _begin(self) -> None:
         """The coordinator begins the save session (refuse an existing name, take the
@@ -214,7 +216,8 @@ class Writer(StorageWriter):
                 elif item.tensor_data is not None:
                     chunk = item.tensor_data.chunk
                     boxes.append((item.index.fqn, list(chunk.offsets), list(chunk.sizes)))
-            index = self._session.index_for(boxes)
+            token = plan.storage_data if isinstance(plan.storage_data, str) else ""
+            index = self._session.index_for(boxes, token)
             out.append(dataclasses.replace(plan, storage_data=index))
         return out
 
@@ -229,8 +232,13 @@ class Writer(StorageWriter):
     def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         repo = self._repository()
         parent = plan.storage_data
-        if not isinstance(parent, ParentIndex) or parent.checkpoint != self.name:
-            parent = ParentIndex(self.name, None)  # a plan cached from an earlier save
+        if (
+            not isinstance(parent, ParentIndex)
+            or parent.checkpoint != self.name
+            or not parent.token
+            or parent.token != self._save_id
+        ):  # a plan DCP cached from an earlier save (maybe of this very name): not ours
+            parent = ParentIndex(self.name, None)
         # every value is serialized before any chunk is written: one that does not pickle
         # fails the save here, naming its key, with nothing uploaded
         objects = {

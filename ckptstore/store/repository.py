@@ -160,13 +160,15 @@ class Repository:
     def scan(self) -> tuple[list[Manifest], dict[str, CkptStoreError]]:
         """Readable manifests, oldest first, and the error of each unreadable one by name.
 
+        Every manifest is read anew, never from this object's cache: a checkpoint may have
+        been overwritten, or removed and saved again, since (gc must see what is there now).
         A manifest removed (by gc or rm) between the listing and its read is skipped: the
         checkpoint no longer exists, which is not damage."""
         bad: dict[str, CkptStoreError] = {}
 
         def read(name: str) -> Manifest | None:
             try:
-                return self.manifest(name)
+                return self.manifest(name, cached=False)
             except CheckpointNotFoundError:
                 return None
             except CkptStoreError as exc:
@@ -197,7 +199,7 @@ class Repository:
 
         def read(name: str) -> CheckpointSummary | None:
             try:
-                return CheckpointSummary.of(self.manifest(name))
+                return CheckpointSummary.of(self.manifest(name, cached=False))
             except CheckpointNotFoundError:
                 return None
             except CkptStoreError as exc:
@@ -217,7 +219,7 @@ class Repository:
             layout.check_name(name)
             if step is not None and layout.step_of_name(name) not in (None, step):
                 raise ValueError(f"name {name!r} and step={step} disagree")
-            self.manifest(name)
+            self.manifest(name, cached=False)  # (read anew; the caller's next read is cached)
             return name
         if step is not None:
             wanted = layout.step_name(step)
@@ -291,13 +293,11 @@ class Repository:
                 except ObjectExistsError:  # a plain save of that name committed meanwhile
                     continue
             try:
-                dropped = Manifest.decode(old, self.backend.describe(key))
-                dropped.manifest_bytes = len(old)
-                entries = [catalog.entry_key(CheckpointSummary.of(dropped))]
+                Manifest.decode(old, self.backend.describe(key))
                 readable = True
             except (ManifestError, FormatVersionError):  # no save can have read it (G2)
-                entries = self.backend.list(catalog.entry_prefix(manifest.name))
                 readable = False
+            entries = self.backend.list(catalog.entry_prefix(manifest.name))  # all of them
             if readable:  # O2
                 tkey = layout.trash_key(
                     manifest.name, int(time.time() * 1000), uuid.uuid4().hex[:8]
@@ -346,7 +346,7 @@ class Repository:
         written = 0
         for name in sorted(names - set(entries)):
             try:
-                self.write_catalog_entry(self.manifest(name))
+                self.write_catalog_entry(self.manifest(name, cached=False))
                 written += 1
             except (CheckpointNotFoundError, ManifestError, FormatVersionError):
                 continue
@@ -379,13 +379,13 @@ class Repository:
             ) from None
         readable = True
         try:
-            dropped = Manifest.decode(data, self.backend.describe(key))
-            dropped.manifest_bytes = len(data)
-            entries = [catalog.entry_key(CheckpointSummary.of(dropped))]
+            Manifest.decode(data, self.backend.describe(key))
         except (ManifestError, FormatVersionError):
             readable = False
-            entries = self.backend.list(catalog.entry_prefix(name))
-        # C3: the catalog entry goes first, so an entry never outlives its manifest
+        # C3: the catalog entries go first, so an entry never outlives its manifest — every
+        # entry under the name (one short listing), not just the one this manifest implies:
+        # an entry written late, or by a tidy from an older manifest, must not survive
+        entries = self.backend.list(catalog.entry_prefix(name))
         self.backend.map(self.backend.delete, entries)
         tkey = None
         if readable:

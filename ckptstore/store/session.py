@@ -74,12 +74,15 @@ class ParentChunk:
 @dataclass
 class ParentIndex:
     """What the coordinator hands one rank: the parent's chunks overlapping that rank's
-    share. ``checkpoint`` names the save it was made for — a plan cached by DCP from an
-    earlier save carries an older index, which a writer must ignore."""
+    share. ``token`` is the rank's own id of the save it was made for (the rank sent it with
+    its local plan): a plan DCP cached from an earlier save — even one of the same name,
+    overwritten or removed and saved again — carries another token, and a writer must then
+    ignore the index, which was not read under this save's lease."""
 
     checkpoint: str
     parent: str | None
     chunks: list[ParentChunk] = field(default_factory=list)
+    token: str = ""
 
     def sizes(self) -> dict[bytes, int]:
         return {c.key: c.stored for c in self.chunks}
@@ -308,10 +311,12 @@ class SaveSession:
             return None
 
     def index_for(
-        self, boxes: Sequence[tuple[str, Sequence[int] | None, Sequence[int] | None]]
+        self,
+        boxes: Sequence[tuple[str, Sequence[int] | None, Sequence[int] | None]],
+        token: str = "",
     ) -> ParentIndex:
         """The parent chunks of a rank's share: ``boxes`` are (fqn, offsets, sizes), with
-        offsets None for an object."""
+        offsets None for an object; ``token`` the rank's id of this save."""
         parent = self.parent()
         if self._lookup is None:
             self._lookup = ParentLookup(parent)
@@ -319,7 +324,9 @@ class SaveSession:
         for fqn, offsets, sizes in boxes:
             for c in self._lookup.chunks(fqn, offsets, sizes):
                 chunks.setdefault((c.key, c.fqn, c.row_start, c.inner), c)
-        return ParentIndex(self.name, parent.name if parent else None, list(chunks.values()))
+        return ParentIndex(
+            self.name, parent.name if parent else None, list(chunks.values()), token
+        )
 
     def commit(self, manifest: Manifest) -> int:
         """S3–S4: commit check, create-only put of the manifest, catalog entry, release.
@@ -347,14 +354,16 @@ class SaveSession:
                 size = self.repo._replace_manifest(manifest)
             else:
                 size = self.repo._commit_manifest(manifest)
+            # C1, under the lease: no rm or gc drops the checkpoint (G10) before its entry
+            # exists, so a drop always finds the entry it must delete first (C3)
+            try:
+                self.repo.write_catalog_entry(manifest)
+            except CkptStoreError as exc:  # committed: ls reads its manifest until gc tidies
+                log.warning("checkpoint %r committed, its catalog entry not: %s", self.name, exc)
         finally:
             self.release()
         with _last_commit_lock:
             _last_commit[self.repo.url] = self.name
-        try:
-            self.repo.write_catalog_entry(manifest)
-        except CkptStoreError as exc:  # committed: ls reads its manifest until gc tidies
-            log.warning("checkpoint %r committed, its catalog entry not: %s", self.name, exc)
         return size
 
     def release(self) -> None:
@@ -386,7 +395,9 @@ class LoadSession:
     ) -> None:
         self.repo = repo
         self.name = repo.resolve(step, name)
-        self.manifest = repo.manifest(self.name)
+        # read anew: the checkpoint may have been overwritten, or removed and saved again,
+        # since this repository cached it
+        self.manifest = repo.manifest(self.name, cached=False)
         self.reader = BlobReader(repo, threads=threads)
 
     def where(self, fqn: str) -> str:
