@@ -70,10 +70,25 @@ def _run(fn: Callable[[], Any]) -> Any:
         raise err from exc
 
 
-def _writer(state_dict: StateDict, url: str | Backend, **options: Any) -> Writer:
-    """The Writer of a save/async_save call; records which dict keys were ints."""
+def _writer(
+    state_dict: StateDict,
+    url: str | Backend,
+    *,
+    settings: Settings | None,
+    chunk_bytes: int | None,
+    inline_bytes: int | None,
+    threads: int | None,
+    **options: Any,
+) -> Writer:
+    """The Writer of a save/async_save call: settings resolved once (the edge), the dict
+    keys that were ints recorded, and the state checked before DCP stages anything."""
     url = store_url(url)  # a TypeError for url=123, before anything else
-    return Writer(url, int_keys=_int_key_paths(state_dict), **options)
+    resolved = Settings.resolve(
+        settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
+    )
+    writer = Writer(url, int_keys=_int_key_paths(state_dict), settings=resolved, **options)
+    check_state(state_dict)  # sparse/meta tensors: a clear error before DCP stages anything
+    return writer
 
 
 def save(
@@ -131,11 +146,11 @@ def save(
         parent=parent,
         overwrite=overwrite,
         delta=delta,
-        settings=Settings.resolve(
-            settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
-        ),
+        settings=settings,
+        chunk_bytes=chunk_bytes,
+        inline_bytes=inline_bytes,
+        threads=threads,
     )
-    check_state(state_dict)  # sparse/meta tensors: a clear error before DCP stages anything
     t0 = time.monotonic()
     try:
         _run(
@@ -201,11 +216,11 @@ def async_save(
         parent=parent,
         overwrite=overwrite,
         delta=delta,
-        settings=Settings.resolve(
-            settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
-        ),
+        settings=settings,
+        chunk_bytes=chunk_bytes,
+        inline_bytes=inline_bytes,
+        threads=threads,
     )
-    check_state(state_dict)  # sparse/meta tensors: a clear error before DCP stages anything
     t0 = time.monotonic()
     started = _run(
         lambda: dcp.async_save(
