@@ -1,5 +1,6 @@
 """``ckptstore`` CLI: ls, inspect, verify, demo, bench here; gc, rm, du, diff in
-:mod:`ckptstore.cli.lifecycle`; export, import in :mod:`ckptstore.cli.transfer`.
+:mod:`ckptstore.cli.lifecycle`; export, import in :mod:`ckptstore.cli.transfer`; report in
+:mod:`ckptstore.cli.report`.
 
 Exit codes and error handling: :mod:`ckptstore.cli.common` (and docs/cli.md).
 """
@@ -11,7 +12,7 @@ import sys
 import click
 from rich.table import Table
 
-from ckptstore.cli import lifecycle, transfer
+from ckptstore.cli import lifecycle, report, transfer
 from ckptstore.cli.common import (  # noqa: F401 - re-exported for older imports
     EXIT_CORRUPT,
     EXIT_DAMAGED,
@@ -244,7 +245,7 @@ def bench_cmd(
         emit_json(results)
 
 
-for _command in (*lifecycle.COMMANDS, *transfer.COMMANDS):
+for _command in (*lifecycle.COMMANDS, *transfer.COMMANDS, *report.COMMANDS):
     cli.add_command(_command)
 
 
