@@ -61,6 +61,16 @@ def assert_folder_is_pointers(cb, url) -> None:
         assert pointer["store"] == os.path.abspath(url)
 
 
+def test_without_lightning_the_import_error_names_the_extra(monkeypatch):
+    import importlib
+
+    for mod in ("lightning.fabric.plugins", "lightning_fabric.plugins"):
+        monkeypatch.setitem(sys.modules, mod, None)
+    monkeypatch.delitem(sys.modules, "ckptstore.integrations.lightning")
+    with pytest.raises(ImportError, match=r"pip install 'ckptstore\[lightning\]'"):
+        importlib.import_module("ckptstore.integrations.lightning")
+
+
 # -- names -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "fname",
@@ -210,6 +220,38 @@ def test_save_last_link_resumes_through_the_link(tmp_path):
     assert target in {Path(p).name for p in cb.best_k_models}
     loaded = CkptStoreIO(url).load_checkpoint(last)
     assert target.endswith(f"step={loaded['global_step']}.ckpt")
+
+
+def test_standalone_pytorch_lightning_and_a_pickled_plugin(tmp_path):
+    """The plug-in is a CheckpointIO of both packages, and survives pickling (ddp_spawn)."""
+    pl = pytest.importorskip("pytorch_lightning")
+    import pickle
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    io = pickle.loads(pickle.dumps(CkptStoreIO(tmp_path / "store")))
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "c", every_n_train_steps=2)
+    trainer = pl.Trainer(
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ckpt],
+        plugins=[io],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Tiny(), lt.loader())
+    assert store_names(tmp_path / "store") == {"epoch_3d0-step_3d4.ckpt": 4}
 
 
 # -- the CheckpointIO calls on their own --------------------------------------------------------

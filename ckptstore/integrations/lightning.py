@@ -62,6 +62,7 @@ _POINTER_MAX_BYTES = 4096
 _META_KEY = "_ckptstore_lightning"
 """Top-level key of the stored dict: (format version, paths of empty mappings). DCP's
 flattening keeps no empty dict (a loop's ``state_dict: {}``), and Lightning needs them back."""
+_META_VERSION = 1
 _SAVE_OPTIONS = frozenset({"quantize", "delta", "parent", "chunk_bytes", "inline_bytes", "threads"})
 _SAFE = frozenset(string.ascii_letters + string.digits + ".-")
 _HEX = frozenset("0123456789abcdef")
@@ -281,8 +282,8 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
     Lightning saves to, so that its file checks (``ckpt_path="last"``, version counters,
     ``save_last="link"``) see the checkpoint. ``gc``: after a checkpoint is removed, collect
     the chunks nothing references any more on a background thread (older than the store's
-    gc grace). ``allow_pickle``: load values that need full pickle (also when Lightning
-    passes ``weights_only=False``).
+    gc grace). ``allow_pickle``: load values that need full pickle (Lightning's
+    ``weights_only`` does not switch it on). See docs/integrations-lightning.md.
     """
 
     def __init__(
@@ -318,8 +319,8 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
         self._gc_future: Future[Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the Trainer's plug-ins
-        keep = ("_lock", "_saving", "_doomed", "_deleting", "_janitor", "_errors", "_gc_future")
-        return {k: v for k, v in self.__dict__.items() if k not in keep}
+        live = ("_lock", "_saving", "_doomed", "_deleting", "_janitor", "_errors", "_gc_future")
+        return {k: v for k, v in self.__dict__.items() if k not in live}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -339,7 +340,7 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
         options = self._save_options(storage_options)
         step = checkpoint.get("global_step")
         state = dict(checkpoint)
-        state[_META_KEY] = (_POINTER_VERSION, tuple(_empty_mappings(checkpoint)))
+        state[_META_KEY] = (_META_VERSION, tuple(_empty_mappings(checkpoint)))
         with self._lock:
             pending = self._deleting.get(name)
         if pending is not None:  # a removal of this name asked for earlier goes first
@@ -512,6 +513,11 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
             )
         meta = state.pop(_META_KEY, None)
         if meta is not None:
+            if meta[0] != _META_VERSION:
+                raise CkptStoreError(
+                    f"checkpoint {name!r} of store {_url_text(self.url)!r} was saved by a newer "
+                    f"ckptstore Lightning plug-in (version {meta[0]}): upgrade ckptstore"
+                )
             for empty in meta[1]:
                 _put_empty(state, empty)
         move = _mover(map_location)
