@@ -30,14 +30,14 @@ from ckptstore.tensors import iter_full_tensors
 StateDict = dict[str, Any]
 
 
-def _unwrap(exc: CheckpointException) -> BaseException:
+def _unwrap(exc: CheckpointException, no_dist: bool = False) -> BaseException:
     """DCP wraps every rank's failure; surface ours as themselves, naming the rank(s)."""
     failures = exc.failures
     if not failures:
         return exc
     ranks = sorted(failures)
     first = failures[ranks[0]][0]
-    if len(ranks) == 1 and not _distributed():
+    if len(ranks) == 1 and not _distributed(no_dist):
         return first  # single process: the original exception, whatever its type
     msg = f"failed on rank(s) {ranks}: " + "; ".join(
         f"rank {r}: {type(failures[r][0]).__name__}: {failures[r][0]}" for r in ranks
@@ -53,18 +53,21 @@ def _unwrap(exc: CheckpointException) -> BaseException:
     return err
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def _distributed(no_dist: bool = False) -> bool:
+    """Whether a call is collective: torch.distributed is up and the caller did not say
+    ``no_dist=True`` (this process alone, e.g. rank 0 of a job whose ranks hold the same
+    state)."""
+    return not no_dist and dist.is_available() and dist.is_initialized()
 
 
-def _run(fn: Callable[[], Any]) -> Any:
+def _run(fn: Callable[[], Any], no_dist: bool = False) -> Any:
     try:
         with warnings.catch_warnings():
             # single-process use is intended, not a misconfiguration: no warning for it
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             return fn()
     except CheckpointException as exc:
-        err = _unwrap(exc)
+        err = _unwrap(exc, no_dist)
         if err is exc:
             raise
         raise err from exc
@@ -99,6 +102,7 @@ def save(
     name: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     process_group: Any = None,
+    no_dist: bool = False,
     planner: Any = None,
     chunk_bytes: int | None = None,
     inline_bytes: int | None = None,
@@ -126,6 +130,10 @@ def save(
     ``keep_last=N``: after the commit, rank 0 runs ``gc --keep-last N`` on a background
     thread (``info.retention`` is its future); other ranks do not wait for it. It finishes
     before the interpreter exits.
+
+    ``no_dist=True``: this process saves alone even under torch.distributed — e.g. rank 0
+    of a DDP job, whose ranks hold the same state (the trainer plug-ins do this); the other
+    ranks do not call. Without it the call is collective over ``process_group``.
 
     ``parent``: the checkpoint to deduplicate against first (default: the one this
     process saved last to this store if it still exists, else the latest).
@@ -159,15 +167,16 @@ def save(
                 storage_writer=writer,
                 planner=planner,
                 process_group=process_group,
-                no_dist=not _distributed(),
-            )
+                no_dist=not _distributed(no_dist),
+            ),
+            no_dist,
         )
     finally:
         writer.release_lease()  # (the commit released it already when all went well)
     info = writer.save_info
     if info is not None:
         info.seconds = time.monotonic() - t0  # the whole call, planning included
-    if _distributed():  # only the coordinator saw every rank's results: share its figures
+    if _distributed(no_dist):  # only the coordinator saw every rank's results: share its figures
         info = _broadcast(info, process_group)
     assert info is not None
     if retention is not None and writer.is_coordinator:
@@ -185,6 +194,7 @@ def async_save(
     name: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     process_group: Any = None,
+    no_dist: bool = False,
     planner: Any = None,
     chunk_bytes: int | None = None,
     inline_bytes: int | None = None,
@@ -228,8 +238,9 @@ def async_save(
             storage_writer=writer,
             planner=planner,
             process_group=process_group,
-            no_dist=not _distributed(),
-        )
+            no_dist=not _distributed(no_dist),
+        ),
+        no_dist,
     )
     upload = getattr(started, "upload_completion", started)  # AsyncSaveResponse or Future
     result: Future[SaveInfo] = Future()
@@ -242,14 +253,16 @@ def async_save(
                 repo = writer._repository()  # the catalog entry has the figures
                 info = SaveInfo.of_summary(repo.summary(writer.name))
             info.seconds = time.monotonic() - t0
-            if retention is not None and (not _distributed() or dist.get_rank(process_group) == 0):
+            if retention is not None and (
+                not _distributed(no_dist) or dist.get_rank(process_group) == 0
+            ):
                 info.retention = gc.retain_in_background(
                     url, retention, storage_options=storage_options, settings=writer.settings
                 )
             result.set_result(info)
         except CheckpointException as exc:
             writer.release_lease()
-            result.set_exception(_unwrap(exc))
+            result.set_exception(_unwrap(exc, no_dist))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller via the future
             writer.release_lease()
             result.set_exception(exc)
@@ -290,6 +303,7 @@ def load(
     name: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     process_group: Any = None,
+    no_dist: bool = False,
     planner: Any = None,
     allow_pickle: bool = False,
     strict_dtype: bool = False,
@@ -304,6 +318,7 @@ def load(
     checkpoint into a bf16 model and back), unless ``strict_dtype=True``, which makes that a
     :class:`~ckptstore.errors.MismatchError`. Non-tensor values load through an allow-list
     (docs/api.md, "Values other than tensors"); ``allow_pickle=True`` unpickles anything.
+    ``no_dist=True``: this process loads alone even under torch.distributed.
     Returns what this rank read.
     """
     reader = Reader(
@@ -319,7 +334,7 @@ def load(
     # the coordinator resolves the checkpoint and reads its manifest once, for every rank:
     # a commit landing now must not make another rank load a different "latest", and no
     # other rank reads store metadata (each gets its records with its load plan)
-    _open_everywhere(reader, process_group)
+    _open_everywhere(reader, process_group, no_dist)
     _check_template(state_dict, reader)
     _run(
         lambda: dcp.load(
@@ -327,14 +342,15 @@ def load(
             storage_reader=reader,
             planner=planner,
             process_group=process_group,
-            no_dist=not _distributed(),
-        )
+            no_dist=not _distributed(no_dist),
+        ),
+        no_dist,
     )
     assert reader.load_info is not None
     return reader.load_info
 
 
-def _open_everywhere(reader: Reader, process_group: Any) -> None:
+def _open_everywhere(reader: Reader, process_group: Any, no_dist: bool = False) -> None:
     def open_here() -> tuple[str, Any]:
         try:
             reader.open()
@@ -342,7 +358,7 @@ def _open_everywhere(reader: Reader, process_group: Any) -> None:
         except CkptStoreError as exc:
             return "error", exc
 
-    if _distributed():
+    if _distributed(no_dist):
         coordinator = dist.get_rank(process_group) == 0
         status, value = _broadcast(open_here() if coordinator else None, process_group)
     else:

@@ -353,3 +353,21 @@ def delta_worker(rank: int, world: int, port: int, url: str, steps: list) -> Non
     for step in steps:
         ckptstore.save(delta_state(world, step), url, step=step, chunk_bytes=CHUNK, delta=True)
     _finish()
+
+
+def no_dist_worker(rank: int, world: int, port: int, url: str, out: str) -> None:
+    """Rank 0 saves and async-saves alone (``no_dist=True``) while rank 1 waits at a
+    barrier, as a trainer plug-in does; then each rank loads alone."""
+    import ckptstore
+
+    _init(rank, world, port)
+    state = {"w": torch.arange(5000, dtype=torch.float32) * (rank + 1), "step": 7}
+    if rank == 0:
+        ckptstore.save(state, url, step=1, no_dist=True, chunk_bytes=CHUNK)
+        info = ckptstore.async_save(state, url, step=2, no_dist=True, keep_last=1).result()
+        info.retention.result()  # (the worker leaves with os._exit)
+    dist.barrier()
+    got = {"w": torch.zeros(5000), "step": 0}
+    info = ckptstore.load(got, url, no_dist=True)
+    _dump(out, "no-dist", rank, {"name": info.name, "w0": got["w"][1].item(), "step": got["step"]})
+    _finish()

@@ -140,3 +140,15 @@ def test_store_metadata_is_read_once_not_once_per_rank(tmp_path):
                     rep[op],
                 )
                 assert rep[op]["metadata_requests"] <= 2, (r, op, rep[op])  # store.json (+ head)
+
+
+def test_no_dist_saves_and_loads_from_one_rank_of_a_job(tmp_path):
+    """``no_dist=True``: rank 0 of a 2-rank gloo job saves alone (sync and async, with
+    retention) while rank 1 does not call; each rank then loads alone — nothing hangs and
+    both read rank 0's values."""
+    url, out = str(tmp_path / "store"), str(tmp_path)
+    w.spawn(w.no_dist_worker, 2, url, out)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"no-dist-{rank}.json").read_text())
+        assert got == {"name": "step-000000000002", "w0": 1.0, "step": 7}
+    assert [s.name for s in ckptstore.Store(url).list()] == ["step-000000000002"]
