@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import msgpack
+import numpy as np
 
 from ckptstore.codecs.base import Buffer, Codec
 from ckptstore.codecs.bytegroup import ByteGroup
@@ -134,6 +135,42 @@ class Pipeline:
         if size != expected_size:
             raise CodecError(f"decoded to {size} bytes, expected {expected_size}")
         return keyed, data
+
+    def decode_into(self, data: Buffer, out: np.ndarray) -> Buffer:
+        """Decode ``data`` into ``out`` — a writable C-contiguous uint8 array of exactly the
+        raw size, e.g. the destination tensor's own memory — bounded as :meth:`decode` with
+        ``expected_size=out.size`` (every failure a ``CodecError``; ``out`` may then hold
+        anything). Returns the bytes the chunk key hashes: ``out`` itself when lossless.
+
+        The default chains decode with no intermediate raw-sized copy: zstd's segments (the
+        byte planes) are scattered straight into ``out``. Other chains decode as
+        :meth:`decode_parts` does and copy the result in."""
+        expected = out.size
+        codecs = self.codecs
+        try:
+            if len(codecs) == 2 and type(codecs[0]) is ByteGroup and type(codecs[1]) is Zstd:
+                group, zstd = codecs
+                group.decode_into(zstd.decode_segments(data, group.max_encoded_size(expected)), out)
+                return out
+            if len(codecs) == 1 and type(codecs[0]) is Zstd:
+                parts = codecs[0].decode_segments(data, expected)
+                got = sum(memoryview(p).nbytes for p in parts)
+                if got != expected:
+                    raise CodecError(f"decoded to {got} bytes, expected {expected}")
+                pos = 0
+                for part in parts:
+                    piece = np.frombuffer(part, dtype=np.uint8)
+                    out[pos : pos + piece.size] = piece
+                    pos += piece.size
+                return out
+        except CodecError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise CodecError(f"cannot be decoded with {self.short()}: {exc}") from exc
+        keyed, raw = self.decode_parts(data, expected)
+        if memoryview(raw).nbytes:
+            out[:] = np.frombuffer(raw, dtype=np.uint8)
+        return keyed
 
     def short(self) -> str:
         """Compact label, e.g. ``group4+rot>zstd-entropy``."""

@@ -117,6 +117,13 @@ class Zstd(Codec):
         return self._decode(data, max_size)
 
     def _decode(self, data: Buffer, max_size: int | None) -> Buffer:
+        out = self.decode_segments(data, max_size)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def decode_segments(self, data: Buffer, max_size: int | None = None) -> list[Buffer]:
+        """The decoded segments of ``data`` in order, not joined (a reader that scatters
+        byte planes into place needs no joined copy); raw segments are views of ``data``.
+        ``max_size`` bounds their total as :meth:`decode_bounded` does."""
         view = byte_view(data)
         left = max_size
         try:
@@ -152,4 +159,4 @@ class Zstd(Codec):
                 raise ValueError(f"{len(view) - pos} trailing bytes")
         except (IndexError, struct.error, ValueError, zstandard.ZstdError) as exc:
             raise CodecError(f"zstd payload cannot be decoded: {exc}") from exc
-        return out[0] if len(out) == 1 else b"".join(out)
+        return out

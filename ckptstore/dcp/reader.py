@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
@@ -222,6 +224,8 @@ class Reader(StorageReader):
                 entry[1][ref.row_start if ref is not None else -1] = ref
                 entry[2][id(req)] = (req, target, where, dtype)
 
+        shared = _overlapping(t for _, t in targets)
+
         def fetch(task: tuple[Shard, dict[int, ChunkRef | None], dict]) -> None:
             shard, refs, users = task
             blob = shard.blob
@@ -229,6 +233,8 @@ class Reader(StorageReader):
             row_bytes = blob.nbytes // rows_total if rows_total else 0
             where = next(iter(users.values()))[2]
             first = next(iter(refs.values()))
+            saved = torch_dtype(next(iter(users.values()))[3])
+            placed: tuple[int, int, int] | None = None  # (chunk rows, box) decoded in place
             if first is None:
                 raw = reader.read_rows(blob, 0, rows_total, where)
                 spans = [(0, rows_total)]
@@ -237,12 +243,28 @@ class Reader(StorageReader):
                     pipeline = Pipeline.from_config(blob.codec)
                 except UnknownCodecError as exc:
                     raise UnknownCodecError(f"{where}: {exc}") from None
-                raw = reader.fetch_chunk(first, pipeline, row_bytes, where)
                 spans = [(r.row_start, r.row_stop) for r in refs.values() if r is not None]
-            saved = torch_dtype(next(iter(users.values()))[3])
+                # straight into a destination that holds the whole chunk as raw bytes
+                # (contiguous CPU memory of the saved dtype, aliased by no other box);
+                # else into this thread's scratch buffer, then copied
+                dst = None
+                for c0, c1 in spans:
+                    for req, target, _, _ in users.values():
+                        if id(target) not in shared:
+                            dst = _in_place(c0, c1, shard, req, target, saved)
+                        if dst is not None:
+                            placed = (c0, c1, id(req))
+                            break
+                    if dst is not None:
+                        break
+                if dst is None:
+                    dst = _scratch((first.row_stop - first.row_start) * row_bytes)
+                reader.fetch_chunk_into(first, pipeline, row_bytes, where, dst)
+                raw = dst
             for c0, c1 in spans:
                 for req, target, _, _ in users.values():
-                    _copy_overlap(raw, c0, c1, shard, req, target, saved)
+                    if placed != (c0, c1, id(req)):
+                        _copy_overlap(raw, c0, c1, shard, req, target, saved)
 
         threads = self.settings.threads if self.threads is None else self.threads
         if repo.backend.capabilities.remote and self.threads is None:
@@ -310,13 +332,72 @@ def _row_span(req: ReadItem, shard: Shard) -> tuple[int, int]:
     return r0, r0 + int(req.lengths[0])
 
 
+_local = threading.local()
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    """This thread's reused decode buffer, ``nbytes`` long (valid until its next call): no
+    fresh chunk-sized allocation (page faults) per chunk."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = _local.buf = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes]
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses that tensor ``t`` may touch (torch strides are never
+    negative)."""
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def _overlapping(targets: Iterable[torch.Tensor]) -> set[int]:
+    """ids of the destination boxes whose memory may overlap another's (tied weights, one
+    tensor under two names): those are never decoded in place — two threads rebuilding
+    equal bytes in one place could see each other's half-done work in the key check."""
+    spans = sorted((*_span(t), id(t)) for t in targets if t.numel() and t.device.type == "cpu")
+    out: set[int] = set()
+    end, last = -1, None
+    for lo, hi, ident in spans:
+        if lo < end:
+            out.add(ident)
+            if last is not None:
+                out.add(last)
+        if hi > end:
+            end, last = hi, ident
+    return out
+
+
+def _in_place(
+    c0: int, c1: int, shard: Shard, req: ReadItem, target: torch.Tensor, dtype: torch.dtype
+) -> np.ndarray | None:
+    """The bytes of ``target`` that chunk rows [c0, c1) of ``shard`` fill, as a writable
+    uint8 array, when the chunk can be decoded straight into them: a CPU tensor of the
+    saved dtype, the box taking whole rows, the chunk inside the box and those rows
+    contiguous. Else None."""
+    if target.device.type != "cpu" or target.dtype != dtype or not shard.sizes:
+        return None
+    if target.is_conj() or target.is_neg() or type(target) is not torch.Tensor:
+        return None
+    for dim in range(1, len(shard.sizes)):
+        if int(req.storage_offsets[dim]) != 0 or int(req.lengths[dim]) != int(shard.sizes[dim]):
+            return None
+    r0, r1 = _row_span(req, shard)
+    if c0 < r0 or c1 > r1 or c1 <= c0:
+        return None
+    rows = target[c0 - r0 : c1 - r0]
+    if rows.numel() == 0 or not rows.is_contiguous():
+        return None
+    return rows.reshape(-1).view(torch.uint8).numpy()
+
+
 def _copy_overlap(
     raw, c0: int, c1: int, shard: Shard, req: ReadItem, target: torch.Tensor, dtype: torch.dtype
 ) -> None:
     """Copy the part of chunk rows [c0, c1) of ``shard`` (saved as ``dtype``) that ``req``
-    wants into ``target``; ``copy_`` casts to the target's dtype as DCP does."""
+    wants into ``target``; casts to the target's dtype as DCP does."""
     if not shard.sizes:  # 0-d tensor
-        target.copy_(from_bytes(raw, dtype, []))
+        _copy(target, from_bytes(raw, dtype, []))
         return
     r0, r1 = _row_span(req, shard)
     a, b = max(c0, r0), min(c1, r1)
@@ -326,4 +407,28 @@ def _copy_overlap(
     src = from_bytes(raw, dtype, [c1 - c0, *row_shape])[a - c0 : b - c0]
     for dim in range(1, len(shard.sizes)):
         src = src.narrow(dim, int(req.storage_offsets[dim]), int(req.lengths[dim]))
-    target[a - r0 : b - r0].copy_(src)
+    _copy(target[a - r0 : b - r0], src)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``; between CPU tensors of one dtype as a numpy copy (one thread, the
+    GIL released): torch's copy_ splits large copies over its intra-op threads, which on a
+    busy box — or from several loader threads at once — ran 10-25x slower than a memcpy
+    (docs/benchmarks.md, "Load")."""
+    view = _SAME_SIZE_INT.get(dst.element_size())
+    if (
+        view is None
+        or dst.device.type != "cpu"
+        or src.device.type != "cpu"
+        or dst.dtype != src.dtype
+        or dst.is_conj()
+        or dst.is_neg()
+        or src.is_conj()
+        or src.is_neg()
+    ):
+        dst.copy_(src)
+        return
+    np.copyto(dst.view(view).numpy(), src.view(view).numpy())

@@ -27,14 +27,8 @@ from ckptstore.errors import (
     UnknownCodecError,
 )
 from ckptstore.store import layout
-from ckptstore.store.chunks import (
-    content_key,
-    delta_key,
-    frame,
-    row_ranges,
-    unframe,
-    xor_into,
-)
+from ckptstore.store.chunks import content_key, frame, row_ranges, unframe
+from ckptstore.store.delta import apply_delta, delta_key, encode_delta
 from ckptstore.store.manifest import Blob, ChunkRef
 from ckptstore.store.repository import Repository
 
@@ -184,20 +178,6 @@ def _remember(key: bytes, standalone: int, lost: int) -> None:
         _SIZES.move_to_end(key)
         while len(_SIZES) > _SIZES_MAX:
             _SIZES.popitem(last=False)
-
-
-_XOR = threading.local()
-
-
-def _xor_buffer(a: Buffer, b: np.ndarray) -> np.ndarray:
-    """``a ^ b`` in this thread's reused buffer (valid until its next call)."""
-    n = b.nbytes
-    buf = getattr(_XOR, "buf", None)
-    if buf is None or buf.nbytes < n:
-        buf = _XOR.buf = np.empty(n, dtype=np.uint8)
-    out = buf[:n]
-    np.bitwise_xor(np.frombuffer(a, dtype=np.uint8), b, out=out)
-    return out
 
 
 """The process's cache of delta bases (bounded by ``Settings.delta_cache_bytes``)."""
@@ -515,7 +495,7 @@ class BlobWriter:
             RAW_CACHE.put(base_key, base_raw, self.cache_bytes)
         if base_raw.nbytes != len(piece):
             return None
-        as_delta = tail.encode(_xor_buffer(piece, base_raw))
+        as_delta = encode_delta(tail, piece, base_raw)
         n_delta = byte_view(as_delta).nbytes
         if known is not None and n_delta < SURE_WIN * known[0]:
             # clearly smaller than these rows were standalone last save: taken without
@@ -585,6 +565,35 @@ class BlobReader:
             )
         return body, raw
 
+    def fetch_chunk_into(
+        self, ref: ChunkRef, pipeline: Pipeline, row_bytes: int, where: str, out: np.ndarray
+    ) -> None:
+        """Fetch, check and decode one chunk straight into ``out`` — a writable C-contiguous
+        uint8 array of exactly the chunk's raw size, e.g. the destination tensor's memory —
+        with no raw-sized intermediate copy for the default lossless chains. The checksum and
+        the key are checked as :meth:`fetch_chunk_parts` does (the key against the bytes in
+        ``out``); on any error ``out`` may hold anything."""
+        expected = (ref.row_stop - ref.row_start) * row_bytes
+        if out.size != expected:
+            raise ValueError(f"chunk of {expected} raw bytes into a buffer of {out.size}")
+        if ref.base:
+            self.decode_chain(ref.key, ref.base, pipeline, expected, where, out=out)
+            return
+        payload, loc = self._fetch(ref.key, where)
+        body = self._decode_into(payload, pipeline, out, loc)
+        if content_key(pipeline, body) != ref.key:  # e.g. two chunk objects swapped
+            raise CorruptChunkError(
+                f"chunk {loc} does not hold the content its key names (overwritten or "
+                "swapped with another object)"
+            )
+
+    @staticmethod
+    def _decode_into(payload: memoryview, pipeline: Pipeline, out: np.ndarray, loc: str) -> Buffer:
+        try:  # bounded by out.size, as _decode
+            return pipeline.decode_into(payload, out)
+        except (CkptStoreError, ValueError, TypeError) as exc:
+            raise CorruptChunkError(f"chunk {loc} cannot be decoded: {exc}") from exc
+
     def _fetch(self, key: bytes, where: str) -> tuple[memoryview, str]:
         """The checked payload of chunk object ``key`` and its name for messages."""
         name = layout.chunk_key(key.hex())
@@ -621,12 +630,18 @@ class BlobReader:
         pipeline: Pipeline,
         expected: int,
         where: str,
+        *,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Raw bytes of chunk ``key`` whose delta chain is ``chain`` ([direct base, …,
         root]; empty for a standalone chunk), all under the lossless ``pipeline``: the root
-        is decoded, then each delta XORed into it in turn — two chunk-sized buffers — and
-        every level's key checked against the bytes rebuilt so far. A base that is missing
-        or damaged is a CorruptChunkError naming the chunk's key and the base's."""
+        is decoded, then each delta applied to it in turn (store/delta.py) — two chunk-sized
+        buffers — and every level's key checked against the bytes rebuilt so far. A base that
+        is missing or damaged is a CorruptChunkError naming the chunk's key and the base's.
+
+        ``out`` (a writable C-contiguous uint8 array of ``expected`` bytes): rebuild there
+        (the root decoded straight into it, each delta applied in place) and return it;
+        without it, a new array."""
         levels = [key, *chain]
         root = levels[-1]
         acc: np.ndarray | None = None
@@ -635,14 +650,16 @@ class BlobReader:
             what = where if i == 0 else f"delta base {k.hex()} of chunk {key.hex()} of {where}"
             try:
                 payload, loc = self._fetch(k, what)
-                _, raw = self._decode(payload, pipeline, expected, loc)
                 if acc is None:
-                    acc = np.array(np.frombuffer(raw, dtype=np.uint8), copy=True)
+                    acc = np.empty(expected, dtype=np.uint8) if out is None else out
+                    self._decode_into(payload, pipeline, acc, loc)
                     ok = content_key(pipeline, acc) == root
                 else:
-                    xor_into(acc, raw)
-                    ok = delta_key(pipeline, levels[i + 1], acc) == k
-                del raw, payload
+                    try:  # bounded by acc.size, as _decode
+                        ok = apply_delta(pipeline, payload, acc, levels[i + 1]) == k
+                    except (CkptStoreError, ValueError, TypeError) as exc:
+                        raise CorruptChunkError(f"chunk {loc} cannot be decoded: {exc}") from exc
+                del payload
                 if not ok:
                     raise CorruptChunkError(
                         f"chunk {loc} does not hold the content its key names (overwritten, "
@@ -695,10 +712,13 @@ class BlobReader:
         wanted = [c for c in blob.chunks if c.row_start < row_stop and c.row_stop > row_start]
 
         def one(ref: ChunkRef) -> None:
-            raw = np.frombuffer(self.fetch_chunk(ref, pipeline, row_bytes, where), dtype=np.uint8)
             a, b = max(ref.row_start, row_start), min(ref.row_stop, row_stop)
-            src = raw[(a - ref.row_start) * row_bytes : (b - ref.row_start) * row_bytes]
-            out[(a - row_start) * row_bytes : (b - row_start) * row_bytes] = src
+            dst = out[(a - row_start) * row_bytes : (b - row_start) * row_bytes]
+            if (a, b) == (ref.row_start, ref.row_stop):  # the whole chunk: decoded in place
+                self.fetch_chunk_into(ref, pipeline, row_bytes, where, dst)
+                return
+            raw = np.frombuffer(self.fetch_chunk(ref, pipeline, row_bytes, where), dtype=np.uint8)
+            dst[:] = raw[(a - ref.row_start) * row_bytes : (b - ref.row_start) * row_bytes]
 
         _run_all(one, wanted, pool)
         return out
