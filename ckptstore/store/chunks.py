@@ -5,15 +5,14 @@ bytes under two codecs are two objects, and equal content under one codec is one
 The stored object is ``b"CKC1" + u64 xxh3_64(payload) + payload``: every read checks the
 checksum of what was stored, which catches corruption also for lossy codecs.
 
-A delta chunk (opt-in, lossless only) stores the codec chain applied to ``raw XOR base_raw``
-in the same frame; its key is :func:`delta_key`, and the manifest entry names its base chain.
+A delta chunk (opt-in, lossless only) is framed the same way; its payload and key are
+``store/delta.py``'s, and the manifest entry names its base chain.
 """
 
 from __future__ import annotations
 
 import struct
 
-import numpy as np
 import xxhash
 
 from ckptstore.codecs.base import Buffer
@@ -31,39 +30,6 @@ def content_key(pipeline: Pipeline, raw: Buffer) -> bytes:
     h.update(pipeline.spec)
     h.update(raw)
     return h.digest()
-
-
-DELTA_DOMAIN = b"ckptstore-delta-1"
-
-
-def delta_key(pipeline: Pipeline, base: bytes, raw: Buffer) -> bytes:
-    """16-byte key of a delta chunk: raw bytes ``raw`` stored as XOR against chunk ``base``
-    under ``pipeline`` (docs/format.md, "Delta chunks"). Equal content on the same base is
-    one object; the key check on read verifies the reconstructed raw bytes."""
-    h = xxhash.xxh3_128()
-    h.update(DELTA_DOMAIN)
-    h.update(base)
-    h.update(pipeline.spec)
-    h.update(raw)
-    return h.digest()
-
-
-def xor_into(out: Buffer, other: Buffer) -> None:
-    """``out ^= other`` byte-wise, in place (equal lengths)."""
-    a = np.frombuffer(out, dtype=np.uint8)
-    b = np.frombuffer(other, dtype=np.uint8)
-    if a.size != b.size:
-        raise ValueError(f"xor of {a.size} and {b.size} bytes")
-    np.bitwise_xor(a, b, out=a)
-
-
-def xor(a: Buffer, b: Buffer) -> np.ndarray:
-    """A new array ``a ^ b`` (equal lengths)."""
-    x = np.frombuffer(a, dtype=np.uint8)
-    y = np.frombuffer(b, dtype=np.uint8)
-    if x.size != y.size:
-        raise ValueError(f"xor of {x.size} and {y.size} bytes")
-    return np.bitwise_xor(x, y)
 
 
 def checksum(payload: Buffer) -> int:
