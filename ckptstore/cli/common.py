@@ -138,14 +138,22 @@ _storage_option = click.option(
     metavar="KEY=VALUE",
     help="fsspec storage option, repeatable (e.g. -o anon=true, -o profile=prod).",
 )
-_endpoint_option = click.option(
-    "--endpoint-url",
-    metavar="URL",
-    expose_value=False,
-    callback=_remember_endpoint,
-    help="S3-compatible endpoint (MinIO, SeaweedFS, ...), the same as -o endpoint_url=URL. "
-    "Default: $AWS_ENDPOINT_URL, else AWS.",
-)
+
+
+def endpoint_option(storage_flag: str = "-o") -> Callable[[Callable[..., Any]], Any]:
+    """``--endpoint-url URL``, its help naming the command's storage-option flag
+    (``report`` takes ``--storage-option``: its ``-o`` is the output file)."""
+    return click.option(
+        "--endpoint-url",
+        metavar="URL",
+        expose_value=False,
+        callback=_remember_endpoint,
+        help=f"S3-compatible endpoint (MinIO, SeaweedFS, ...), the same as {storage_flag} "
+        "endpoint_url=URL. Default: $AWS_ENDPOINT_URL, else AWS.",
+    )
+
+
+_endpoint_option = endpoint_option()
 
 
 def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -10,8 +10,8 @@ import click
 
 from ckptstore.cli.common import (
     EXIT_USAGE,
-    _endpoint_option,
     _options,
+    endpoint_option,
     handle_errors,
     json_option,
 )
@@ -69,7 +69,7 @@ def _output(_: click.Context, param: click.Parameter, value: str) -> str:
     metavar="KEY=VALUE",
     help="fsspec storage option, repeatable (-o is the output file here).",
 )
-@_endpoint_option
+@endpoint_option("--storage-option")
 @json_option
 @handle_errors
 def report_cmd(

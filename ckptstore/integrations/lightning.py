@@ -24,7 +24,6 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from fsspec.core import url_to_fs
 
 from ckptstore.api import load_full, save
@@ -249,29 +248,6 @@ def _mover(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 
 # -- the plug-in -----------------------------------------------------------------------------
-_groups: dict[tuple[int, int], Any] = {}
-_groups_lock = threading.Lock()
-
-
-def _own_group() -> Any:
-    """A process group of this rank alone (None when not distributed).
-
-    Lightning saves on global rank 0 only, while ``ckptstore.save`` is collective over
-    its process group: saving over the world group would wait for ranks that never come.
-    A one-rank gloo group, made with ``use_local_synchronization`` so that no other rank
-    takes part in creating it, makes the save a single-process one that DCP still runs."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    rank = dist.get_rank()
-    key = (id(dist.group.WORLD), rank)
-    with _groups_lock:
-        group = _groups.get(key)
-        if group is None:
-            group = dist.new_group([rank], backend="gloo", use_local_synchronization=True)
-            _groups[key] = group
-        return group
-
-
 class CkptStoreIO(*_BASES):  # type: ignore[misc]
     """Lightning ``CheckpointIO`` storing checkpoints in the ckptstore store at ``url``.
 
@@ -356,7 +332,7 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
                 step=step if isinstance(step, int) and step >= 0 else None,
                 overwrite=True,
                 storage_options=self.storage_options,
-                process_group=_own_group(),
+                no_dist=True,  # Lightning saves on global rank 0 only: no collective
                 settings=self.settings,
                 **options,
             )

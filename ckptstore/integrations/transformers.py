@@ -28,7 +28,6 @@ import re
 import shutil
 import struct
 import uuid
-import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,11 +44,9 @@ except ImportError as exc:
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 
-from ckptstore.api import load_full
-from ckptstore.dcp.writer import SaveInfo, Writer
+from ckptstore.api import load_full, save
+from ckptstore.dcp.writer import SaveInfo
 from ckptstore.errors import CheckpointNotFoundError, GcBusyError
 from ckptstore.knobs import Settings
 from ckptstore.store.facade import Store
@@ -334,24 +331,6 @@ def _write_file(
 
 
 # -- the callback --------------------------------------------------------------------------
-def _save_one_rank(state: dict[str, Any], writer: Writer) -> SaveInfo:
-    """``dcp.save`` from this process alone, also when torch.distributed is initialized
-    (``ckptstore.save`` would be collective there and wait for the other ranks)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(state, storage_writer=writer, no_dist=True)
-    except CheckpointException as exc:
-        failures = [f[0] for f in exc.failures.values()] if exc.failures else []
-        if failures:
-            raise failures[0] from exc
-        raise
-    finally:
-        writer.release_lease()
-    assert writer.save_info is not None
-    return writer.save_info
-
-
 def _same_path(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
     return a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
 
@@ -490,16 +469,17 @@ class CkptStoreCallback(TrainerCallback):
         folder = Path(folder)
         packed = _pack_folder(folder)
         try:
-            writer = Writer(
+            info = save(
+                packed.state,
                 self.url,
                 step=step,
                 name=folder.name,
                 storage_options=self.storage_options,
+                no_dist=True,  # process zero alone; the other ranks do not call
                 overwrite=self.overwrite,
                 settings=self.settings,
                 delta=self.delta,
             )
-            info = _save_one_rank(packed.state, writer)
         finally:
             packed.close()
         log.info(
