@@ -1,5 +1,6 @@
-"""Delta chunks (opt-in): a changed lossless chunk stored as XOR against the parent's chunk
-of the same rows, with bounded chains (docs/format.md, "Delta chunks")."""
+"""Delta chunks (opt-in): a changed lossless chunk stored against the parent's chunk of the
+same rows (floats as the ordered-integer difference, other types as XOR), with bounded
+chains (docs/format.md, "Delta chunks")."""
 
 from __future__ import annotations
 
@@ -376,3 +377,73 @@ def test_a_delta_that_loses_is_not_stored(local_url):
         ckptstore.save(sd, local_url, step=step, delta=True, settings=_settings())
         assert _manifest(local_url, step).max_chain == 0
         assert torch.equal(ckptstore.load_full(local_url, step=step)["w"], sd["w"])
+
+
+def _special(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
+    """Floats with every awkward value: ±0, ±inf, NaNs with payloads, subnormals, the
+    largest finite values and sign flips — the bits a difference must carry exactly."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, generator=g).to(dtype)
+    info = torch.finfo(dtype)
+    t[:8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), info.max, -info.max,
+                          info.tiny / 4, -info.tiny / 2]).to(dtype)  # fmt: skip
+    bits = t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    bits[8:12] = bits[8:12] | bits.new_tensor(-1).bitwise_right_shift(1).bitwise_xor(
+        bits.new_tensor(-1).bitwise_right_shift(8)
+    )  # exponent all ones: NaNs with four different payloads
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_every_float_bit_pattern_survives_the_difference(local_url, dtype):
+    """Consecutive checkpoints whose elements jump between special values, flip sign and
+    wrap around (the ordered-integer difference is modulo 2^bits) load back bit for bit."""
+    first = _special(dtype, 32768, 0)  # (several chunks at every width; none inline)
+    second = first * 1.01  # mostly small steps: deltas win
+    second[:12] = first[:12].flip(0)  # ±0 ↔ NaN, inf ↔ subnormal, max ↔ -max: wrap-arounds
+    second[100:200] = -first[100:200]  # sign flips
+    third = second * 0.99
+    third[:12] = _special(dtype, 12, 1)
+    for step, t in enumerate([first, second, third]):
+        ckptstore.save({"t": t}, local_url, step=step, delta=True, settings=_settings())
+    assert max(_chains(_manifest(local_url, 2), "t")) >= 1  # some chunks were deltas
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[first.element_size()]
+    for step, t in enumerate([first, second, third]):
+        got = ckptstore.load_full(local_url, step=step)["t"]
+        assert torch.equal(got.view(ints), t.view(ints)), step
+    assert reports.verify(Repository.open(local_url)).ok
+
+
+def test_float_deltas_are_differences_and_beat_xor():
+    """On a slow random walk the ordered-integer difference is smaller than XOR (what
+    store/delta.py is for), and other element types keep XOR."""
+    from ckptstore.codecs.pipeline import default_pipeline
+    from ckptstore.store.delta import OP_SUB, OP_XOR, encode_delta
+
+    a, b = list(_walk(3, 2))
+    raw_a, raw_b = a["w"].numpy().tobytes(), b["w"].numpy().tobytes()
+    pipe = default_pipeline("float32")
+    payload = encode_delta(pipe, raw_b, raw_a)
+    xor = np.bitwise_xor(np.frombuffer(raw_a, np.uint8), np.frombuffer(raw_b, np.uint8))
+    assert payload[0] == OP_SUB
+    assert len(payload) < len(pipe.encode(xor))
+    ints = default_pipeline("int64")
+    assert encode_delta(ints, bytes(800), bytes(range(200)) * 4)[0] == OP_XOR
+
+
+def test_first_format_xor_payloads_still_decode():
+    """A delta payload without an op byte is the first format's XOR under the chain, with
+    its key in the old domain; an unknown op is an error, not garbage."""
+    from ckptstore.codecs.pipeline import default_pipeline
+    from ckptstore.store.delta import apply_delta, delta_key
+
+    pipe = default_pipeline("float32")
+    base = np.arange(4096, dtype=np.float32).view(np.uint8)
+    new = (np.arange(4096, dtype=np.float32) * 1.01).view(np.uint8)
+    legacy = bytes(pipe.encode(np.bitwise_xor(base, new)))
+    acc = base.copy()
+    key = apply_delta(pipe, legacy, acc, b"b" * 16)
+    assert acc.tobytes() == new.tobytes()
+    assert key == delta_key(pipe, b"b" * 16, new, legacy=True) != delta_key(pipe, b"b" * 16, new)
+    with pytest.raises(errors.CodecError, match="unknown delta op 0xff"):
+        apply_delta(pipe, b"\xff" + legacy, base.copy(), b"b" * 16)
