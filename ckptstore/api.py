@@ -138,7 +138,7 @@ def save(
     ``parent``: the checkpoint to deduplicate against first (default: the one this
     process saved last to this store if it still exists, else the latest).
     ``delta`` (opt-in): True, or a mapping of fqn glob patterns to bools, stores each
-    lossless chunk that changed as XOR against the parent's chunk of the same rows when
+    lossless chunk that changed as a delta against the parent's chunk of the same rows when
     that is smaller (docs/format.md "Delta chunks"; ``Settings.delta_chain`` bounds chains).
     ``settings``: a :class:`ckptstore.Settings` to start from instead of the ``CKPTSTORE_*``
     variables; ``chunk_bytes``/``inline_bytes``/``threads`` override it.

@@ -123,7 +123,7 @@ def _quantize_spec(text: str | None) -> Any:
 @click.option(
     "--delta",
     is_flag=True,
-    help="Store changed lossless chunks as XOR deltas against the parent checkpoint's chunks "
+    help="Store changed lossless chunks as deltas against the parent checkpoint's chunks "
     "of the same rows when smaller (a series of fine-tuned weights).",
 )
 @click.option("--parent", default=None, help="Checkpoint to dedup and delta against.")

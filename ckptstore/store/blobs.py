@@ -121,7 +121,7 @@ class RawCache:
             while self._items and self.nbytes + size > limit:
                 _, old = self._items.popitem(last=False)
                 self.nbytes -= old.nbytes
-                # reused only when nobody holds it: a writer may be XORing with it right
+                # reused only when nobody holds it: a writer may be diffing with it right
                 # now (this frame's ``old`` and getrefcount's argument are the 2 references)
                 if (
                     spare is None
