@@ -58,6 +58,11 @@ class SaveInfo:
     chunks: int = 0
     new_chunks: int = 0
     manifest_bytes: int = 0
+    delta_bytes: int = 0
+    """Stored bytes of its chunks that are deltas against earlier checkpoints (each use
+    counted; 0 without ``delta=``)."""
+    max_chain: int = 0
+    """Longest delta chain of its chunks: a load reads at most this + 1 objects per chunk."""
     retention: Any = field(default=None, repr=False, compare=False)
     """With ``keep_last``: on rank 0, the future of the gc started after this save (its
     ``GcReport``, or None when another gc was running); None elsewhere."""
@@ -83,6 +88,8 @@ class SaveInfo:
             chunks=s.chunks,
             new_chunks=s.new_chunks,
             manifest_bytes=s.manifest_bytes,
+            delta_bytes=s.delta_bytes,
+            max_chain=s.max_chain,
         )
 
 
