@@ -18,6 +18,7 @@ from ckptstore.backend import Backend
 from ckptstore.codecs.policy import DeltaSpec, QuantizeSpec
 from ckptstore.dcp.checks import check_state, store_url
 from ckptstore.dcp.reader import LoadInfo, Reader, load_object
+from ckptstore.dcp.staging import Snapshot
 from ckptstore.dcp.writer import SaveInfo, Writer
 from ckptstore.errors import CkptStoreError, MismatchError
 from ckptstore.knobs import Settings
@@ -206,14 +207,20 @@ def async_save(
     settings: Settings | None = None,
     delta: DeltaSpec = None,
 ) -> Future[SaveInfo]:
-    """Like :func:`save`, but returns once the state is copied to host memory.
+    """Like :func:`save`, but returns once the state is staged (copied out of training's
+    reach).
 
     Training may change the tensors as soon as this returns: the checkpoint holds their
     values at the call. Encoding, upload and the commit run on a background thread; the
-    returned future gives the :class:`SaveInfo` (or raises the save's error). Staging needs
-    one host copy of this rank's share of the state, freed when the future completes. Wait
-    for one async save before starting the next (``fut.result()``). ``keep_last`` as in
-    :func:`save`: rank 0 starts the gc once the commit is done.
+    returned future gives the :class:`SaveInfo` (or raises the save's error). Staging
+    (docs/gpu.md): GPU tensors are copied into a pinned host arena, the call waiting only
+    for those device-to-host copies (the arena, this rank's GPU bytes rounded up to 64 MiB,
+    is kept for the next async save); with ``Settings(device_snapshot=True)`` they are
+    cloned on their device instead (no wait; GPU memory of their size until the future
+    completes). Other values get one host copy, as DCP's default stager makes, freed when
+    the future completes. Wait for one async save before starting the next
+    (``fut.result()``). ``keep_last`` as in :func:`save`: rank 0 starts the gc once the
+    commit is done.
     """
     retention = None if keep_last is None else gc.Retention(keep_last=keep_last)
     writer = _writer(
@@ -232,20 +239,29 @@ def async_save(
         threads=threads,
     )
     t0 = time.monotonic()
-    started = _run(
-        lambda: dcp.async_save(
-            state_dict,
-            storage_writer=writer,
-            planner=planner,
-            process_group=process_group,
-            no_dist=not _distributed(no_dist),
-        ),
-        no_dist,
-    )
+    # GPU tensors are staged in pinned memory (or on the device, Settings.device_snapshot);
+    # everything else exactly as DCP's default stager does (docs/gpu.md)
+    stager = Snapshot(writer.settings)
+    try:
+        started = _run(
+            lambda: dcp.async_save(
+                state_dict,
+                storage_writer=writer,
+                planner=planner,
+                process_group=process_group,
+                no_dist=not _distributed(no_dist),
+                async_stager=stager,
+            ),
+            no_dist,
+        )
+    except BaseException:
+        stager.done()
+        raise
     upload = getattr(started, "upload_completion", started)  # AsyncSaveResponse or Future
     result: Future[SaveInfo] = Future()
 
     def finished(done: Future[Any]) -> None:
+        stager.done()  # the staged copies are written: their pinned arena serves the next
         try:
             done.result()
             info = writer.save_info

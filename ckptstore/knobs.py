@@ -45,6 +45,14 @@ class Settings:
     """Local files are fsync'ed before they are renamed into place."""
     stage_bytes: int = 512 * 1024 * 1024
     """Host copies (of GPU or non-contiguous tensors) a sync save keeps in flight at most."""
+    pin_bytes: int = 256 * 1024 * 1024
+    """Pinned (page-locked) host memory for the chunk-by-chunk copies of GPU tensors: device
+    to host on save, host to device on load. One process-wide pool of chunk-sized buffers,
+    reused by every call and never exceeded (docs/gpu.md)."""
+    device_snapshot: bool = False
+    """async_save: snapshot GPU tensors on their device (a clone; the call returns without
+    waiting for any copy, at the cost of their size in GPU memory until the save is done)
+    instead of in pinned host memory (docs/gpu.md)."""
     quantize_min_bytes: int = 64 * 1024
     """Tensors smaller than this (whole tensor) are never quantized."""
     device_quantize: bool = False
@@ -119,6 +127,6 @@ class Settings:
 
 
 _NOT_FROM_ENV = frozenset({"zstd_level"})
-_BOOLS = frozenset({"fsync", "device_quantize"})
+_BOOLS = frozenset({"fsync", "device_quantize", "device_snapshot"})
 
 DEFAULTS = Settings()

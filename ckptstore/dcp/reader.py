@@ -25,6 +25,7 @@ from torch.futures import Future
 
 from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import Pipeline
+from ckptstore.dcp import staging
 from ckptstore.dcp.bridge import from_bytes, torch_dtype
 from ckptstore.dcp.checks import store_url
 from ckptstore.dcp.metadata import metadata_from_manifest
@@ -225,6 +226,52 @@ class Reader(StorageReader):
                 entry[2][id(req)] = (req, target, where, dtype)
 
         shared = _overlapping(t for _, t in targets)
+        # GPU destinations: chunks decoded into pinned buffers, copied to the device rows
+        # on a side stream that first waits for the work queued on this thread's stream
+        devices: dict[int, staging.DeviceOps] = {}
+        pools: dict[Any, staging.PinnedPool | None] = {}
+        for _, target in targets:
+            ops = staging.ops_for(target)
+            if ops is not None:
+                devices[id(target)] = ops
+                if ops.key not in pools:
+                    ops.order_after_producer()
+                    pools[ops.key] = staging.pool_for(ops, self.settings)
+
+        def to_device(
+            task: tuple[Shard, dict[int, ChunkRef | None], dict],
+            first: ChunkRef,
+            pipeline: Pipeline,
+            spans: list[tuple[int, int]],
+            saved: torch.dtype,
+        ) -> bool:
+            """Decode the chunk into a pinned buffer and copy it to every device box
+            (others from the same buffer); False when no pinned buffer fits it."""
+            shard, _, users = task
+            row_bytes = shard.blob.nbytes // shard.blob.rows
+            n = (first.row_stop - first.row_start) * row_bytes
+            ops = next((devices[id(u[1])] for u in users.values() if id(u[1]) in devices), None)
+            pool = pools.get(ops.key) if ops is not None else None
+            if pool is None or n > pool.buffer_bytes:
+                return False
+            buf = pool.acquire()
+            copies: list[tuple[staging.DeviceOps, Any]] = []
+            try:
+                raw = buf[:n].numpy()
+                reader.fetch_chunk_into(first, pipeline, row_bytes, users_where(users), raw)
+                for c0, c1 in spans:
+                    for req, target, _, _ in users.values():
+                        dev = devices.get(id(target))
+                        rows = None if dev is None else _rows(c0, c1, shard, req, target, saved)
+                        if dev is not None and rows is not None:
+                            copies.append((dev, dev.to_device(rows, buf[:n])))
+                        else:
+                            _copy_overlap(raw, c0, c1, shard, req, target, saved)
+            finally:
+                for dev, event in copies:  # the buffer is reused only after its copies
+                    dev.wait(event)
+                pool.release(buf)
+            return True
 
         def fetch(task: tuple[Shard, dict[int, ChunkRef | None], dict]) -> None:
             shard, refs, users = task
@@ -244,6 +291,8 @@ class Reader(StorageReader):
                 except UnknownCodecError as exc:
                     raise UnknownCodecError(f"{where}: {exc}") from None
                 spans = [(r.row_start, r.row_stop) for r in refs.values() if r is not None]
+                if devices and to_device(task, first, pipeline, spans, saved):
+                    return
                 # straight into a destination that holds the whole chunk as raw bytes
                 # (contiguous CPU memory of the saved dtype, aliased by no other box);
                 # else into this thread's scratch buffer, then copied
@@ -318,6 +367,11 @@ class Reader(StorageReader):
         return False
 
 
+def users_where(users: dict) -> str:
+    """The message label of a chunk's first user (its tensor and checkpoint)."""
+    return str(next(iter(users.values()))[2])
+
+
 def _index_key(req: ReadItem) -> tuple[str, tuple[int, ...] | None]:
     """A saved item's identity: fqn and shard corner (None for an object)."""
     off = req.storage_index.offset
@@ -375,7 +429,20 @@ def _in_place(
     uint8 array, when the chunk can be decoded straight into them: a CPU tensor of the
     saved dtype, the box taking whole rows, the chunk inside the box and those rows
     contiguous. Else None."""
-    if target.device.type != "cpu" or target.dtype != dtype or not shard.sizes:
+    if target.device.type != "cpu":
+        return None
+    rows = _rows(c0, c1, shard, req, target, dtype)
+    return None if rows is None else rows.numpy()
+
+
+def _rows(
+    c0: int, c1: int, shard: Shard, req: ReadItem, target: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The bytes (a uint8 view, on the target's device) of ``target`` that chunk rows
+    [c0, c1) of ``shard`` fill, when they take the chunk's raw bytes as they are: the saved
+    dtype, the box taking whole rows, the chunk inside the box and those rows contiguous.
+    Else None."""
+    if target.dtype != dtype or not shard.sizes:
         return None
     if target.is_conj() or target.is_neg() or type(target) is not torch.Tensor:
         return None
@@ -388,7 +455,7 @@ def _in_place(
     rows = target[c0 - r0 : c1 - r0]
     if rows.numel() == 0 or not rows.is_contiguous():
         return None
-    return rows.reshape(-1).view(torch.uint8).numpy()
+    return rows.reshape(-1).view(torch.uint8)
 
 
 def _copy_overlap(

@@ -27,7 +27,7 @@ from torch.futures import Future
 from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import default_pipeline
 from ckptstore.codecs.policy import DeltaPolicy, DeltaSpec, QuantizePolicy, QuantizeSpec
-from ckptstore.dcp import device_quant
+from ckptstore.dcp import device_quant, staging
 from ckptstore.dcp.bridge import dtype_name, raw_size, to_host_bytes
 from ckptstore.dcp.checks import check_tensor, store_url
 from ckptstore.dcp.metadata import manifest_from_metadata
@@ -263,15 +263,19 @@ class Writer(StorageWriter):
         ) as writer:
             budget = self.settings.stage_bytes
             staged: list[tuple[int, ThreadFuture[Blob]]] = []  # host copies still encoding
-            for item in plan.items:
-                if item.type == WriteItemType.BYTE_IO:
-                    buf = objects.pop(id(item))
-                    fut = writer.submit(
-                        buf,
-                        default_pipeline("bytes", zstd_level=self.settings.zstd_level),
-                        rows=len(buf),
-                    )
-                else:
+            # GPU tensors: chunk by chunk through the pinned pool, one stager per device
+            stagers: dict[Any, staging.DeviceToHost | None] = {}
+            try:
+                for item in plan.items:
+                    if item.type == WriteItemType.BYTE_IO:
+                        buf = objects.pop(id(item))
+                        fut = writer.submit(
+                            buf,
+                            default_pipeline("bytes", zstd_level=self.settings.zstd_level),
+                            rows=len(buf),
+                        )
+                        pending.append((item, fut))
+                        continue
                     tensor: torch.Tensor = planner.resolve_data(item)
                     check_tensor(item.index.fqn, tensor)
                     rows = tensor.shape[0] if tensor.dim() > 0 else 1
@@ -287,15 +291,28 @@ class Writer(StorageWriter):
                         fut = _submit_on_device(writer, tensor, pipeline, rows, first_row)
                         pending.append((item, fut))
                         continue
+                    bases = None
+                    if self.delta.wants(item.index.fqn, pipeline):
+                        sizes = item.tensor_data.chunk.sizes if item.tensor_data else ()
+                        bases = parent.bases_for(item.index.fqn, offsets, sizes, pipeline.spec)
+                    ops = staging.ops_for(tensor)
+                    if ops is not None:
+                        if ops.key not in stagers:
+                            pool = staging.pool_for(ops, self.settings)
+                            stagers[ops.key] = pool and staging.DeviceToHost(writer, pool)
+                        stager = stagers[ops.key]
+                        if stager is not None:
+                            fut = stager.add(
+                                tensor, ops, pipeline, rows=rows, first_row=first_row, bases=bases
+                            )
+                            if fut is not None:
+                                pending.append((item, fut))
+                                continue
                     copies = tensor.device.type != "cpu" or not tensor.is_contiguous()
                     if copies:  # bound host memory: wait for earlier copies to be encoded
                         while staged and sum(n for n, _ in staged) + raw_size(tensor) > budget:
                             staged.pop(0)[1].result()
                     raw, owner = to_host_bytes(tensor)
-                    bases = None
-                    if self.delta.wants(item.index.fqn, pipeline):
-                        sizes = item.tensor_data.chunk.sizes if item.tensor_data else ()
-                        bases = parent.bases_for(item.index.fqn, offsets, sizes, pipeline.spec)
                     fut = writer.submit(
                         raw,
                         pipeline,
@@ -306,7 +323,15 @@ class Writer(StorageWriter):
                     )
                     if copies:
                         staged.append((raw.nbytes, fut))
-                pending.append((item, fut))
+                    pending.append((item, fut))
+                for stager in stagers.values():
+                    if stager is not None:
+                        stager.flush()
+            except BaseException as exc:
+                for stager in stagers.values():
+                    if stager is not None:
+                        stager.abort(exc)
+                raise
             results = []
             for item, fut in pending:
                 blob = fut.result()
