@@ -26,6 +26,7 @@ from ckptstore.integrations.lightning import (  # noqa: E402
     file_name,
     read_pointer,
 )
+from ckptstore.store import layout  # noqa: E402
 from tests import lightning_train as lt  # noqa: E402
 from tests.helpers import assert_same  # noqa: E402
 
@@ -41,8 +42,8 @@ def straight(tmp_path_factory) -> dict:
     return lt.final_state(trainer, model)
 
 
-def store_names(url) -> dict[str, int | None]:
-    return {s.name: s.step for s in ckptstore.Store(url).list()}
+def store_names(url, storage_options=None) -> dict[str, int | None]:
+    return {s.name: s.step for s in ckptstore.Store(url, storage_options).list()}
 
 
 def expected_names(cb) -> set[str]:
@@ -58,7 +59,7 @@ def assert_folder_is_pointers(cb, url) -> None:
         pointer = read_pointer(folder / f)
         assert pointer is not None and (folder / f).stat().st_size < 300
         assert pointer["name"] == checkpoint_name(f)
-        assert pointer["store"] == os.path.abspath(url)
+        assert pointer["store"] == (url if "://" in str(url) else os.path.abspath(url))
 
 
 def test_without_lightning_the_import_error_names_the_extra(monkeypatch):
@@ -105,7 +106,8 @@ def test_topk_last_and_bit_exact_resume_from_last(tmp_path, straight):
     rec = lt.Recorder()
     trainer, _, cb = lt.fit(tmp_path / "run", CkptStoreIO(url), 8, callbacks=[rec])
 
-    # every 2 steps a top-2 checkpoint and last.ckpt: 4 saves, 2 kept (+ last) in the store
+    # last.ckpt every 2 steps; train_loss is lowest at steps 2 and 4, so top-2 saves those two
+    # and never replaces one (removals through a Trainer: the S3 test below)
     assert sorted(rec.saved) == [2, 4, 6, 8]
     names = store_names(url)
     assert set(names) == expected_names(cb) and len(names) == 3
@@ -124,6 +126,72 @@ def test_topk_last_and_bit_exact_resume_from_last(tmp_path, straight):
     names = store_names(url)
     assert set(names) == expected_names(cb2) and names["last.ckpt"] == 12
     assert_folder_is_pointers(cb2, url)
+
+
+def test_an_s3_store_keeps_top_k_and_last_and_resumes_bit_exact(
+    tmp_path, straight, s3_url, s3_options, monkeypatch
+):
+    """``CkptStoreIO("s3://bucket/run")`` on a real S3 server (SeaweedFS), with a top-k that
+    replaces checkpoints (the latest 2 by step), so that removals reach the bucket."""
+    import s3fs
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def latest_two(dirpath) -> ModelCheckpoint:
+        return ModelCheckpoint(
+            dirpath=dirpath,
+            monitor="step",
+            mode="max",
+            save_top_k=2,
+            every_n_train_steps=2,
+            save_last=True,
+        )
+
+    monkeypatch.setattr(lt, "checkpoint_callback", latest_two)
+    rec = lt.Recorder()
+    io = CkptStoreIO(s3_url, storage_options=s3_options)
+    trainer, _, cb = lt.fit(tmp_path / "run", io, 8, callbacks=[rec])
+    assert sorted(rec.saved) == [2, 4, 6, 8]
+    names = store_names(s3_url, s3_options)
+    assert names == {"epoch_3d0-step_3d6.ckpt": 6, "epoch_3d0-step_3d8.ckpt": 8, "last.ckpt": 8}
+    assert set(names) == expected_names(cb)
+    for path in cb.best_k_models:
+        loaded = io.load_checkpoint(path)
+        assert_same(rec.saved[loaded["global_step"]], dict(loaded["state_dict"]))
+    assert_folder_is_pointers(cb, s3_url)
+    # steps 2 and 4, which top-k let go, are deleted from the bucket, not only from a listing
+    fs = s3fs.S3FileSystem(**s3_options, skip_instance_cache=True)
+    keys = fs.ls(f"{s3_url.removeprefix('s3://')}/{layout.CHECKPOINTS}", refresh=True)
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == sorted(
+        layout.manifest_key(n).rsplit("/", 1)[1] for n in names
+    )
+    assert io._gc_future is not None
+    io._gc_future.result(timeout=60)  # the gc after a removal ran on S3 without an error
+
+    # a new Trainer, another initialization: resumes from the bucket to step 12, and its
+    # top-k goes on removing the checkpoints the first Trainer saved
+    io2 = CkptStoreIO(s3_url, storage_options=s3_options)
+    trainer2, model2, cb2 = lt.fit(tmp_path / "run", io2, 12, ckpt_path="last", seed=9)
+    assert_same(straight, lt.final_state(trainer2, model2))
+    names = store_names(s3_url, s3_options)
+    assert names == {
+        "epoch_3d1-step_3d10.ckpt": 10,
+        "epoch_3d1-step_3d12.ckpt": 12,
+        "last.ckpt": 12,
+    }
+    assert_folder_is_pointers(cb2, s3_url)
+    assert io2._gc_future is not None
+    io2._gc_future.result(timeout=60)  # done before the server stops at the session's end
+
+    # a wrong secret, a missing bucket: errors naming the bucket, and no pointer left behind
+    bad = CkptStoreIO(s3_url, storage_options={**s3_options, "secret": "not-the-secret"})
+    with pytest.raises(ckptstore.AccessDeniedError, match="bucket 'ckpt'"):
+        bad.load_checkpoint(cb2.last_model_path)
+    with pytest.raises(ckptstore.AccessDeniedError, match="bucket 'ckpt'"):
+        lt.fit(tmp_path / "denied", bad, 2)
+    missing = CkptStoreIO("s3://no-such-bucket/run", storage_options=s3_options)
+    with pytest.raises(ckptstore.BucketNotFoundError, match="'no-such-bucket'"):
+        missing.save_checkpoint({"global_step": 1, "w": torch.ones(2)}, tmp_path / "m.ckpt")
+    assert not (tmp_path / "m.ckpt").exists() and not list((tmp_path / "denied").rglob("*.ckpt"))
 
 
 def test_resume_from_a_path_with_and_without_its_pointer(tmp_path, straight):

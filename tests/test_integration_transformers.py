@@ -28,7 +28,12 @@ from transformers import (  # noqa: E402
 )
 
 import ckptstore  # noqa: E402
-from ckptstore.errors import CheckpointNotFoundError, StoreNotFoundError  # noqa: E402
+from ckptstore.errors import (  # noqa: E402
+    AccessDeniedError,
+    BucketNotFoundError,
+    CheckpointNotFoundError,
+    StoreNotFoundError,
+)
 from ckptstore.integrations.transformers import (  # noqa: E402
     INDEX_KEY,
     CkptStoreCallback,
@@ -211,6 +216,62 @@ def test_folders_move_into_the_store_and_resume_is_bit_exact(tmp_path):
     ref_state = reference.model.state_dict()
     for key, value in stored.items():
         assert torch.equal(value, ref_state[key]), key
+
+
+def test_an_s3_store_restores_and_resumes_bit_exact(tmp_path, s3_url, s3_options):
+    """The same on a real S3 server (SeaweedFS): stored, retained, restored, resumed."""
+    reference = Trainer(
+        model=tiny_model(0),
+        args=make_args(tmp_path / "ref", max_steps=8, save_strategy="no"),
+        train_dataset=Toy(),
+    )
+    reference.train()
+
+    run = tmp_path / "run"
+    cb = CkptStoreCallback(s3_url, keep_last=1, storage_options=s3_options, settings=SETTINGS)
+    first = Trainer(
+        model=tiny_model(0),
+        args=make_args(run, max_steps=8),
+        train_dataset=Toy(),
+        callbacks=[Snapshot(tmp_path / "snap"), cb, StopAt(6)],
+    )
+    first.train()
+    assert folders(run) == [] and cb.last_gc is not None
+    assert cb.last_gc.dropped == ["checkpoint-4"]
+    store = ckptstore.Store(s3_url, storage_options=s3_options)
+    assert [(c.name, c.step) for c in store.list()] == [("checkpoint-6", 6)]
+    assert latest_step(s3_url, storage_options=s3_options) == 6
+
+    path = restore_checkpoint(s3_url, tmp_path / "restored", storage_options=s3_options)
+    assert_same_files(path, tmp_path / "snap" / "checkpoint-6")
+    second = Trainer(
+        model=tiny_model(1),
+        args=make_args(run, max_steps=8),
+        train_dataset=Toy(),
+        callbacks=[
+            CkptStoreCallback(s3_url, keep_last=1, storage_options=s3_options, settings=SETTINGS)
+        ],
+    )
+    second.train(resume_from_checkpoint=str(path))
+    assert_same(second.model.state_dict(), reference.model.state_dict())
+    assert_same(second.optimizer.state_dict(), reference.optimizer.state_dict())
+    assert [c.name for c in store.list()] == ["checkpoint-8"]
+
+    # a wrong secret or a missing bucket is an error naming the bucket, never "no checkpoint
+    # yet" (latest_step None would start a restarted job from scratch)
+    bad = {**s3_options, "secret": "not-the-secret"}
+    with pytest.raises(AccessDeniedError, match="bucket 'ckpt'"):
+        latest_step(s3_url, storage_options=bad)
+    with pytest.raises(AccessDeniedError, match="bucket 'ckpt'"):
+        restore_checkpoint(s3_url, tmp_path / "denied", storage_options=bad)
+    with pytest.raises(AccessDeniedError, match="bucket 'ckpt'"):
+        CkptStoreCallback(s3_url, storage_options=bad).store_folder(path, 6)
+    missing = "s3://no-such-bucket/run"
+    with pytest.raises(BucketNotFoundError, match="'no-such-bucket'"):
+        latest_step(missing, storage_options=s3_options)
+    with pytest.raises(BucketNotFoundError, match="'no-such-bucket'"):
+        restore_checkpoint(missing, tmp_path / "none", storage_options=s3_options)
+    assert not (tmp_path / "denied").exists() and not (tmp_path / "none").exists()
 
 
 def test_best_model_at_end_is_loaded_and_kept(tmp_path):

@@ -24,6 +24,7 @@ from ckptstore.report import data as report_data
 from ckptstore.report.data import collect
 from ckptstore.report.page import TITLES
 from ckptstore.store import BlobReader, Repository, Store
+from ckptstore.testing.s3server import ACCESS_KEY, SECRET_KEY
 
 STEPS = (10, 20, 30, 40)
 FIGURES = ("bytes", "shares", "quant", "changes")
@@ -201,11 +202,24 @@ def test_limits(store):
 
 
 # -- the page and the command -----------------------------------------------------------------
-def test_page_is_self_contained(page):
-    html = page.read_text(encoding="utf-8")
+def assert_self_contained(html: str) -> None:
+    """No script, stylesheet or import fetched from elsewhere; plotly.js inlined once."""
     assert not re.search(r"<script[^>]*\bsrc\s*=", html)
     assert not re.search(r"<link\b", html) and "@import" not in html
     assert len(re.findall(r"\* plotly\.js v\d", html)) == 1  # inlined once
+
+
+def figure_traces(html: str, key: str) -> list[dict]:
+    """The traces of figure ``fig-<key>`` as the page hands them to ``Plotly.newPlot``."""
+    call = re.search(r'Plotly\.newPlot\(\s*"fig-' + key + r'",\s*', html)
+    assert call is not None, f"no figure fig-{key}"
+    traces, _ = json.JSONDecoder().raw_decode(html, call.end())
+    return traces
+
+
+def test_page_is_self_contained(page):
+    html = page.read_text(encoding="utf-8")
+    assert_self_contained(html)
     for key in FIGURES:
         assert f'id="fig-{key}"' in html and TITLES[key] in html
     assert 3 * 2**20 < page.stat().st_size < 8 * 2**20
@@ -258,6 +272,65 @@ def test_cli_does_not_import_torch(store, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+# -- a store on S3 (a real SeaweedFS) --------------------------------------------------------
+def ckptstore_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The ``ckptstore`` command as a user runs it: its own process, exit code and stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "ckptstore.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_report_of_an_s3_store(s3_url, s3_server, s3_options, tmp_path):
+    g = torch.Generator().manual_seed(3)
+    w, frozen = torch.randn(128, 256, generator=g), torch.randn(64, 64, generator=g)
+    for i, step in enumerate((1, 2, 3)):  # w scaled by 1.1 at each step, frozen unchanged
+        state = {"w": w * 1.1**i, "frozen": frozen}
+        ckptstore.save(state, s3_url, step=step, storage_options=s3_options)
+    out = tmp_path / "s3-report.html"
+    creds = ["--storage-option", f"key={ACCESS_KEY}", "--storage-option", f"secret={SECRET_KEY}"]
+    endpoint = ["--endpoint-url", s3_server.endpoint_url]
+    done = ckptstore_cli("report", s3_url, "-o", str(out), *endpoint, *creds)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout and ": 3 checkpoint(s), 2 tensor(s)" in done.stdout
+
+    html = out.read_text(encoding="utf-8")
+    assert_self_contained(html)
+    assert s3_url in html and SECRET_KEY not in html  # the store named, its secret not
+    assert figure_traces(html, "bytes")[0]["x"] == [1, 2, 3]
+    heat = figure_traces(html, "changes")[1]  # [0] paints the exact zeros grey
+    assert heat["x"] == ["step 2", "step 3"]
+    change = dict(zip(heat["y"], heat["customdata"], strict=True))
+    assert change["w"] == pytest.approx([0.1, 0.1], abs=1e-6)
+    assert change["frozen"] == [0.0, 0.0]
+
+    # a wrong secret, a missing bucket: one line naming the bucket, exit 5, no page
+    bad = ckptstore_cli(
+        "report", s3_url, "-o", str(tmp_path / "bad.html"), *endpoint,
+        "--storage-option", f"key={ACCESS_KEY}", "--storage-option", "secret=not-the-secret",
+    )  # fmt: skip
+    assert bad.returncode == 5, bad.stderr
+    assert "AccessDeniedError" in bad.stderr and "'ckpt'" in bad.stderr
+    missing = ckptstore_cli(
+        "report", "s3://no-such-bucket/run", "-o", str(tmp_path / "missing.html"),
+        env=s3_server.env(),  # credentials and endpoint from the environment
+    )  # fmt: skip
+    assert missing.returncode == 5, missing.stderr
+    assert "BucketNotFoundError" in missing.stderr and "'no-such-bucket'" in missing.stderr
+    for proc in (bad, missing):
+        assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s3-report.html"]
+
+
+def test_help_names_the_storage_option_flag_of_report():
+    text = " ".join(CliRunner().invoke(cli, ["report", "-h"]).output.split())
+    assert "the same as --storage-option endpoint_url=URL" in text
+    assert "-o endpoint_url" not in text  # -o is the output file here
 
 
 # -- a real browser ---------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from ckptstore.api import load_full, save
 from ckptstore.dcp.writer import SaveInfo
-from ckptstore.errors import CheckpointNotFoundError, GcBusyError
+from ckptstore.errors import CheckpointNotFoundError, GcBusyError, StoreNotFoundError
 from ckptstore.knobs import Settings
 from ckptstore.store.facade import Store
 from ckptstore.store.gc import GcReport
@@ -498,7 +498,7 @@ class CkptStoreCallback(TrainerCallback):
     def _in_store(self, name: str) -> bool:
         try:
             return name in {c.name for c in self._store().list()}
-        except FileNotFoundError:  # no store yet
+        except StoreNotFoundError:  # no store yet (a missing bucket is an error, raised)
             return False
 
     def _retain(self, state: Any) -> GcReport | None:
@@ -536,10 +536,11 @@ def latest_step(
     url: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
 ) -> int | None:
     """The step of the store's latest checkpoint; None when there is no store or it is
-    empty (a run to start from scratch)."""
+    empty (a run to start from scratch). A missing bucket or denied access raises
+    (BucketNotFoundError, AccessDeniedError): that is no reason to start from scratch."""
     try:
         return Store(os.fspath(url), storage_options).summary().step
-    except FileNotFoundError:  # StoreNotFoundError, CheckpointNotFoundError
+    except (StoreNotFoundError, CheckpointNotFoundError):  # not BucketNotFoundError
         return None
 
 
