@@ -280,3 +280,38 @@ def test_host_tensors_never_take_the_staging_path(tmp_path, monkeypatch):
     target = {k: torch.zeros_like(v) for k, v in state.items()}
     ckptstore.load(target, url, step=1, settings=_settings())
     assert_same(target, state)
+
+
+def test_gpu_bench_logic_runs_on_the_fake_device(tmp_path, device, monkeypatch):
+    """The CUDA comparisons' bookkeeping (python -m ckptstore.bench gpu), on CPU tensors
+    posing as GPU ones: every figure and ratio is there and the loads are exact."""
+    from ckptstore.bench import gpu
+
+    monkeypatch.setattr(gpu.torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(gpu, "_pinned_like", lambda t: torch.empty_like(t))
+    real_empty_like = torch.empty_like
+
+    def empty_like(t, *a, **k):  # load templates: on the fake device too
+        out = real_empty_like(t, *a, **k)
+        if device.owns(t):
+            device.put(out)
+        return out
+
+    monkeypatch.setattr(gpu.torch, "empty_like", empty_like)
+    state = {f"l{i}": torch.randn(512, 300) for i in range(3)}
+    device.put(*state.values())
+    r = gpu.run_one(state, str(tmp_path), _settings(buffers=4), repeat=2)
+    assert r["exact"] is True
+    for key in (
+        "save_vs_dcp_save",
+        "load_vs_dcp_load",
+        "async_blocked_vs_pinned_copy",
+        "async_blocked_vs_dcp_async_blocked",
+        "async_device_blocked_vs_dcp_async_blocked",
+        "async_total_vs_dcp_async_total",
+        "stored_bytes_vs_dcp_stored_bytes",
+    ):
+        assert r[key] > 0, key
+    assert len(r["save_s_all"]) == 2 and r["async_first_blocked_s"] > 0
+    assert device.to_host_calls > 0 and device.to_device_calls > 0 and device.snapshots > 0
+    gpu._print(r)  # the table it prints

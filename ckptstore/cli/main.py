@@ -216,6 +216,14 @@ def demo_cmd(url: str, checkpoints: int, steps: int, storage_options: tuple[str,
 @click.option("--size-mb", default=500, show_default=True, help="Synthetic state size.")
 @click.option("--repeat", default=1, show_default=True, help="Runs per method (best kept).")
 @click.option("--fsync", is_flag=True, help="Every method makes its files durable (fsync).")
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="cuda: the GPU comparisons (sync save, async_save blocked time, load vs DCP).",
+)
+@click.option("--gb", default=2.0, show_default=True, help="--device cuda: GiB per dtype.")
 @json_option
 @handle_errors
 def bench_cmd(
@@ -224,6 +232,8 @@ def bench_cmd(
     size_mb: int,
     repeat: int,
     fsync: bool,
+    device: str,
+    gb: float,
     as_json: bool,
 ) -> None:
     """Save/load seconds and sizes: ckptstore vs torch.save and plain DCP, in one run.
@@ -231,6 +241,9 @@ def bench_cmd(
     URL is a local folder to work in (a temporary one by default). Other benchmarks:
     python -m ckptstore.bench -h.
     """
+    if device == "cuda":
+        _bench_cuda(url, gb, repeat, fsync, as_json)
+        return
     from ckptstore.bench.compare import run_bench
 
     results = run_bench(
@@ -241,6 +254,27 @@ def bench_cmd(
         show=not as_json,
         fsync=fsync,
     )
+    if as_json:
+        emit_json(results)
+
+
+def _bench_cuda(url: str | None, gb: float, repeat: int, fsync: bool, as_json: bool) -> None:
+    import shutil
+    import tempfile
+
+    import torch
+
+    from ckptstore.bench import gpu
+    from ckptstore.knobs import Settings
+
+    if not torch.cuda.is_available():
+        raise click.ClickException("--device cuda: no CUDA device here")
+    root = url or tempfile.mkdtemp(prefix="ckptstore-gpu-")
+    try:
+        results = gpu.run(gb, root, Settings.resolve(fsync=fsync), repeat, show=not as_json)
+    finally:
+        if url is None:
+            shutil.rmtree(root, ignore_errors=True)
     if as_json:
         emit_json(results)
 
