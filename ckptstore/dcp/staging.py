@@ -469,6 +469,34 @@ def device_tensors(obj: Any) -> list[torch.Tensor]:
     return found
 
 
+def _copy_rest(state_dict: Any, memo: dict[int, Any]) -> Any:
+    """A copy of ``state_dict`` with the tensors in ``memo`` replaced by their staged
+    copies, and the rest staged as DCP's default stager stages it (host copies)."""
+    try:
+        from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+
+        stager = StateDictStager(pin_memory=False, share_memory=False)
+        copy = stager.deepcopy_with_tensor_offload
+    except (ImportError, AttributeError):  # an older torch: plain host copies
+        import copy as copy_module
+
+        for t in _all_tensors(state_dict):
+            if id(t) not in memo:
+                memo[id(t)] = t.detach().to("cpu", copy=True)
+        return copy_module.deepcopy(state_dict, memo)
+    return copy(state_dict, memo)
+
+
+def _all_tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _all_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _all_tensors(v)]
+    return []
+
+
 class Snapshot(AsyncStager):
     """DCP's stager for a ``ckptstore.async_save`` whose state holds GPU tensors.
 
@@ -487,8 +515,6 @@ class Snapshot(AsyncStager):
         """Bytes copied before ``stage`` returned (host mode)."""
 
     def stage(self, state_dict: Any) -> Any:
-        from torch.distributed.checkpoint._state_dict_stager import StateDictStager
-
         gpu = device_tensors(state_dict)
         memo: dict[int, Any] = {}
         if self.settings.device_snapshot:
@@ -524,9 +550,7 @@ class Snapshot(AsyncStager):
                 for ops, event, _ in copies:  # the training thread waits for these only
                     ops.wait(event)
             self.blocked_bytes = pos
-        return StateDictStager(pin_memory=False, share_memory=False).deepcopy_with_tensor_offload(
-            state_dict, memo
-        )
+        return _copy_rest(state_dict, memo)
 
     def done(self) -> None:
         """The save that used the staged state is over: its arena serves the next one."""
