@@ -18,6 +18,8 @@ under the chain, keys in the ``ckptstore-delta-1`` domain), still read.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import xxhash
 
@@ -65,10 +67,26 @@ def _sub_tail(pipeline: Pipeline, width: int) -> Pipeline:
     return Pipeline([ByteGroup(width), *pipeline.codecs[1:]])
 
 
-def _ordered(v: np.ndarray, width: int) -> np.ndarray:
-    """Float bits (as signed ints) → ints that order like the floats; its own inverse."""
-    mask = np.array((1 << (8 * width - 1)) - 1, dtype=_INT[width])
-    return v ^ ((v >> (8 * width - 1)) & mask)
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: int, nbytes: int) -> np.ndarray:
+    """This thread's reused uint8 buffer ``slot`` of ``nbytes`` (valid until its next use)."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.size < nbytes:
+        buf = bufs[slot] = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes]
+
+
+def _order(v: np.ndarray, t: np.ndarray, width: int) -> None:
+    """Float bits ``v`` (signed ints) → ints that order like the floats, in place (``t``: a
+    scratch array like ``v``); its own inverse."""
+    np.right_shift(v, 8 * width - 1, out=t)
+    np.bitwise_and(t, (1 << (8 * width - 1)) - 1, out=t)
+    np.bitwise_xor(v, t, out=v)
 
 
 def encode_delta(pipeline: Pipeline, raw: Buffer, base: Buffer) -> bytes:
@@ -80,12 +98,22 @@ def encode_delta(pipeline: Pipeline, raw: Buffer, base: Buffer) -> bytes:
         raise ValueError(f"delta of {a.size} bytes against a base of {b.size}")
     width = _float_width(pipeline)
     if width is None or a.size % width:
-        return bytes([OP_XOR]) + bytes(byte_view(pipeline.encode(np.bitwise_xor(a, b))))
-    bits = 8 * width
-    with np.errstate(over="ignore"):
-        d = _ordered(a.view(_INT[width]), width) - _ordered(b.view(_INT[width]), width)
-        z = (d << 1) ^ (d >> (bits - 1))
-    return bytes([OP_SUB]) + bytes(byte_view(_sub_tail(pipeline, width).encode(z)))
+        x = _scratch(0, a.size)
+        np.bitwise_xor(a, b, out=x)
+        return bytes([OP_XOR]) + bytes(byte_view(pipeline.encode(x)))
+    it = _INT[width]
+    d = _scratch(0, a.size).view(it)
+    k = _scratch(1, a.size).view(it)
+    t = _scratch(2, a.size).view(it)
+    d[:] = a.view(it)
+    _order(d, t, width)
+    k[:] = b.view(it)
+    _order(k, t, width)
+    np.subtract(d, k, out=d)  # modulo 2^bits: numpy integer arithmetic wraps
+    np.right_shift(d, 8 * width - 1, out=t)  # zigzag: (d << 1) ^ (d >> (bits - 1))
+    np.left_shift(d, 1, out=d)
+    np.bitwise_xor(d, t, out=d)
+    return bytes([OP_SUB]) + bytes(byte_view(_sub_tail(pipeline, width).encode(d.view(np.uint8))))
 
 
 def apply_delta(pipeline: Pipeline, payload: Buffer, acc: np.ndarray, base_key: bytes) -> bytes:
@@ -95,26 +123,28 @@ def apply_delta(pipeline: Pipeline, payload: Buffer, acc: np.ndarray, base_key: 
     view = byte_view(payload)
     if len(view) == 0:
         raise CodecError("empty delta payload")
-    op, expected = view[0], acc.size
+    op, n = view[0], acc.size
     if op < 0x80:  # the first format: XOR under the chain, no op byte
-        _, diff = pipeline.decode_parts(view, expected_size=expected)
-        np.bitwise_xor(acc, np.frombuffer(diff, dtype=np.uint8), out=acc)
+        np.bitwise_xor(acc, pipeline.decode_into(view, _scratch(0, n)), out=acc)
         return delta_key(pipeline, base_key, acc, legacy=True)
     if op == OP_XOR:
-        _, diff = pipeline.decode_parts(view[1:], expected_size=expected)
-        np.bitwise_xor(acc, np.frombuffer(diff, dtype=np.uint8), out=acc)
+        np.bitwise_xor(acc, pipeline.decode_into(view[1:], _scratch(0, n)), out=acc)
     elif op == OP_SUB:
         width = _float_width(pipeline)
-        if width is None or expected % width:
+        if width is None or n % width:
             raise CodecError(f"an ordered-integer delta under {pipeline.short()}")
-        _, diff = _sub_tail(pipeline, width).decode_parts(view[1:], expected_size=expected)
-        z = np.frombuffer(diff, dtype=_UINT[width])
-        one = _UINT[width](1)
-        d = (z >> one).view(_INT[width]) ^ -(z & one).view(_INT[width])
-        v = acc.view(_INT[width])
-        with np.errstate(over="ignore"):
-            k = _ordered(v, width) + d
-        v[:] = _ordered(k, width)
+        it, ut = _INT[width], _UINT[width]
+        z = _sub_tail(pipeline, width).decode_into(view[1:], _scratch(0, n))
+        t = _scratch(1, n)
+        np.bitwise_and(z.view(ut), 1, out=t.view(ut))  # unzigzag: (z >> 1) ^ -(z & 1)
+        np.negative(t.view(it), out=t.view(it))
+        np.right_shift(z.view(ut), 1, out=z.view(ut))
+        d = z.view(it)
+        np.bitwise_xor(d, t.view(it), out=d)
+        v = acc.view(it)
+        _order(v, t.view(it), width)
+        np.add(v, d, out=v)
+        _order(v, t.view(it), width)
     else:
         raise CodecError(f"unknown delta op 0x{op:02x}")
     return delta_key(pipeline, base_key, acc)
