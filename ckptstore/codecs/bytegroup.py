@@ -110,9 +110,18 @@ class ByteGroup(Codec):
             planes = flat.reshape(self.width, n)
         grid = out.reshape(n, self.width)
         kind = _UINT.get(self.width) if self.rotate else None
+        step = max(1, _BLOCK // self.width)
+        if n <= step:  # one block (small tensors: the common case by count)
+            for i in range(self.width):
+                grid[:, i] = planes[i]
+            if kind is not None:
+                u = out.view(kind)
+                high = u << kind(self.width * 8 - 1)
+                u >>= kind(1)
+                u |= high
+            return
         # block by block, so each block is still in cache when the next plane and the
         # rotation reach it (~1.2x one pass per plane over a whole chunk in cold memory)
-        step = max(1, _BLOCK // self.width)
         words = None if kind is None else out.view(kind)
         high = None if kind is None else _scratch(step * self.width).view(kind)
         for j in range(0, n, step):

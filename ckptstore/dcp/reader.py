@@ -477,6 +477,8 @@ def _copy_overlap(
     _copy(target[a - r0 : b - r0], src)
 
 
+_GRAIN = 32768
+"""torch's intra-op grain size: smaller copies run on the calling thread."""
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -488,6 +490,7 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     view = _SAME_SIZE_INT.get(dst.element_size())
     if (
         view is None
+        or dst.numel() < _GRAIN  # small: torch copies on this thread, with less overhead
         or dst.device.type != "cpu"
         or src.device.type != "cpu"
         or dst.dtype != src.dtype
