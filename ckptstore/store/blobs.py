@@ -470,12 +470,17 @@ class BlobWriter:
         key, its chain, its encoding) when smaller than the standalone chunk; (the parent's
         key, chain, None) when ``piece`` is that delta chunk's content unchanged; None to
         store it standalone (smaller, chain full, or base unreadable)."""
-        base_key, base_chain, _ = parent
+        base_key, base_chain, base_stored = parent
         if base_chain and delta_key(pipeline, base_chain[0], piece) == base_key:
             return base_key, base_chain, None
         if len(base_chain) + 1 > self.delta_chain:
             return None  # a standalone chunk every delta_chain + 1 links
         known = _size_of(base_key)
+        if known is None and not base_chain:
+            # not seen by this process (the first delta save after a standalone one, or
+            # after a restart): the parent's chunk of these rows is standalone, and its
+            # size is what this one would take standalone within a few percent
+            known = (base_stored, 0)
         if known is not None and known[1] % RETRY_LOST_DELTA:  # lost last time: skip
             whole = tail.encode(piece)
             _remember(key, byte_view(whole).nbytes, known[1] + 1)
