@@ -21,6 +21,7 @@ from ckptstore.errors import CodecError
 
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _local = threading.local()
+_PAIRS = True
 _BLOCK = 256 * 1024
 """Bytes decoded per block (fits a core's L2 cache with the planes it reads)."""
 
@@ -124,10 +125,20 @@ class ByteGroup(Codec):
         # rotation reach it (~1.2x one pass per plane over a whole chunk in cold memory)
         words = None if kind is None else out.view(kind)
         high = None if kind is None else _scratch(step * self.width).view(kind)
+        pairs = self.width == 2 and words is not None and high is not None and _PAIRS
         for j in range(0, n, step):
             k = min(n, j + step)
-            for i in range(self.width):  # one strided copy per plane: ~5x a transpose
-                grid[j:k, i] = planes[i][j:k]
+            if pairs and words is not None and high is not None:
+                # two planes: widening casts, a shift and an or (SIMD loops) beat two
+                # strided byte copies (~2x in cache)
+                part, h = words[j:k], high[: k - j]
+                np.copyto(part, planes[0][j:k], casting="unsafe")
+                np.copyto(h, planes[1][j:k], casting="unsafe")
+                np.left_shift(h, kind(8), out=h)
+                np.bitwise_or(part, h, out=part)
+            else:
+                for i in range(self.width):  # one strided copy per plane: ~5x a transpose
+                    grid[j:k, i] = planes[i][j:k]
             if kind is not None and words is not None and high is not None:
                 part, h = words[j:k], high[: k - j]  # rotate right by one bit, in place
                 np.left_shift(part, kind(self.width * 8 - 1), out=h)
