@@ -81,12 +81,12 @@ def _scratch(slot: int, nbytes: int) -> np.ndarray:
     return buf[:nbytes]
 
 
-def _order(v: np.ndarray, t: np.ndarray, width: int) -> None:
-    """Float bits ``v`` (signed ints) → ints that order like the floats, in place (``t``: a
-    scratch array like ``v``); its own inverse."""
+def _order(v: np.ndarray, t: np.ndarray, width: int, out: np.ndarray | None = None) -> None:
+    """Float bits ``v`` (signed ints) → ints that order like the floats, into ``out``
+    (default: in place; ``t``: a scratch array like ``v``); its own inverse."""
     np.right_shift(v, 8 * width - 1, out=t)
     np.bitwise_and(t, (1 << (8 * width - 1)) - 1, out=t)
-    np.bitwise_xor(v, t, out=v)
+    np.bitwise_xor(v, t, out=v if out is None else out)
 
 
 def encode_delta(pipeline: Pipeline, raw: Buffer, base: Buffer) -> bytes:
@@ -103,13 +103,10 @@ def encode_delta(pipeline: Pipeline, raw: Buffer, base: Buffer) -> bytes:
         return bytes([OP_XOR]) + bytes(byte_view(pipeline.encode(x)))
     it = _INT[width]
     d = _scratch(0, a.size).view(it)
-    k = _scratch(1, a.size).view(it)
-    t = _scratch(2, a.size).view(it)
-    d[:] = a.view(it)
-    _order(d, t, width)
-    k[:] = b.view(it)
-    _order(k, t, width)
-    np.subtract(d, k, out=d)  # modulo 2^bits: numpy integer arithmetic wraps
+    t = _scratch(1, a.size).view(it)
+    _order(a.view(it), t, width, out=d)
+    _order(b.view(it), t, width, out=t)  # (t is read before it is written, element-wise)
+    np.subtract(d, t, out=d)  # modulo 2^bits: numpy integer arithmetic wraps
     np.right_shift(d, 8 * width - 1, out=t)  # zigzag: (d << 1) ^ (d >> (bits - 1))
     np.left_shift(d, 1, out=d)
     np.bitwise_xor(d, t, out=d)
