@@ -258,7 +258,7 @@ class Reader(StorageReader):
             copies: list[tuple[staging.DeviceOps, Any]] = []
             try:
                 raw = buf[:n].numpy()
-                reader.fetch_chunk_into(first, pipeline, row_bytes, users_where(users), raw)
+                reader.fetch_chunk_into(first, pipeline, row_bytes, _users_where(users), raw)
                 for c0, c1 in spans:
                     for req, target, _, _ in users.values():
                         dev = devices.get(id(target))
@@ -367,7 +367,7 @@ class Reader(StorageReader):
         return False
 
 
-def users_where(users: dict) -> str:
+def _users_where(users: dict) -> str:
     """The message label of a chunk's first user (its tensor and checkpoint)."""
     return str(next(iter(users.values()))[2])
 

@@ -334,6 +334,8 @@ class DeviceToHost:
         self.pool = pool
         self._inflight: deque[_Copy] = deque()
         self.segments = 0
+        self.lookahead = max(2, writer.threads)
+        """Copies started ahead of the one the encoders get next."""
 
     def add(
         self,
@@ -373,9 +375,12 @@ class DeviceToHost:
             return self.writer.submit(view, pipeline, rows=b - a, first_row=first_row + a, **extra)
 
         for i, (a, b) in enumerate(cut):
-            # hand over finished copies until a buffer is free: never wait for a buffer
-            # that only a copy this thread has not handed over yet would free
-            while self._inflight and not self.pool.available():
+            # hand the oldest copies over once ``lookahead`` are in flight (the encoders
+            # stay fed), and before waiting for a buffer: never wait for one that only a
+            # copy this thread has not handed over yet would free
+            while self._inflight and (
+                len(self._inflight) >= self.lookahead or not self.pool.available()
+            ):
                 self._hand_over()
             buf = self.pool.acquire()
             n = (b - a) * row_bytes
