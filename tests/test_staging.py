@@ -315,3 +315,19 @@ def test_gpu_bench_logic_runs_on_the_fake_device(tmp_path, device, monkeypatch):
     assert len(r["save_s_all"]) == 2 and r["async_first_blocked_s"] > 0
     assert device.to_host_calls > 0 and device.to_device_calls > 0 and device.snapshots > 0
     gpu._print(r)  # the table it prints
+
+
+def test_staged_lossy_save_equals_the_host_one(tmp_path, device):
+    """A lossy chain with no device implementation (fp16 from float64) goes through the
+    staged copies too: same chunks and the same error figures as from the host."""
+    x = torch.randn(3000, 40, dtype=torch.float64)
+    device.put(x)
+    settings = _settings(buffers=3, quantize_min_bytes=0)
+    url = str(tmp_path / "store")
+    a = ckptstore.save({"x": x}, url, step=0, quantize="fp16", settings=settings)
+    assert device.to_host_calls > 1
+    b = ckptstore.save({"x": x.clone()}, url, step=1, quantize="fp16", settings=settings)
+    assert b.new_chunks == 0 and a.chunks == b.chunks
+    staged, host = ckptstore.load_full(url, step=0)["x"], ckptstore.load_full(url, step=1)["x"]
+    assert torch.equal(staged, host) and not torch.equal(staged, x)  # lossy, and the same
+    assert (staged - x).abs().max() < 1e-2 * x.abs().max()

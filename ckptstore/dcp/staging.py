@@ -288,12 +288,19 @@ class _Gather:
             if self._left or self._done:
                 return
             self._done = True
+        try:  # (an error here must fail the future: a done-callback's would be lost)
+            self.future.set_result(self._merge())
+        except BaseException as exc:
+            self.future.set_exception(exc)
+
+    def _merge(self) -> Blob:
         chunks = []
         stats: QuantStats | None = None
         for entry in self._parts:
             assert entry is not None
             first_row, blob = entry
-            assert blob.inline is None, "a staged segment is larger than inline_bytes"
+            if blob.inline is not None:
+                raise RuntimeError("a staged segment was stored inline (smaller than expected)")
             chunks += [
                 dataclasses.replace(
                     c, row_start=c.row_start + first_row, row_stop=c.row_stop + first_row
@@ -305,7 +312,7 @@ class _Gather:
                 stats.add(blob.qstats)
         blob = Blob(self._pipeline.config, self._nbytes, self._rows, chunks=chunks)
         blob.qstats = stats
-        self.future.set_result(blob)
+        return blob
 
 
 @dataclass
