@@ -11,7 +11,7 @@ import dataclasses
 import io
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -238,6 +238,14 @@ class Reader(StorageReader):
                     ops.order_after_producer()
                     pools[ops.key] = staging.pool_for(ops, self.settings)
 
+        def copier(target: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], None]:
+            """How to copy into ``target``: for a device tensor on the side stream (after
+            the caller's queued work, as every copy of this load), waiting for it."""
+            dev = devices.get(id(target))
+            if dev is None:
+                return _copy
+            return lambda dst, src: dev.wait(dev.to_device(dst, src))
+
         def to_device(
             task: tuple[Shard, dict[int, ChunkRef | None], dict],
             first: ChunkRef,
@@ -266,7 +274,7 @@ class Reader(StorageReader):
                         if dev is not None and rows is not None:
                             copies.append((dev, dev.to_device(rows, buf[:n])))
                         else:
-                            _copy_overlap(raw, c0, c1, shard, req, target, saved)
+                            _copy_overlap(raw, c0, c1, shard, req, target, saved, copier(target))
             finally:
                 for dev, event in copies:  # the buffer is reused only after its copies
                     dev.wait(event)
@@ -313,7 +321,7 @@ class Reader(StorageReader):
             for c0, c1 in spans:
                 for req, target, _, _ in users.values():
                     if placed != (c0, c1, id(req)):
-                        _copy_overlap(raw, c0, c1, shard, req, target, saved)
+                        _copy_overlap(raw, c0, c1, shard, req, target, saved, copier(target))
 
         threads = self.settings.threads if self.threads is None else self.threads
         if repo.backend.capabilities.remote and self.threads is None:
@@ -459,12 +467,21 @@ def _rows(
 
 
 def _copy_overlap(
-    raw, c0: int, c1: int, shard: Shard, req: ReadItem, target: torch.Tensor, dtype: torch.dtype
+    raw,
+    c0: int,
+    c1: int,
+    shard: Shard,
+    req: ReadItem,
+    target: torch.Tensor,
+    dtype: torch.dtype,
+    copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> None:
     """Copy the part of chunk rows [c0, c1) of ``shard`` (saved as ``dtype``) that ``req``
-    wants into ``target``; casts to the target's dtype as DCP does."""
+    wants into ``target`` with ``copy(dst, src)`` (default :func:`_copy`); casts to the
+    target's dtype as DCP does."""
+    copy = copy or _copy
     if not shard.sizes:  # 0-d tensor
-        _copy(target, from_bytes(raw, dtype, []))
+        copy(target, from_bytes(raw, dtype, []))
         return
     r0, r1 = _row_span(req, shard)
     a, b = max(c0, r0), min(c1, r1)
@@ -474,7 +491,7 @@ def _copy_overlap(
     src = from_bytes(raw, dtype, [c1 - c0, *row_shape])[a - c0 : b - c0]
     for dim in range(1, len(shard.sizes)):
         src = src.narrow(dim, int(req.storage_offsets[dim]), int(req.lengths[dim]))
-    _copy(target[a - r0 : b - r0], src)
+    copy(target[a - r0 : b - r0], src)
 
 
 _GRAIN = 32768
