@@ -120,7 +120,9 @@ class CudaOps(DeviceOps):
     def snapshot(self, t: torch.Tensor) -> torch.Tensor:
         self.order_after_producer()
         with torch.cuda.stream(self.stream):
-            copy = t.detach().clone()
+            # contiguous, so the background save copies it as is, on this same stream
+            src = t.detach().resolve_conj().resolve_neg()
+            copy = src.clone(memory_format=torch.contiguous_format)
         # the caller's stream (training) waits for the clone on the GPU; the host does not
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return copy
