@@ -67,6 +67,8 @@ def _sub_tail(pipeline: Pipeline, width: int) -> Pipeline:
     return Pipeline([ByteGroup(width), *pipeline.codecs[1:]])
 
 
+_BLOCK = 32768
+"""Elements per block of the difference passes (128 KiB of fp32: they stay in L2)."""
 _SCRATCH = threading.local()
 
 
@@ -103,13 +105,17 @@ def encode_delta(pipeline: Pipeline, raw: Buffer, base: Buffer) -> bytes:
         return bytes([OP_XOR]) + bytes(byte_view(pipeline.encode(x)))
     it = _INT[width]
     d = _scratch(0, a.size).view(it)
-    t = _scratch(1, a.size).view(it)
-    _order(a.view(it), t, width, out=d)
-    _order(b.view(it), t, width, out=t)  # (t is read before it is written, element-wise)
-    np.subtract(d, t, out=d)  # modulo 2^bits: numpy integer arithmetic wraps
-    np.right_shift(d, 8 * width - 1, out=t)  # zigzag: (d << 1) ^ (d >> (bits - 1))
-    np.left_shift(d, 1, out=d)
-    np.bitwise_xor(d, t, out=d)
+    t = _scratch(1, _BLOCK * width).view(it)
+    av, bv = a.view(it), b.view(it)
+    for i in range(0, d.size, _BLOCK):  # block by block, so the passes stay in cache
+        j = min(i + _BLOCK, d.size)
+        db, tb = d[i:j], t[: j - i]
+        _order(av[i:j], tb, width, out=db)
+        _order(bv[i:j], tb, width, out=tb)  # (tb is read before it is written, element-wise)
+        np.subtract(db, tb, out=db)  # modulo 2^bits: numpy integer arithmetic wraps
+        np.right_shift(db, 8 * width - 1, out=tb)  # zigzag: (d << 1) ^ (d >> (bits - 1))
+        np.left_shift(db, 1, out=db)
+        np.bitwise_xor(db, tb, out=db)
     return bytes([OP_SUB]) + bytes(byte_view(_sub_tail(pipeline, width).encode(d.view(np.uint8))))
 
 
@@ -131,17 +137,21 @@ def apply_delta(pipeline: Pipeline, payload: Buffer, acc: np.ndarray, base_key: 
         if width is None or n % width:
             raise CodecError(f"an ordered-integer delta under {pipeline.short()}")
         it, ut = _INT[width], _UINT[width]
-        z = _sub_tail(pipeline, width).decode_into(view[1:], _scratch(0, n))
-        t = _scratch(1, n)
-        np.bitwise_and(z.view(ut), 1, out=t.view(ut))  # unzigzag: (z >> 1) ^ -(z & 1)
-        np.negative(t.view(it), out=t.view(it))
-        np.right_shift(z.view(ut), 1, out=z.view(ut))
-        d = z.view(it)
-        np.bitwise_xor(d, t.view(it), out=d)
+        z = _sub_tail(pipeline, width).decode_into(view[1:], _scratch(0, n)).view(ut)
+        t = _scratch(1, _BLOCK * width)
         v = acc.view(it)
-        _order(v, t.view(it), width)
-        np.add(v, d, out=v)
-        _order(v, t.view(it), width)
+        for i in range(0, v.size, _BLOCK):  # block by block, so the passes stay in cache
+            j = min(i + _BLOCK, v.size)
+            zb, tu, vb = z[i:j], t[: (j - i) * width].view(ut), v[i:j]
+            ti = tu.view(it)
+            np.bitwise_and(zb, 1, out=tu)  # unzigzag: (z >> 1) ^ -(z & 1)
+            np.negative(ti, out=ti)
+            np.right_shift(zb, 1, out=zb)
+            d = zb.view(it)
+            np.bitwise_xor(d, ti, out=d)
+            _order(vb, ti, width)
+            np.add(vb, d, out=vb)
+            _order(vb, ti, width)
     else:
         raise CodecError(f"unknown delta op 0x{op:02x}")
     return delta_key(pipeline, base_key, acc)
