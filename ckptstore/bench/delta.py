@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "finetune-real" not in args.skip:
             import importlib.util
 
-            if importlib.util.find_spec("transformers") is None:  # not in the test extra
+            if importlib.util.find_spec("transformers") is None:  # (the test extra has it)
                 print("finetune-real skipped: needs `pip install transformers`")
             else:
                 states = fine_tune_real_states(args.n, args.every)
