@@ -251,6 +251,25 @@ def test_cli_errors(store, tmp_path, monkeypatch):
     assert not os.path.exists(out)
 
 
+def test_names_from_the_store_stay_text_on_the_page(tmp_path):
+    """Tensor and checkpoint names are the store's, and plotly reads labels as a subset of
+    HTML: a name with tags must show as text, never become a link or markup."""
+    from ckptstore.report import write_report
+
+    url = str(tmp_path / "store")
+    evil = '<a href="https://example.invalid/">click</a>'
+    for step in (1, 2):
+        t = torch.arange(4096, dtype=torch.float32) * step
+        ckptstore.save({evil: t, "q": t.clone()}, url, step=step, quantize={"q": "int8"})
+    out = tmp_path / "r.html"
+    write_report(url, out)
+    page = out.read_text(encoding="utf-8")
+    # plotly's JSON writes "<" as \\u003c and "/" as \\u002f; the label must hold "&lt;"
+    assert "\\u002f\\u002fexample.invalid" in page  # the name is there ...
+    assert "\\u003ca href" not in page  # ... never as markup
+    assert "&lt;a href" in page
+
+
 def test_empty_store_gives_a_page_that_says_so(tmp_path):
     url = str(tmp_path / "empty")
     Repository.open(url, create=True)

@@ -29,6 +29,12 @@ _CONFIG = {"displaylogo": False, "responsive": True}
 _ZERO = "rgb(235, 235, 235)"
 
 
+def _e(label: str) -> str:
+    """A store-controlled string (tensor or checkpoint name) for plotly, which reads labels
+    and hover text as a subset of HTML: ``<a href>`` in a name must stay text."""
+    return html.escape(label, quote=False)
+
+
 def render(data: ReportData) -> str:
     """The whole page as one HTML string."""
     parts: list[tuple[str, str, go.Figure | None]] = []  # (key, explanation, figure)
@@ -87,7 +93,7 @@ def bytes_figure(rows: list[CheckpointSummary]) -> go.Figure:
                 name=name,
                 mode="lines+markers",
                 line={"dash": dash},
-                text=[f"{r.name}<br>{human_bytes(v)}" for r, v in zip(rows, ys, strict=True)],
+                text=[f"{_e(r.name)}<br>{human_bytes(v)}" for r, v in zip(rows, ys, strict=True)],
                 hovertemplate="%{text}<extra>" + name.split(" ")[0] + "</extra>",
             )
         )
@@ -124,7 +130,7 @@ def shares_figure(rows: list[CheckpointSummary]) -> go.Figure:
                 y=ys,
                 name=name,
                 marker_color=color,
-                text=[f"{r.name}<br>{human_bytes(fn(r))}" for r in rows],
+                text=[f"{_e(r.name)}<br>{human_bytes(fn(r))}" for r in rows],
                 textposition="none",
                 hovertemplate="%{text}<br>%{y:.1f}% of logical<extra>" + name + "</extra>",
             )
@@ -156,7 +162,7 @@ def quant_figure(q: QuantInfo) -> go.Figure:
     """Relative L2 error each lossy tensor was stored with (recorded at save time)."""
     rows = [r for r in q.rows if r.rel_l2 is not None]
     text = [
-        f"{r.fqn}<br>{r.dtype} → {r.codec}, {human_bytes(r.logical_bytes)}<br>"
+        f"{_e(r.fqn)}<br>{r.dtype} → {r.codec}, {human_bytes(r.logical_bytes)}<br>"
         f"rel. L2 {r.rel_l2:.3e}, max abs {r.max_abs:.3e}"
         + (f"<br>{r.fallback_chunks} fallback chunk(s)" if r.fallback_chunks else "")
         for r in rows
@@ -164,7 +170,7 @@ def quant_figure(q: QuantInfo) -> go.Figure:
     fig = go.Figure(
         go.Bar(
             x=[max(r.rel_l2 or 0.0, 1e-12) for r in rows],
-            y=[r.fqn for r in rows],
+            y=[_e(r.fqn) for r in rows],
             orientation="h",
             marker_color="#d62728",
             text=text,
@@ -197,10 +203,10 @@ def changes_figure(c: ChangeMap) -> go.Figure:
     """Tensor × checkpoint heat map of ‖b−a‖/‖a‖, colour on a log scale; exact zeros in
     light grey, cells that cannot be compared left blank."""
     labels = [
-        f"step {s}" if s is not None else n for s, n in zip(c.steps, c.checkpoints, strict=True)
+        f"step {s}" if s is not None else _e(n) for s, n in zip(c.steps, c.checkpoints, strict=True)
     ]
     if len(set(labels)) != len(labels):
-        labels = list(c.checkpoints)
+        labels = [_e(n) for n in c.checkpoints]
     x = labels[1:]
     logs = [math.log10(v) for row in c.values for v in row if v]
     lo = math.floor(min(logs)) if logs else -6
@@ -209,18 +215,19 @@ def changes_figure(c: ChangeMap) -> go.Figure:
     zeros = [[0.0 if v == 0.0 else None for v in row] for row in c.values]
     text = [
         [
-            f"{fqn}<br>{labels[j]} → {labels[j + 1]}<br>"
+            f"{_e(fqn)}<br>{labels[j]} → {labels[j + 1]}<br>"
             + ("not compared" if v is None else f"rel. L2 change {v:.4g}")
             + (f" ({note})" if note else "")
             for j, (v, note) in enumerate(zip(vals, notes, strict=True))
         ]
         for fqn, vals, notes in zip(c.tensors, c.values, c.notes, strict=True)
     ]
+    tensors = [_e(t) for t in c.tensors]
     fig = go.Figure()
     fig.add_trace(
         go.Heatmap(
             x=x,
-            y=c.tensors,
+            y=tensors,
             z=zeros,
             colorscale=[[0, _ZERO], [1, _ZERO]],
             showscale=False,
@@ -231,7 +238,7 @@ def changes_figure(c: ChangeMap) -> go.Figure:
     fig.add_trace(
         go.Heatmap(
             x=x,
-            y=c.tensors,
+            y=tensors,
             z=z,
             zmin=lo,
             zmax=hi,
