@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 import threading
@@ -290,6 +292,43 @@ def test_save_last_link_resumes_through_the_link(tmp_path):
     assert target.endswith(f"step={loaded['global_step']}.ckpt")
 
 
+def test_save_last_link_with_a_changing_last_name_keeps_the_top_k(tmp_path, monkeypatch):
+    """With ``CHECKPOINT_NAME_LAST = "{epoch}-last"`` Lightning removes the old link through
+    the plug-in at each new epoch; the top-k checkpoint it points at stays."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def linked(dirpath) -> ModelCheckpoint:
+        cb = ModelCheckpoint(
+            dirpath=dirpath,
+            monitor="step",
+            mode="max",
+            save_top_k=2,
+            every_n_train_steps=2,
+            save_last="link",
+        )
+        cb.CHECKPOINT_NAME_LAST = "{epoch}-last"
+        return cb
+
+    monkeypatch.setattr(lt, "checkpoint_callback", linked)
+    url = str(tmp_path / "store")
+    # 8 steps per epoch: at step 10 the link epoch=0-last.ckpt -> step 8 is removed
+    _, _, cb = lt.fit(tmp_path / "run", CkptStoreIO(url), 10)
+    assert store_names(url) == {"epoch_3d0-step_3d8.ckpt": 8, "epoch_3d1-step_3d10.ckpt": 10}
+    assert set(store_names(url)) == {checkpoint_name(p) for p in cb.best_k_models}
+    io = CkptStoreIO(url)
+    for path in cb.best_k_models:
+        assert Path(path).name.endswith(f"step={io.load_checkpoint(path)['global_step']}.ckpt")
+    folder = tmp_path / "run" / "ckpts"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "epoch=0-step=8.ckpt",
+        "epoch=1-last.ckpt",
+        "epoch=1-step=10.ckpt",
+    ]
+    last = Path(cb.last_model_path)
+    assert last.name == "epoch=1-last.ckpt" and last.is_symlink()
+    assert io.load_checkpoint(last)["global_step"] == 10
+
+
 def test_standalone_pytorch_lightning_and_a_pickled_plugin(tmp_path):
     """The plug-in is a CheckpointIO of both packages, and survives pickling (ddp_spawn)."""
     pl = pytest.importorskip("pytorch_lightning")
@@ -414,6 +453,100 @@ def test_removal_collects_the_chunks_nothing_needs(tmp_path):
     du = ckptstore.Store(url, settings=settings).du()
     assert du.garbage_chunks == 0 and [c.name for c in du.checkpoints] == ["s2.ckpt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s2.ckpt", "store"]
+
+
+@pytest.mark.parametrize("how", ["symlink", "copy"])
+def test_removing_a_link_or_a_copied_pointer_keeps_its_checkpoint(tmp_path, how):
+    """A ``save_last="link"`` link (a symlink, or Lightning's copy of the target where it
+    cannot make one) names a top-k checkpoint Lightning keeps: removing the link removes
+    only the link. The checkpoint's own pointer still deletes it."""
+    url = tmp_path / "store"
+    io = CkptStoreIO(url)
+    target = tmp_path / "ckpts" / "epoch=1-step=3.ckpt"
+    link = tmp_path / "ckpts" / "epoch=1-last.ckpt"
+    io.save_checkpoint({"global_step": 3, "w": torch.ones(3)}, target)
+    if how == "symlink":
+        link.symlink_to(target.name)
+    else:
+        shutil.copy(target, link)
+    assert io.load_checkpoint(link)["global_step"] == 3
+    io.remove_checkpoint(link)
+    io.teardown()
+    assert not os.path.lexists(link)
+    assert store_names(url) == {"epoch_3d1-step_3d3.ckpt": 3} and read_pointer(target)
+    assert io.load_checkpoint(target)["global_step"] == 3
+
+    io.remove_checkpoint(target)  # the checkpoint's own pointer: deleted from the store
+    io.teardown()
+    assert store_names(url) == {} and not target.exists()
+    if how == "symlink":  # a link left dangling is only unlinked too
+        link.symlink_to(target.name)
+        io.remove_checkpoint(link)
+        io.teardown()
+        assert not os.path.lexists(link)
+
+
+def test_removing_a_pointer_of_the_same_file_name_elsewhere_deletes(tmp_path):
+    """A pointer names the checkpoint of its file name wherever it lies (a run's folder
+    moved or copied): removing it deletes the checkpoint, as before."""
+    url = tmp_path / "store"
+    io = CkptStoreIO(url)
+    io.save_checkpoint({"global_step": 2, "w": torch.ones(3)}, tmp_path / "a" / "x.ckpt")
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "x.ckpt", tmp_path / "b" / "x.ckpt")
+    io.remove_checkpoint(tmp_path / "b" / "x.ckpt")
+    io.teardown()
+    assert store_names(url) == {} and not (tmp_path / "b" / "x.ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    ("paths", "match"),
+    [
+        (((("extra", False), (10**12, True)),), "list index 1000000000000 for a list of 0"),
+        (((("extra", False), (-1, True)),), "list index -1"),
+        (((("state_dict", False), (0, True)),), "indexes dict as a list"),
+        (((("global_step", False), ("x", False)),), "takes key 'x' of a int"),
+        (("not a path",), "not a non-empty tuple"),
+    ],
+)
+def test_a_damaged_record_of_empty_mappings_is_refused(tmp_path, monkeypatch, paths, match):
+    """The paths of the empty mappings come from the store: a huge list index is refused
+    with an error naming the checkpoint, before it allocates a huge list."""
+    io = CkptStoreIO(tmp_path / "store")
+    path = tmp_path / "x.ckpt"
+    real_save = ckl.save
+
+    def damaging_save(state, *args, **kwargs):
+        return real_save({**state, ckl._META_KEY: (1, paths)}, *args, **kwargs)
+
+    monkeypatch.setattr(ckl, "save", damaging_save)
+    io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(2)}}, path)
+    with pytest.raises(ckptstore.CkptStoreError, match="checkpoint 'x.ckpt' of store") as err:
+        io.load_checkpoint(path)
+    assert "damaged record" in str(err.value) and match in str(err.value)
+
+
+class Opaque:
+    """A class on no allow-list: only full unpickling loads it."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_weights_only_reaches_regular_files_but_not_store_checkpoints(tmp_path):
+    """A regular Lightning file loads as Lightning would load it (``weights_only`` passed on:
+    full unpickling when it is False); a store checkpoint uses the allow-list regardless."""
+    state = {"global_step": 3, "w": torch.ones(2), "obj": Opaque(7)}
+    plain = tmp_path / "plain.ckpt"
+    torch.save(state, plain)
+    io = CkptStoreIO(tmp_path / "store")
+    assert io.load_checkpoint(plain, weights_only=False)["obj"].value == 7
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        io.load_checkpoint(plain, weights_only=True)
+
+    io.save_checkpoint(state, tmp_path / "stored.ckpt")
+    with pytest.raises(ckptstore.UnsafeObjectError, match="Opaque"):
+        io.load_checkpoint(tmp_path / "stored.ckpt", weights_only=False)
 
 
 # -- DDP ---------------------------------------------------------------------------------------

@@ -149,6 +149,15 @@ def _protocols(fs: Any) -> tuple[str, ...]:
     return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
+def _own_name(path: str) -> str | None:
+    """The checkpoint name of ``path``, which a pointer written there by a save names; None
+    for a file name that cannot name one."""
+    try:
+        return checkpoint_name(path)
+    except ValueError:
+        return None
+
+
 def read_pointer(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The pointer at ``path`` (a dict with ``store``, ``name``, ``step``), or None when
     there is no file there or it is not a pointer (a regular Lightning checkpoint file)."""
@@ -190,23 +199,38 @@ def _empty_mappings(obj: Any, path: _KeyPath = ()) -> Iterator[_KeyPath]:
 
 
 def _put_empty(root: dict[Any, Any], path: _KeyPath) -> None:
+    """Put the empty mapping at ``path`` back into ``root``. The paths come from the store,
+    so they are checked: ValueError for a step that does not fit ``root``. A list index may
+    be at most the list's length: the paths are recorded in order, so each one of a saved
+    checkpoint adds at most one item to a list (a huge index must not allocate a huge
+    list)."""
+    if not isinstance(path, tuple) or not path:
+        raise ValueError(f"the path {path!r} is not a non-empty tuple of steps")
+    steps = []
+    for step in path:
+        if not (isinstance(step, tuple) and len(step) == 2 and isinstance(step[1], bool)):
+            raise ValueError(f"the path {path!r} has a step {step!r} that is not (key, bool)")
+        steps.append(step)
     node: Any = root
-    for (key, is_index), (_, next_is_index) in zip(path[:-1], path[1:], strict=True):
-        fresh: Any = [] if next_is_index else {}
+    for i, (key, is_index) in enumerate(steps):
+        last = i == len(steps) - 1
+        fresh: Any = {} if last else [] if steps[i + 1][1] else {}
         if is_index:
-            node.extend([None] * (key + 1 - len(node)))
+            if not isinstance(node, list):
+                raise ValueError(f"the path {path!r} indexes {type(node).__name__} as a list")
+            if type(key) is not int or not 0 <= key <= len(node):
+                raise ValueError(
+                    f"the path {path!r} has list index {key!r} for a list of {len(node)} items"
+                )
+            if key == len(node):
+                node.append(None)
             if node[key] is None:
                 node[key] = fresh
             node = node[key]
         else:
+            if not isinstance(node, dict):
+                raise ValueError(f"the path {path!r} takes key {key!r} of a {type(node).__name__}")
             node = node.setdefault(key, fresh)
-    key, is_index = path[-1]
-    if is_index:
-        node.extend([None] * (key + 1 - len(node)))
-        if node[key] is None:
-            node[key] = {}
-    else:
-        node.setdefault(key, {})
 
 
 # -- map_location ----------------------------------------------------------------------------
@@ -258,8 +282,10 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
     Lightning saves to, so that its file checks (``ckpt_path="last"``, version counters,
     ``save_last="link"``) see the checkpoint. ``gc``: after a checkpoint is removed, collect
     the chunks nothing references any more on a background thread (older than the store's
-    gc grace). ``allow_pickle``: load values that need full pickle (Lightning's
-    ``weights_only`` does not switch it on). See docs/integrations-lightning.md.
+    gc grace). ``allow_pickle``: load store values that need full pickle (Lightning's
+    ``weights_only`` does not switch it on for store checkpoints; a regular ``.ckpt`` file
+    loads as Lightning would load it, ``weights_only`` included). See
+    docs/integrations-lightning.md.
     """
 
     def __init__(
@@ -375,13 +401,31 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
         """Remove the pointer at ``path`` now, and delete its checkpoint from the store on a
         background thread (the gc lock that a deletion takes may be held by a gc for a while;
         training need not wait). A checkpoint an AsyncCheckpointIO is saving right now is
-        deleted after its commit. :meth:`teardown` waits for the deletions."""
+        deleted after its commit. :meth:`teardown` waits for the deletions.
+
+        Only the checkpoint a pointer stands for is deleted: a local symlink at ``path``
+        (``save_last="link"``) is only unlinked, and a pointer that names another
+        checkpoint than the one ``path``'s file name names (Lightning's copy of the target
+        when it cannot make a symlink) is only removed. Both point at a checkpoint that
+        Lightning keeps under its own path, and removes through that path."""
         path = os.fspath(path)
+        fs, fspath = url_to_fs(path)
+        if "file" in _protocols(fs) and os.path.islink(fspath):
+            os.unlink(fspath)
+            return
         pointer = read_pointer(path)
-        name = pointer["name"] if pointer else checkpoint_name(path)
-        if pointer:
-            fs, fspath = url_to_fs(path)
+        if pointer is None:
+            name = checkpoint_name(path)
+        else:
             fs.rm(fspath)
+            name = str(pointer.get("name"))
+            if name != _own_name(path):
+                log.info(
+                    "removed pointer %r, a copy of the pointer of checkpoint %r, which stays",
+                    path,
+                    name,
+                )
+                return
             if pointer.get("store") != _url_text(self.url):
                 log.warning(
                     "removed pointer %r; its checkpoint %r is in store %r, not in %s: not deleted",
@@ -451,11 +495,15 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         """The checkpoint at ``path``: the store checkpoint its pointer names, or, with no
-        file there, the one named after the file name; a regular Lightning checkpoint file
-        at ``path`` loads as Lightning would. Tensors are on the CPU unless ``map_location``
-        says otherwise. Values load through ckptstore's allow-list whatever
-        ``weights_only`` says (Lightning passes False by default when it resumes); full
-        pickle only with ``CkptStoreIO(allow_pickle=True)``."""
+        file there, the one named after the file name. Tensors are on the CPU unless
+        ``map_location`` says otherwise. A store checkpoint's values load through
+        ckptstore's allow-list whatever ``weights_only`` says (Lightning passes False by
+        default when it resumes); full pickle only with ``CkptStoreIO(allow_pickle=True)``.
+
+        A regular Lightning checkpoint file at ``path`` (not a pointer) loads exactly as
+        Lightning itself would load it: ``torch.load(..., weights_only=weights_only)``,
+        which with ``weights_only=False`` (Lightning's default on resume) fully unpickles
+        the file. The allow-list does not apply to it; load only files you trust."""
         path = os.fspath(path)
         pointer = read_pointer(path)
         if pointer is not None:
@@ -489,13 +537,21 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
             )
         meta = state.pop(_META_KEY, None)
         if meta is not None:
-            if meta[0] != _META_VERSION:
+            if isinstance(meta, tuple) and meta and meta[0] != _META_VERSION:
                 raise CkptStoreError(
                     f"checkpoint {name!r} of store {_url_text(self.url)!r} was saved by a newer "
                     f"ckptstore Lightning plug-in (version {meta[0]}): upgrade ckptstore"
                 )
-            for empty in meta[1]:
-                _put_empty(state, empty)
+            try:
+                if not (isinstance(meta, tuple) and len(meta) == 2 and isinstance(meta[1], tuple)):
+                    raise ValueError(f"it is a {type(meta).__name__}, not (version, paths)")
+                for empty in meta[1]:
+                    _put_empty(state, empty)
+            except ValueError as exc:
+                raise CkptStoreError(
+                    f"checkpoint {name!r} of store {_url_text(self.url)!r} has a damaged record "
+                    f"of its empty mappings (key {_META_KEY!r}): {exc}"
+                ) from None
         move = _mover(map_location)
         return state if move is None else _relocate(state, move)
 
