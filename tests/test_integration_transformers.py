@@ -4,9 +4,11 @@ comes back byte for byte; load_best_model_at_end; one rank storing under torch.d
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import types
@@ -414,6 +416,251 @@ def test_restore_errors_name_the_store_and_step(tmp_path):
     ckptstore.save({"w": torch.zeros(3)}, url, name="plain")
     with pytest.raises(ValueError, match="not written by CkptStoreCallback"):
         restore_checkpoint(url, tmp_path / "out", name="plain")
+
+
+def craft(url: str, name: str, step: int, files: dict[str, bytes], edit=None) -> None:
+    """Saves, with ckptstore.save alone, checkpoint ``name`` as store_folder would store a
+    folder of ``files`` (mode 0644, no pieces), its index changed by ``edit`` first: what a
+    hostile or damaged store can hold."""
+    state: dict = {rel: torch.tensor(list(data), dtype=torch.uint8) for rel, data in files.items()}
+    index = {
+        "format": 1,
+        "folder": name,
+        "dirs": [],
+        "files": [
+            {
+                "path": rel,
+                "size": len(data),
+                "mode": 0o644,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "pieces": [],
+            }
+            for rel, data in files.items()
+        ],
+    }
+    if edit is not None:
+        edit(index, state)
+    state[INDEX_KEY] = json.dumps(index)
+    ckptstore.save(state, url, name=name, step=step, overwrite=True, settings=SETTINGS)
+
+
+def tree(path: Path) -> dict[str, bytes | None]:
+    return {
+        p.relative_to(path).as_posix(): p.read_bytes() if p.is_file() else None
+        for p in sorted(path.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(
+    "folder", ["victim", "checkpoint-9", "../victim", "checkpoint-7/x", "", None, 7]
+)
+def test_a_checkpoint_is_restored_only_as_its_own_folder(tmp_path, folder):
+    """The index's folder name is the store's data: restoring checkpoint-7 must never
+    replace out/victim (or another checkpoint's folder) because the index says so."""
+    url, out = str(tmp_path / "store"), tmp_path / "out"
+    for name in ("victim", "checkpoint-9"):
+        (out / name).mkdir(parents=True)
+        (out / name / "keep.txt").write_text("mine")
+    before = tree(tmp_path)
+
+    def edit(index, state):
+        index["folder"] = folder
+
+    craft(url, "checkpoint-7", 7, {"a.txt": b"stored"}, edit)
+    with pytest.raises(ValueError, match="names the folder"):
+        restore_checkpoint(url, out, step=7, overwrite=True)
+    after = tree(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("store")} == {
+        k: v for k, v in before.items() if not k.startswith("store")
+    }
+
+
+def test_restoring_the_best_checkpoint_removes_nothing_else(tmp_path):
+    url, out = str(tmp_path / "store"), tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "keep.txt").write_text("mine")
+
+    # trainer_state.json names a missing checkpoint-7 whose index says "data"
+    def best(path: Path) -> dict[str, bytes]:
+        return {"trainer_state.json": json.dumps({"best_model_checkpoint": str(path)}).encode()}
+
+    def to_data(index, state):
+        index["folder"] = "data"
+
+    craft(url, "checkpoint-8", 8, best(out / "checkpoint-7"))
+    craft(url, "checkpoint-7", 7, {"a.txt": b"stored"}, to_data)
+    with pytest.raises(ValueError, match="checkpoint-7 .*names the folder 'data'"):
+        restore_checkpoint(url, out, step=8)  # overwrite=False
+    assert (out / "data" / "keep.txt").read_text() == "mine"
+    assert folders(out) == ["checkpoint-8"]
+
+    # a recorded path that does not exist as written ("gone/..") but names a folder that
+    # does: that folder is kept without overwrite=True, replaced with it
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "local.txt").write_text("mine")
+    craft(url, "checkpoint-9", 9, best(out / "gone" / ".." / "checkpoint-4"))
+    craft(url, "checkpoint-4", 4, {"a.txt": b"stored"})
+    restore_checkpoint(url, out, step=9)
+    assert tree(out / "checkpoint-4") == {"local.txt": b"mine"}
+    restore_checkpoint(url, out, step=9, overwrite=True)
+    assert tree(out / "checkpoint-4") == {"a.txt": b"stored"}
+    assert (out / "data" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint-4",
+        "checkpoint-8",
+        "checkpoint-9",
+        "data",
+    ]
+
+
+def test_stored_modes_come_back_as_permission_bits_less_the_umask(tmp_path):
+    url = str(tmp_path / "store")
+
+    def modes(index, state):
+        index["files"][0]["mode"] = 0o106777  # setuid, setgid, sticky, world-writable
+        index["files"][1]["mode"] = 0o600
+
+    craft(url, "checkpoint-5", 5, {"a.bin": b"a", "b.bin": b"b"}, modes)
+    old = os.umask(0o022)
+    try:
+        path = restore_checkpoint(url, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(path / "a.bin").st_mode & 0o7777) == oct(0o755)
+    assert oct(os.stat(path / "b.bin").st_mode & 0o7777) == oct(0o600)
+
+    for bad in ("0o777", True, None, 7.0):
+
+        def edit(index, state, bad=bad):
+            index["files"][0]["mode"] = bad
+
+        craft(url, "checkpoint-6", 6, {"a.bin": b"a"}, edit)
+        with pytest.raises(ValueError, match="entry of 'a.bin' is malformed"):
+            restore_checkpoint(url, tmp_path / "bad", step=6)
+        assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "/ABSOLUTE/escape.txt",
+        "../escape.txt",
+        "sub/../../escape.txt",
+        "a//b",
+        "a/./b",
+        "a/",
+        ".",
+        "",
+        "a\0b",
+        5,
+        None,
+    ],
+)
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_index_paths_outside_the_folder_are_refused(tmp_path, bad, kind):
+    url, out = str(tmp_path / "store"), tmp_path / "out"
+    if isinstance(bad, str):
+        bad = bad.replace("/ABSOLUTE", str(tmp_path))
+
+    def edit(index, state):
+        if kind == "dir":
+            index["dirs"].append(bad)
+            return
+        data = b"outside"
+        index["files"].append(
+            {
+                "path": bad,
+                "size": len(data),
+                "mode": 0o644,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "pieces": [],
+            }
+        )
+        if isinstance(bad, str):
+            state[bad] = torch.tensor(list(data), dtype=torch.uint8)
+
+    craft(url, "checkpoint-7", 7, {"ok.txt": b"ok"}, edit)
+    before = sorted(p for p in tmp_path.rglob("*") if "store" not in p.parts)
+    with pytest.raises(ValueError, match=r"refusing the path .* not a plain relative path"):
+        restore_checkpoint(url, out)
+    assert sorted(p for p in tmp_path.rglob("*") if "store" not in p.parts) == before
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda index, state: index.update(format="1"),
+        lambda index, state: index.update(format=2),
+        lambda index, state: index.update(files="ok.txt"),
+        lambda index, state: index["files"][0].update(size="2"),
+        lambda index, state: index["files"][0].update(pieces=[[0, 1, "missing"]]),
+        lambda index, state: index["files"][0].update(pieces=[[-1, 1, "ok.txt"]]),
+        lambda index, state: state.pop("ok.txt"),
+    ],
+    ids=[
+        "format-str",
+        "format-newer",
+        "files-str",
+        "size-str",
+        "piece-key",
+        "piece-neg",
+        "no-bytes",
+    ],
+)
+def test_a_malformed_index_is_refused_before_anything_is_written(tmp_path, edit):
+    url, out = str(tmp_path / "store"), tmp_path / "out"
+    craft(url, "checkpoint-7", 7, {"ok.txt": b"ok"}, edit)
+    with pytest.raises(ValueError, match="checkpoint checkpoint-7 of store"):
+        restore_checkpoint(url, out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["dir-link", "file-link", "broken-link", "fifo"])
+def test_links_and_special_files_are_refused_and_the_folder_kept(tmp_path, kind):
+    """os.walk skips a linked folder (lost when the folder is deleted), follows a linked
+    file (a file outside stored) and a FIFO blocks the read: refused before storing."""
+    url, run = str(tmp_path / "store"), tmp_path / "run"
+    folder = run / "checkpoint-2"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "trainer_state.json").write_text("{}")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not the checkpoint's")
+    odd = folder / "sub" / "odd"
+    if kind == "dir-link":
+        odd.symlink_to(outside, target_is_directory=True)
+    elif kind == "file-link":
+        odd.symlink_to(outside / "secret.txt")
+    elif kind == "broken-link":
+        odd.symlink_to(tmp_path / "nothing")
+    else:
+        os.mkfifo(odd)
+    cb = CkptStoreCallback(url, settings=SETTINGS)
+    with pytest.raises(ValueError, match=re.escape(str(odd))):
+        cb.store_folder(folder, 2)
+    args = types.SimpleNamespace(
+        output_dir=str(run), save_total_limit=None, load_best_model_at_end=False
+    )
+    state = types.SimpleNamespace(
+        global_step=2, is_world_process_zero=True, best_model_checkpoint=None
+    )
+    with pytest.raises(ValueError, match="nothing was stored, nothing deleted"):
+        cb.on_save(args, state, None)
+    assert (folder / "trainer_state.json").read_text() == "{}"
+    assert os.path.lexists(odd) and (outside / "secret.txt").exists()
+    assert cb.last_save is None and not os.path.exists(url)
+
+    # the folder itself a link, a folder not named checkpoint-N, no folder: refused too
+    (tmp_path / "checkpoint-3").symlink_to(folder, target_is_directory=True)
+    with pytest.raises(ValueError, match="a symbolic link"):
+        cb.store_folder(tmp_path / "checkpoint-3", 3)
+    (tmp_path / "best-model").mkdir()
+    with pytest.raises(ValueError, match="named checkpoint-N"):
+        cb.store_folder(tmp_path / "best-model", 3)
+    with pytest.raises(FileNotFoundError):
+        cb.store_folder(tmp_path / "checkpoint-4", 4)
+    assert not os.path.exists(url)
 
 
 def test_save_total_limit_is_refused(tmp_path):

@@ -26,12 +26,13 @@ import mmap
 import os
 import re
 import shutil
+import stat
 import struct
 import uuid
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 try:
@@ -63,7 +64,7 @@ FORMAT = 1
 MIN_PIECE_BYTES = 1024
 """Tensor data smaller than this stays in its file's remaining bytes (not worth an entry)."""
 
-_FOLDER = re.compile(r"checkpoint-(\d+)")
+_FOLDER = re.compile(r"checkpoint-(\d+)", re.ASCII)
 _TORCH_RECORD = re.compile(r"[^/]+/data/\d+")
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -217,20 +218,58 @@ def _pieces(path: Path, buf: Any, size: int) -> list[tuple[int, int, str, torch.
     return found
 
 
-def _pack_folder(folder: Path) -> _Packed:
-    """The state dict (and the index entry) that stores ``folder`` exactly."""
-    packed = _Packed()
+def _not_storable(path: Path, what: str) -> ValueError:
+    return ValueError(
+        f"{path} is {what}: a checkpoint folder is stored only when it holds nothing but "
+        "regular files and folders (nothing was stored, nothing deleted)"
+    )
+
+
+def _walk(folder: Path) -> tuple[list[str], list[str]]:
+    """The sub-folders and the files of ``folder``, as sorted relative paths. Raises
+    before anything is read: ValueError for a symbolic link (os.walk would skip a linked
+    folder and follow a linked file, and the folder is deleted once stored) or anything
+    else that is not a regular file or a folder (a FIFO would block the read); OSError for
+    a folder that cannot be listed (os.walk would skip it)."""
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    if folder.is_symlink():
+        raise _not_storable(folder, "a symbolic link")
     dirs, rels = [], []
-    for root, subdirs, names in os.walk(folder):
+    for root, subdirs, names in os.walk(folder, onerror=fail):
         subdirs.sort()
         rel_root = Path(root).relative_to(folder)
         if rel_root != Path("."):
             dirs.append(rel_root.as_posix())
+        for entry in (*subdirs, *names):
+            mode = os.lstat(Path(root, entry)).st_mode
+            if stat.S_ISLNK(mode):
+                raise _not_storable(Path(root, entry), "a symbolic link")
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise _not_storable(Path(root, entry), "not a regular file")
         rels += [(rel_root / fname).as_posix() for fname in sorted(names)]
+    return dirs, rels
+
+
+def _pack_folder(folder: Path) -> _Packed:
+    """The state dict (and the index entry) that stores ``folder`` exactly."""
+    if not _FOLDER.fullmatch(folder.name):
+        raise ValueError(
+            f"{folder}: only a folder named checkpoint-N is stored (restore_checkpoint "
+            "writes a checkpoint back under its own name, which must be checkpoint-N)"
+        )
+    dirs, rels = _walk(folder)
     if INDEX_KEY in rels:
         raise ValueError(f"{folder}: a file named {INDEX_KEY!r} clashes with ckptstore's index")
-    for rel in rels:
-        _pack_file(packed, folder, rel, set(rels))
+    packed = _Packed()
+    try:
+        for rel in rels:
+            _pack_file(packed, folder, rel, set(rels))
+    except BaseException:
+        packed.close()
+        raise
     index = {"format": FORMAT, "folder": folder.name, "dirs": dirs, "files": packed.files}
     packed.state[INDEX_KEY] = json.dumps(index)
     return packed
@@ -239,15 +278,24 @@ def _pack_folder(folder: Path) -> _Packed:
 def _pack_file(packed: _Packed, folder: Path, rel: str, rels: set[str]) -> None:
     """Adds the file's remaining bytes under ``rel`` and its pieces under ``rel:name``."""
     path = folder / rel
-    st = path.stat()
-    size = st.st_size
-    entry: dict[str, Any] = {"path": rel, "size": size, "mode": st.st_mode & 0o777, "pieces": []}
-    packed.files.append(entry)
-    if size == 0:
-        entry["sha256"] = hashlib.sha256(b"").hexdigest()
-        packed.state[rel] = torch.empty(0, dtype=torch.uint8)
-        return
-    with open(path, "rb") as f:
+    # no link followed, no wait on a FIFO put there since the walk; a regular file or refused
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_storable(path, "not a regular file")
+        size = st.st_size
+        entry: dict[str, Any] = {
+            "path": rel,
+            "size": size,
+            "mode": st.st_mode & 0o777,
+            "pieces": [],
+        }
+        packed.files.append(entry)
+        if size == 0:
+            entry["sha256"] = hashlib.sha256(b"").hexdigest()
+            packed.state[rel] = torch.empty(0, dtype=torch.uint8)
+            return
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for frombuffer
     packed.maps.append(buf)
     entry["sha256"] = hashlib.sha256(buf).hexdigest()
@@ -276,16 +324,86 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _safe_rel(rel: str, where: str) -> str:
-    p = PurePosixPath(rel)
-    if p.is_absolute() or not p.parts or any(part in ("", ".", "..") for part in p.parts):
-        raise ValueError(f"{where}: refusing the path {rel!r}, which leaves the folder")
+def _safe_rel(rel: Any, where: str) -> str:
+    """``rel`` when it is a plain path inside the folder: a str of names joined by "/",
+    none of them empty, "." or "..", and no NUL (so no absolute path either)."""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if not parts or "\0" in rel or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(
+            f"{where}: refusing the path {rel!r} of the index: not a plain relative path "
+            "inside the folder (nothing was written)"
+        )
     return rel
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_index(index: Any, ckpt: str, state: Mapping[str, Any], where: str) -> None:
+    """Refuse, before anything is written, an index that is not one ``store_folder``
+    could have written for checkpoint ``ckpt``: its folder must be ``ckpt`` itself (a
+    single ``checkpoint-N`` name), every path plain and relative, every field typed."""
+    if not isinstance(index, dict):
+        raise ValueError(f"{where}: the index is not a JSON object")
+    fmt = index.get("format")
+    if not _is_int(fmt) or fmt < 1:
+        raise ValueError(f"{where}: index format {fmt!r} is not a format version")
+    if fmt > FORMAT:
+        raise ValueError(f"{where}: index format {fmt!r} is newer than {FORMAT}")
+    folder = index.get("folder")
+    if folder != ckpt or not _FOLDER.fullmatch(ckpt):
+        raise ValueError(
+            f"{where}: the index names the folder {folder!r}; a checkpoint is restored only "
+            f"as a folder of its own name, checkpoint-N (nothing was written)"
+        )
+    dirs, files = index.get("dirs", []), index.get("files")
+    if not isinstance(dirs, list) or not isinstance(files, list):
+        raise ValueError(f"{where}: the index's dirs and files are not lists")
+    for d in dirs:
+        _safe_rel(d, where)
+    for entry in files:
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: an entry of the index's files is not a JSON object")
+        rel = _safe_rel(entry.get("path"), where)
+        size, pieces = entry.get("size"), entry.get("pieces")
+        if not (
+            _is_int(size)
+            and size >= 0
+            and _is_int(entry.get("mode"))
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(pieces, list)
+            and isinstance(state.get(rel), torch.Tensor)
+        ):
+            raise ValueError(f"{where}: the index entry of {rel!r} is malformed")
+        for piece in pieces:
+            if not (
+                isinstance(piece, list)
+                and len(piece) == 3
+                and all(_is_int(v) and v >= 0 for v in piece[:2])
+                and isinstance(piece[2], str)
+                and isinstance(state.get(piece[2]), torch.Tensor)
+            ):
+                raise ValueError(f"{where}: the index of {rel!r} has a malformed piece {piece!r}")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); 0o022 where it cannot be."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def _write_folder(
     state: Mapping[str, Any], index: Mapping[str, Any], dest: Path, where: str
 ) -> None:
+    """Write the files of a checked index (:func:`_check_index`) into ``dest``."""
+    umask = _umask()
     for d in index.get("dirs", []):
         (dest / _safe_rel(d, where)).mkdir(parents=True, exist_ok=True)
     for entry in index["files"]:
@@ -298,7 +416,10 @@ def _write_folder(
                 f"{where}: {rel} came back as {size} bytes with sha256 {digest}, not the "
                 f"{entry['size']} bytes with sha256 {entry['sha256']} that were stored"
             )
-        os.chmod(path, entry["mode"])
+        # permission bits only (never setuid, setgid, sticky), less the umask's, as tar
+        # extracts for a user who is not root: the modes the Trainer wrote come back as
+        # they were (it wrote them under a umask), a stored 0o777 comes back 0o755
+        os.chmod(path, entry["mode"] & 0o777 & ~umask)
 
 
 def _write_file(
@@ -465,7 +586,11 @@ class CkptStoreCallback(TrainerCallback):
 
     def store_folder(self, folder: str | os.PathLike, step: int) -> SaveInfo:
         """Store one checkpoint folder as ``<folder name>`` at ``step`` (no deletion, no
-        retention). From this process alone, whether or not torch.distributed is on."""
+        retention). From this process alone, whether or not torch.distributed is on.
+
+        The folder must be named ``checkpoint-N`` and hold only regular files and folders:
+        a symbolic link, a FIFO, a socket or a device raises ValueError naming it before
+        anything is stored (and ``on_save`` then leaves the folder where it is)."""
         folder = Path(folder)
         packed = _pack_folder(folder)
         try:
@@ -560,10 +685,17 @@ def restore_checkpoint(
     (sizes and sha256 checked), and return that path for ``resume_from_checkpoint=``.
 
     The folder appears only when complete (written beside it, then renamed). An existing
-    one raises FileExistsError unless ``overwrite``. ``with_best``: when the checkpoint's
-    ``trainer_state.json`` names a best checkpoint under ``out_dir`` that is in the store,
-    restore that one too, so ``load_best_model_at_end`` keeps tracking it. A missing store
-    or step raises StoreNotFoundError / CheckpointNotFoundError naming the store."""
+    one raises FileExistsError unless ``overwrite``; nothing else under ``out_dir`` is ever
+    removed. ``with_best``: when the checkpoint's ``trainer_state.json`` names a best
+    checkpoint under ``out_dir`` that is in the store, restore that one too (an existing
+    folder of that name is kept unless ``overwrite``), so ``load_best_model_at_end`` keeps
+    tracking it. A missing store or step raises StoreNotFoundError /
+    CheckpointNotFoundError naming the store.
+
+    The index is checked before anything is written: a checkpoint is written back only as
+    ``out_dir/<its name>`` (``checkpoint-N``, which its index must name), every file path
+    in it must be relative and plain (no ``..``, no empty part, no NUL), else ValueError.
+    File modes come back as permission bits only, less the umask's (no setuid/setgid)."""
     url = os.fspath(url)
     store = Store(url, storage_options)
     ckpt = _resolve(store, url, step, name)
@@ -588,26 +720,50 @@ def _restore_one(
             f"{where} was not written by CkptStoreCallback (no {INDEX_KEY!r} entry); "
             "read it with ckptstore.load_full or ckptstore export"
         )
-    state = load_full(url, name=ckpt, storage_options=storage_options, threads=threads)
-    index = json.loads(state[INDEX_KEY])
-    if not isinstance(index, dict) or int(index.get("format", 0)) > FORMAT:
-        raise ValueError(f"{where}: index format {index.get('format')!r} is newer than {FORMAT}")
-    folder = _safe_rel(index["folder"], where)
-    target = out_dir / folder
-    if target.exists() and not overwrite:
+    if not _FOLDER.fullmatch(ckpt):
+        raise ValueError(f"{where}: only a checkpoint named checkpoint-N is restored")
+    target = out_dir / ckpt  # the checkpoint's own name: never a name from the store's data
+    if os.path.lexists(target) and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    state = load_full(url, name=ckpt, storage_options=storage_options, threads=threads)
+    raw = state.get(INDEX_KEY)
+    try:
+        index = json.loads(raw) if isinstance(raw, (str, bytes)) else None
+    except ValueError:
+        index = None
+    _check_index(index, ckpt, state, where)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{folder}.restore-{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    tmp = out_dir / f".{ckpt}.restore-{tag}"
     try:
         tmp.mkdir()
         _write_folder(state, index, tmp, where)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _put_in_place(tmp, target, out_dir / f".{ckpt}.replaced-{tag}", overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _put_in_place(tmp: Path, target: Path, aside: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``target``. What is at ``target`` (only with ``overwrite``) is
+    moved aside first and removed once ``tmp`` is in its place (put back if that fails):
+    a folder with its files, a link or a file alone (never what a link points to)."""
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+        return
+    if not overwrite:  # appeared since the check
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    os.rename(target, aside)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside)
+    else:
+        aside.unlink()
 
 
 def _restore_best(
@@ -619,10 +775,14 @@ def _restore_best(
     threads: int | None,
 ) -> None:
     try:
-        best = json.loads((path / "trainer_state.json").read_text()).get("best_model_checkpoint")
+        recorded = json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return
-    if not best or Path(best).name == path.name or not _FOLDER.fullmatch(Path(best).name):
+    best = recorded.get("best_model_checkpoint") if isinstance(recorded, dict) else None
+    if not isinstance(best, str) or "\0" in best:
+        return
+    name = Path(best).name
+    if name == path.name or not _FOLDER.fullmatch(name):
         return
     if not _same_path(Path(best).parent, path.parent):
         log.warning(
@@ -632,10 +792,9 @@ def _restore_best(
             Path(best).parent,
         )
         return
-    if Path(best).exists() and not overwrite:
-        return  # already there
-    names = {c.name for c in store.list()}
-    if Path(best).name not in names:
+    if os.path.lexists(path.parent / name) and not overwrite:
+        return  # already there (the folder it would write, whatever path was recorded)
+    if name not in {c.name for c in store.list()}:
         log.warning("restore_checkpoint: the best checkpoint %s is not in %s", best, url)
         return
-    _restore_one(url, store, Path(best).name, path.parent, True, storage_options, threads)
+    _restore_one(url, store, name, path.parent, overwrite, storage_options, threads)
