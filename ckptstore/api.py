@@ -465,6 +465,9 @@ def _unflatten(
     if not mapping:
         return flat
     ints = {tuple(p) for p in int_keys}
+    # a list index past this cannot come from a real state (every index names a leaf, up to
+    # gaps where empty containers were dropped): refused, not allocated (a hostile manifest)
+    most = len(flat) + 65536
     root: dict[Any, Any] = {}
     for fqn, value in flat.items():
         raw = list(mapping.get(fqn, [fqn]))
@@ -479,6 +482,7 @@ def _unflatten(
         for (key, _), (_, next_is_index) in zip(steps[:-1], steps[1:], strict=True):
             empty: Any = [] if next_is_index else {}
             if isinstance(node, list):
+                _check_index(key, most, fqn)
                 node.extend([None] * (key + 1 - len(node)))
                 if node[key] is None:
                     node[key] = empty
@@ -487,9 +491,18 @@ def _unflatten(
                 node = node.setdefault(key, empty)
         key, is_index = steps[-1]
         if is_index:
+            _check_index(key, most, fqn)
             node.extend([None] * (key + 1 - len(node)))
         node[key] = value
     return root
+
+
+def _check_index(key: Any, most: int, fqn: str) -> None:
+    if not isinstance(key, int) or not 0 <= key < most:
+        raise CkptStoreError(
+            f"the manifest's flatten mapping puts {fqn!r} at list index {key!r}, beyond any "
+            f"list this checkpoint can hold ({most}): the manifest is damaged"
+        )
 
 
 __all__ = ["LoadInfo", "SaveInfo", "Store", "async_save", "load", "load_full", "save"]

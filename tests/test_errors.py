@@ -412,3 +412,27 @@ def test_unknown_codec_on_the_read_path_names_tensor_and_checkpoint(saved):
     where = "'w' of checkpoint 'step-000000000001'"
     with pytest.raises(errors.UnknownCodecError, match=rf"{where}: unknown codec id 'brotli-9000'"):
         BlobReader(repo).read_rows(odd, 0, odd.rows, where)
+
+
+def test_a_huge_list_index_in_the_flatten_mapping_is_refused_not_allocated(tmp_path):
+    """A damaged (or hostile) manifest whose flatten mapping puts a value at list index
+    10**12 is an error naming the value, not a terabyte list of None."""
+    import glob
+
+    from ckptstore.store.manifest import Manifest
+
+    url = str(tmp_path / "store")
+    ckptstore.save({"layers": [torch.ones(3), torch.zeros(2)]}, url, step=1)
+    path = glob.glob(f"{url}/checkpoints/*.msgpack")[0]
+    m = Manifest.decode(open(path, "rb").read(), path)
+    assert m.planner_data, "the list is flattened through the mapping"
+    fqn = next(k for k, v in m.planner_data.items() if v[-1] == 1)
+    m.planner_data[fqn] = [*m.planner_data[fqn][:-1], 10**12]
+    with open(path, "wb") as f:
+        f.write(m.encode())
+    with pytest.raises(ckptstore.CkptStoreError, match="list index 1000000000000"):
+        ckptstore.load_full(url, step=1)
+    m.planner_data[fqn] = [*m.planner_data[fqn][:-1], 1]  # the mapping as saved loads again
+    with open(path, "wb") as f:
+        f.write(m.encode())
+    assert torch.equal(ckptstore.load_full(url, step=1)["layers"][1], torch.zeros(2))
