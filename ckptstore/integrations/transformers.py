@@ -47,6 +47,8 @@ import torch
 import torch.distributed as dist
 
 from ckptstore.api import load_full, save
+from ckptstore.codecs.pipeline import DTYPES
+from ckptstore.dcp.bridge import torch_dtype
 from ckptstore.dcp.writer import SaveInfo
 from ckptstore.errors import CheckpointNotFoundError, GcBusyError, StoreNotFoundError
 from ckptstore.knobs import Settings
@@ -66,17 +68,10 @@ MIN_PIECE_BYTES = 1024
 
 _FOLDER = re.compile(r"checkpoint-(\d+)", re.ASCII)
 _TORCH_RECORD = re.compile(r"[^/]+/data/\d+")
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-}  # any other dtype (BOOL, F8_*, U16…) is stored as its bytes: restore is by bytes anyway
+_PIECE_DTYPES = "float64 float32 float16 bfloat16 int64 int32 int16 int8 uint8".split()
+# safetensors code → torch dtype, from the one dtype table; any other dtype (BOOL, F8_*, U16…)
+# is stored as its bytes: restore is by bytes anyway
+_SAFETENSORS_DTYPES = {DTYPES[n].safetensors: torch_dtype(n) for n in _PIECE_DTYPES}
 
 
 # -- packing a folder into a state dict --------------------------------------------------
