@@ -418,17 +418,109 @@ def test_float_deltas_are_differences_and_beat_xor():
     """On a slow random walk the ordered-integer difference is smaller than XOR (what
     store/delta.py is for), and other element types keep XOR."""
     from ckptstore.codecs.pipeline import default_pipeline
-    from ckptstore.store.delta import OP_SUB, OP_XOR, encode_delta
+    from ckptstore.store.delta import OP_SPARSE, OP_XOR, encode_delta
 
     a, b = list(_walk(3, 2))
     raw_a, raw_b = a["w"].numpy().tobytes(), b["w"].numpy().tobytes()
     pipe = default_pipeline("float32")
     payload = encode_delta(pipe, raw_b, raw_a)
     xor = np.bitwise_xor(np.frombuffer(raw_a, np.uint8), np.frombuffer(raw_b, np.uint8))
-    assert payload[0] == OP_SUB
+    assert payload[0] == OP_SPARSE
     assert len(payload) < len(pipe.encode(xor))
     ints = default_pipeline("int64")
     assert encode_delta(ints, bytes(800), bytes(range(200)) * 4)[0] == OP_XOR
+
+
+def _sub_payload(pipe: Pipeline, raw: bytes, base: bytes) -> bytes:
+    """The ``OP_SUB`` payload (delta format v2, without sparse planes) of ``raw``."""
+    from ckptstore.store import delta
+
+    keep = delta._sparse_coder
+    delta._sparse_coder = lambda _pipe: None
+    try:
+        return delta.encode_delta(pipe, raw, np.frombuffer(base, np.uint8))
+    finally:
+        delta._sparse_coder = keep
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_sparse_planes_are_smaller_and_sub_payloads_still_decode(dtype):
+    """Mostly-zero byte planes of the difference go as bitmap + non-zero bytes (OP_SPARSE):
+    fewer bytes than the same difference as plain planes (OP_SUB), which still decodes —
+    both to the same bytes and the same key."""
+    from ckptstore.codecs.pipeline import default_pipeline
+    from ckptstore.store.delta import OP_SPARSE, OP_SUB, apply_delta, encode_delta
+
+    tdtype = getattr(torch, dtype)
+    a, b = (sd["w"] for sd in _walk(7, 2, tdtype, rows=1000))  # (an odd plane length)
+    raw_a, raw_b = a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)
+    raw_a, raw_b = raw_a.numpy().tobytes(), raw_b.numpy().tobytes()
+    pipe = default_pipeline(dtype)
+    sparse = encode_delta(pipe, raw_b, np.frombuffer(raw_a, np.uint8))
+    sub = _sub_payload(pipe, raw_b, raw_a)
+    assert sparse[0] == OP_SPARSE and sub[0] == OP_SUB
+    assert len(sparse) <= len(sub) + 1  # a plane goes sparse only when that is smaller
+    if dtype in ("bfloat16", "float32"):  # where this walk leaves mostly-zero planes
+        assert sparse[1] and len(sparse) < 0.98 * len(sub)
+    keys = set()
+    for payload in (sparse, sub):
+        acc = np.frombuffer(raw_a, np.uint8).copy()
+        keys.add(apply_delta(pipe, payload, acc, b"b" * 16))
+        assert acc.tobytes() == raw_b
+    assert len(keys) == 1
+
+
+def test_sparse_planes_at_the_edges():
+    """All planes sparse (one element changed), a plane with no non-zero byte at all, and
+    a plane length that is not a multiple of 8 all round-trip."""
+    from ckptstore.codecs.pipeline import default_pipeline
+    from ckptstore.store.delta import apply_delta, encode_delta
+
+    pipe = default_pipeline("float32")
+    base = np.linspace(-1, 1, 1001, dtype=np.float32)
+    for new in (base.copy(), base.copy(), np.nextafter(base, 2).astype(np.float32)):
+        new[17] = -new[17]
+        payload = encode_delta(pipe, new.tobytes(), base.view(np.uint8))
+        acc = base.view(np.uint8).copy()
+        apply_delta(pipe, payload, acc, b"b" * 16)
+        assert acc.tobytes() == new.tobytes()
+    assert payload[1] == 0b1110  # a 1-ulp walk: the low plane stays dense
+
+
+def test_malformed_sparse_payloads_are_codec_errors():
+    """Every inconsistency of a sparse payload is a CodecError naming it, never garbage or
+    an allocation larger than the chunk."""
+    from ckptstore.codecs.pipeline import default_pipeline
+    from ckptstore.codecs.zstd import Zstd
+    from ckptstore.store.delta import OP_SPARSE, apply_delta
+
+    pipe = default_pipeline("float32")
+    n = 1000  # elements; 4 planes of 1000 bytes, bitmaps of 125
+    zero, ones = np.zeros(n, np.uint8), np.ones(n, np.uint8)
+    bitmap, coder = np.packbits(ones.astype(bool), bitorder="little"), Zstd(entropy=True)
+
+    def payload(mask: int, streams: list) -> bytes:
+        return bytes([OP_SPARSE, mask]) + coder.encode_segments(streams)
+
+    good = payload(0b1000, [zero, zero, zero, bitmap, ones])
+    acc = np.zeros(4 * n, np.uint8)
+    apply_delta(pipe, good, acc, b"b" * 16)  # the well-formed one decodes
+    cases = {
+        "valid plane mask": bytes([OP_SPARSE, 0x10]) + good[2:],
+        "2 streams, expected 4": payload(0, [zero, zero]),
+        "plane 1 holds 999 bytes": payload(0, [zero, zero[:999], zero, zero]),
+        "bitmap 3 of 124 bytes": payload(0b1000, [zero, zero, zero, bitmap[:124], ones]),
+        "marks 1000 non-zero bytes but holds 999": payload(
+            0b1000, [zero, zero, zero, bitmap, ones[:999]]
+        ),
+        "a zstd bomb": payload(0b1000, [zero, zero, zero, bitmap, np.ones(9000, np.uint8)]),
+        "without a valid plane mask": bytes([OP_SPARSE]),
+    }
+    for why, bad in cases.items():
+        with pytest.raises(errors.CodecError, match=why):
+            apply_delta(pipe, bad, np.zeros(4 * n, np.uint8), b"b" * 16)
+    with pytest.raises(errors.CodecError, match="ordered-integer delta under"):
+        apply_delta(default_pipeline("int32"), good, np.zeros(4 * n, np.uint8), b"b" * 16)
 
 
 def test_first_format_xor_payloads_still_decode():

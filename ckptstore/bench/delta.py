@@ -15,7 +15,9 @@ i sits at depth i and (c) the load time of checkpoint i is the load time at dept
 raw tensor bytes / bytes the save wrote (chunks + manifest). Because a delta is always
 taken against the direct parent's raw bytes, the size a shorter bound K would give follows
 from the same run: every (K+1)-th checkpoint costs its standalone size (the store without
-delta), the others their delta size — ``ratio_by_chain`` reports that for several K. Plain
+delta), the others their delta size — ``ratio_by_chain`` reports that for several K, and
+``ratio_by_chain_long_run`` the same for a run of any length (one mean standalone checkpoint
+of the later ones per K mean delta checkpoints). Plain
 DCP (FileSystemWriter) is saved for the first and last checkpoint of each series.
 
     python -m ckptstore.bench delta [--n 20] [--every 20] [--pre-n 6] [--pre-every 100]
@@ -194,13 +196,17 @@ def summarize(rows: list[dict[str, Any]], dcp: list[dict[str, Any]]) -> dict[str
             "plain": round(gr / max(1, sum(r["groups_plain"][g][1] for r in later)), 4),
             "delta": round(gr / max(1, sum(r["groups_delta"][g][1] for r in later)), 4),
         }
-    by_chain = {}
-    for k in (1, 2, 4, 8, 16):
+    by_chain, steady = {}, {}
+    plain_mean = statistics.mean(r["plain_new_bytes"] for r in later)
+    delta_mean = statistics.mean(r["delta_new_bytes"] for r in later)
+    for k in (1, 2, 3, 4, 5, 6, 8, 16):
         cost = sum(
             r["plain_new_bytes"] if i % (k + 1) == 0 else r["delta_new_bytes"]
             for i, r in enumerate(rows)
         )
         by_chain[k] = round(raw / cost, 4)
+        # a long run: one standalone checkpoint (the later ones' mean) every k + 1
+        steady[k] = round(raw_later / len(later) * (k + 1) / (plain_mean + k * delta_mean), 4)
     save_p = statistics.median(r["save_s_plain"] for r in later)
     save_d = statistics.median(r["save_s_delta"] for r in later)
     return {
@@ -218,6 +224,7 @@ def summarize(rows: list[dict[str, Any]], dcp: list[dict[str, Any]]) -> dict[str
         ),
         "groups_after_first": groups,
         "ratio_by_chain": by_chain,
+        "ratio_by_chain_long_run": steady,
         "save_s_median_plain": round(save_p, 3),
         "save_s_median_delta": round(save_d, 3),
         "save_time_ratio": round(save_d / save_p, 3),

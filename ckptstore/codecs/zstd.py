@@ -89,19 +89,33 @@ class Zstd(Codec):
         view = byte_view(data)
         n = self.segments if len(view) % self.segments == 0 else 1
         seg = len(view) // n
-        comp = _compressor(self.level, self.entropy)
-        header = bytearray([n])
-        parts: list[Buffer] = []
-        for i in range(n):
-            piece = view[i * seg : (i + 1) * seg]
-            framed = comp.compress(piece) if len(piece) else b""
-            if 0 < len(framed) < len(piece):
-                header += _ENTRY.pack(_ZSTD, len(framed))
-                parts.append(framed)
-            else:
-                header += _ENTRY.pack(_RAW, len(piece))
-                parts.append(piece)
-        return b"".join([bytes(header), *parts])
+        return self.encode_segments([view[i * seg : (i + 1) * seg] for i in range(n)])
+
+    def encode_segments(self, pieces: list[Buffer]) -> bytes:
+        """The container of ``pieces`` as segments of any lengths (at most 255), each its own
+        frame or raw copy: what :meth:`encode` writes for equal ones, and what
+        :meth:`decode_segments` reads back piece for piece."""
+        return self.join_segments([self.encode_segment(p) for p in pieces])
+
+    def encode_segment(self, piece: Buffer) -> tuple[int, Buffer]:
+        """One segment of a container: (kind, stored bytes), a zstd frame when that is
+        smaller than ``piece``, else ``piece`` itself (its stored size is ``len`` of the
+        second item: what a caller choosing between encodings compares)."""
+        view = byte_view(piece)
+        framed = _compressor(self.level, self.entropy).compress(view) if len(view) else b""
+        if 0 < len(framed) < len(view):
+            return _ZSTD, framed
+        return _RAW, view
+
+    @staticmethod
+    def join_segments(segments: list[tuple[int, Buffer]]) -> bytes:
+        """The container of segments made by :meth:`encode_segment`, in order."""
+        if len(segments) > 255:
+            raise ValueError(f"zstd container of {len(segments)} segments (at most 255)")
+        header = bytearray([len(segments)])
+        for kind, stored in segments:
+            header += _ENTRY.pack(kind, byte_view(stored).nbytes)
+        return b"".join([bytes(header), *(stored for _, stored in segments)])
 
     def max_encoded_size(self, raw_size: int) -> int:
         # header + per segment the larger of a raw copy and a zstd frame (compressBound)
