@@ -331,3 +331,31 @@ def test_staged_lossy_save_equals_the_host_one(tmp_path, device):
     staged, host = ckptstore.load_full(url, step=0)["x"], ckptstore.load_full(url, step=1)["x"]
     assert torch.equal(staged, host) and not torch.equal(staged, x)  # lossy, and the same
     assert (staged - x).abs().max() < 1e-2 * x.abs().max()
+
+
+def test_staged_delta_save_equals_the_host_one(tmp_path, device):
+    """``delta=True`` from device tensors: the staged chunks find their parent rows and store
+    the same delta chunks, under the same keys and chains, as a host save of the values."""
+    from ckptstore.store import Repository, layout
+
+    g = torch.Generator().manual_seed(1)
+    first = {
+        "w": torch.randn(1000, 96, generator=g),
+        "b16": torch.randn(777, 130, generator=g).to(torch.bfloat16),
+    }
+    second = {k: (v.float() * 1.001).to(v.dtype) for k, v in first.items()}
+    settings = _settings(buffers=3)
+    keys = []
+    for where in ("device", "host"):
+        url = str(tmp_path / where)
+        ckptstore.save(first, url, step=0, delta=True, settings=settings)
+        state = {k: v.clone() for k, v in second.items()}
+        if where == "device":
+            device.put(*state.values())
+        info = ckptstore.save(state, url, step=1, delta=True, settings=settings)
+        assert info.delta_bytes > 0 and info.max_chain == 1
+        assert_same(ckptstore.load_full(url, step=1), second)
+        m = Repository.open(url).manifest(layout.step_name(1), cached=False)
+        keys.append({f: [(c.key, c.base) for s in t.shards for c in s.blob.chunks]
+                     for f, t in m.tensors.items()})  # fmt: skip
+    assert device.to_host_calls > 0 and keys[0] == keys[1]

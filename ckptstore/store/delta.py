@@ -11,9 +11,13 @@ stores 5% fewer bytes than XOR (weights 1.69× → 1.80×). Those planes are byt
 without the sign rotation (zigzag already put the sign in bit 0). Other element types keep
 XOR under their own chain.
 
-A delta payload starts with one op byte (``OP_XOR``/``OP_SUB``, both ≥ 0x80), so it names
-its own transform; a payload without one is a delta chunk of the first delta format (XOR
-under the chain, keys in the ``ckptstore-delta-1`` domain), still read.
+The default float chains write ``OP_SPARSE``: the same difference with each mostly-zero
+byte plane (the top ones) stored as a bitmap plus its non-zero bytes when that is smaller,
+because zstd's Huffman literals spend at least a bit a byte.
+
+A delta payload starts with one op byte (``OP_XOR``/``OP_SUB``/``OP_SPARSE``, all ≥ 0x80), so
+it names its own transform; a payload without one is a delta chunk of the first delta format
+(XOR under the chain, keys in the ``ckptstore-delta-1`` domain), still read.
 """
 
 from __future__ import annotations
