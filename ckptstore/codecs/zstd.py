@@ -108,11 +108,13 @@ class Zstd(Codec):
         return _RAW, view
 
     @staticmethod
-    def join_segments(segments: list[tuple[int, Buffer]]) -> bytes:
-        """The container of segments made by :meth:`encode_segment`, in order."""
+    def join_segments(segments: list[tuple[int, Buffer]], prefix: bytes = b"") -> bytes:
+        """The container of segments made by :meth:`encode_segment`, in order (after
+        ``prefix``, which saves the caller a copy)."""
         if len(segments) > 255:
             raise ValueError(f"zstd container of {len(segments)} segments (at most 255)")
-        header = bytearray([len(segments)])
+        header = bytearray(prefix)
+        header.append(len(segments))
         for kind, stored in segments:
             header += _ENTRY.pack(kind, byte_view(stored).nbytes)
         return b"".join([bytes(header), *(stored for _, stored in segments)])

@@ -512,8 +512,8 @@ class BlobWriter:
             whole = tail.encode(piece)
             standalone = byte_view(whole).nbytes
         if whole is not None and n_delta >= standalone:
-            # lost by a wide margin: skip the next tries; a near miss: try again next save
-            _remember(key, standalone, 1 if n_delta > 1.1 * standalone else 0)
+            # lost by a wide margin: skip the next 3 tries; a near miss: skip the next one
+            _remember(key, standalone, 1 if n_delta > 1.1 * standalone else RETRY_LOST_DELTA - 1)
             return key, (), whole
         dkey = delta_key(pipeline, base_key, piece)
         _remember(dkey, standalone, 0)

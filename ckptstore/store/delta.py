@@ -157,8 +157,8 @@ def _encode_sparse(coder: Zstd, z: np.ndarray, width: int) -> bytes:
     for k in range(width):
         plane = planes[k * m : (k + 1) * m]
         dense = coder.encode_segment(plane)
-        nonzero = plane != 0
-        if np.count_nonzero(nonzero) < SPARSE_BELOW * m:
+        if np.count_nonzero(plane) < SPARSE_BELOW * m:  # (counts without a mask)
+            nonzero = np.not_equal(plane, 0, out=_scratch(2, m).view(np.bool_))
             bitmap = coder.encode_segment(np.packbits(nonzero, bitorder="little"))
             values = coder.encode_segment(np.compress(nonzero, plane))
             if len(bitmap[1]) + len(values[1]) < len(dense[1]):
@@ -166,7 +166,7 @@ def _encode_sparse(coder: Zstd, z: np.ndarray, width: int) -> bytes:
                 segments += [bitmap, values]
                 continue
         segments.append(dense)
-    return bytes([OP_SPARSE, mask]) + coder.join_segments(segments)
+    return coder.join_segments(segments, prefix=bytes([OP_SPARSE, mask]))
 
 
 def _decode_sparse(coder: Zstd, view: memoryview, out: np.ndarray, width: int) -> None:
@@ -198,7 +198,7 @@ def _decode_sparse(coder: Zstd, view: memoryview, out: np.ndarray, width: int) -
         if np.count_nonzero(where) != values.size:
             raise CodecError(f"sparse delta: plane {k} marks {np.count_nonzero(where)} "
                              f"non-zero bytes but holds {values.size}")  # fmt: skip
-        plane = _scratch(2 + k, m)
+        plane = _scratch(3 + k, m)
         plane.fill(0)
         plane[np.flatnonzero(where)] = values  # (a boolean mask index is 3× slower)
         planes.append(plane)
