@@ -73,10 +73,11 @@ class Settings:
     """Most clock difference assumed between machines and the storage."""
     gc_grace: int = 3600
     """gc never deletes an unreferenced chunk younger than this (seconds)."""
-    delta_chain: int = 4
+    delta_chain: int = 8
     """Delta saves: most delta links from a chunk to its standalone root (a load reads at
     most this many + 1 objects per chunk; a damaged base breaks at most this many later
-    checkpoints). Chosen by measurement, docs/benchmarks.md "Delta"."""
+    checkpoints). 8, the smallest bound at which a full fine-tune stores ≥ 1.5× in a long
+    run; it costs loads up to 7× (docs/benchmarks.md "Delta")."""
     delta_cache_bytes: int = 1024 * 1024 * 1024
     """Delta saves: raw bytes of recently written or decoded chunks this process keeps as
     bases for its next save (an LRU; a miss reads the base back from the store)."""

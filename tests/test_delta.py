@@ -471,25 +471,37 @@ def test_sparse_planes_are_smaller_and_sub_payloads_still_decode(dtype):
 
 
 def test_sparse_planes_at_the_edges():
-    """All planes sparse (one element changed), a plane with no non-zero byte at all, and
-    a plane length that is not a multiple of 8 all round-trip."""
+    """Every plane sparse (a tenth of the elements replaced), a plane length that is not a
+    multiple of 8, a sparse plane with no non-zero byte at all, and a difference too small
+    for a bitmap to pay its segment header all round-trip."""
     from ckptstore.codecs.pipeline import default_pipeline
-    from ckptstore.store.delta import apply_delta, encode_delta
+    from ckptstore.codecs.zstd import Zstd
+    from ckptstore.store.delta import OP_SPARSE, apply_delta, encode_delta
 
     pipe = default_pipeline("float32")
-    base = np.linspace(-1, 1, 1001, dtype=np.float32)
-    for new in (base.copy(), base.copy(), np.nextafter(base, 2).astype(np.float32)):
-        new[17] = -new[17]
-        payload = encode_delta(pipe, new.tobytes(), base.view(np.uint8))
-        acc = base.view(np.uint8).copy()
+    rng = np.random.default_rng(0)
+    base = np.linspace(-1, 1, 100_003, dtype=np.float32)
+    scattered = base.copy()
+    where = rng.random(base.size) < 0.1
+    scattered[where] = rng.standard_normal(int(where.sum())).astype(np.float32)
+    one_flip = base.copy()
+    one_flip[17] = -one_flip[17]
+    for new, mask in ((scattered, 0b1111), (one_flip, 0), (base[:6] + 1, 0)):
+        old = base[: new.size]
+        payload = encode_delta(pipe, new.tobytes(), old.view(np.uint8))
+        acc = old.view(np.uint8).copy()
         apply_delta(pipe, payload, acc, b"b" * 16)
-        assert acc.tobytes() == new.tobytes()
-    assert payload[1] == 0b1110  # a 1-ulp walk: the low plane stays dense
+        assert acc.tobytes() == new.tobytes() and payload[1] == mask
+    zero = np.zeros(1001, np.uint8)
+    empty = Zstd(entropy=True).encode_segments([zero, zero, zero, zero[:126], zero[:0]])
+    acc = np.full(4 * 1001, 7, np.uint8)
+    apply_delta(pipe, bytes([OP_SPARSE, 0b1000]) + empty, acc, b"b" * 16)
+    assert (acc == 7).all()  # a zero difference everywhere
 
 
 def test_malformed_sparse_payloads_are_codec_errors():
     """Every inconsistency of a sparse payload is a CodecError naming it, never garbage or
-    an allocation larger than the chunk."""
+    an allocation much larger than the chunk."""
     from ckptstore.codecs.pipeline import default_pipeline
     from ckptstore.codecs.zstd import Zstd
     from ckptstore.store.delta import OP_SPARSE, apply_delta
@@ -516,9 +528,21 @@ def test_malformed_sparse_payloads_are_codec_errors():
         "a zstd bomb": payload(0b1000, [zero, zero, zero, bitmap, np.ones(9000, np.uint8)]),
         "without a valid plane mask": bytes([OP_SPARSE]),
     }
+    zeros_listed = ones.copy()
+    zeros_listed[5] = 0
+    cases["lists a zero byte"] = payload(0b1000, [zero, zero, zero, bitmap, zeros_listed])
     for why, bad in cases.items():
         with pytest.raises(errors.CodecError, match=why):
             apply_delta(pipe, bad, np.zeros(4 * n, np.uint8), b"b" * 16)
+    odd = np.ones(1001, np.uint8)  # a plane of 1001 bytes: 7 padding bits in its bitmap
+    padded = np.packbits(odd.astype(bool), bitorder="little")
+    z1001 = np.zeros(1001, np.uint8)
+    ok = payload(0b1000, [z1001, z1001, z1001, padded, odd])
+    apply_delta(pipe, ok, np.zeros(4 * 1001, np.uint8), b"b" * 16)
+    padded[-1] |= 0x80
+    with pytest.raises(errors.CodecError, match="sets bits past the plane's 1001 bytes"):
+        apply_delta(pipe, payload(0b1000, [z1001, z1001, z1001, padded, odd]),
+                    np.zeros(4 * 1001, np.uint8), b"b" * 16)  # fmt: skip
     with pytest.raises(errors.CodecError, match="ordered-integer delta under"):
         apply_delta(default_pipeline("int32"), good, np.zeros(4 * n, np.uint8), b"b" * 16)
 

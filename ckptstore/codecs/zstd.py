@@ -66,6 +66,8 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 @register
 class Zstd(Codec):
     codec_id = "zstd"
+    SEGMENT_ENTRY = _ENTRY.size
+    """Header bytes a container spends per segment."""
 
     def __init__(self, level: int = 1, segments: int = 1, entropy: bool = False) -> None:
         if not 1 <= segments <= 255:

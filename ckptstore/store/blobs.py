@@ -161,7 +161,7 @@ _SIZES_LOCK = threading.Lock()
 _SIZES_MAX = 1 << 18
 RETRY_LOST_DELTA = 4
 """Rows whose delta lost by more than 10% are stored standalone without trying, except every
-this many saves."""
+this many saves; rows whose delta lost narrowly skip one save's try."""
 SURE_WIN = 1.0
 """A delta below this fraction of the rows' last standalone size is taken without encoding
 the chunk standalone too; otherwise both are encoded and the smaller kept. (0.9 stored the

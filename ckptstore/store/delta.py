@@ -161,7 +161,8 @@ def _encode_sparse(coder: Zstd, z: np.ndarray, width: int) -> bytes:
             nonzero = np.not_equal(plane, 0, out=_scratch(2, m).view(np.bool_))
             bitmap = coder.encode_segment(np.packbits(nonzero, bitorder="little"))
             values = coder.encode_segment(np.compress(nonzero, plane))
-            if len(bitmap[1]) + len(values[1]) < len(dense[1]):
+            extra = Zstd.SEGMENT_ENTRY  # (a sparse plane is one more segment)
+            if len(bitmap[1]) + len(values[1]) + extra < len(dense[1]):
                 mask |= 1 << k
                 segments += [bitmap, values]
                 continue
@@ -194,15 +195,39 @@ def _decode_sparse(coder: Zstd, view: memoryview, out: np.ndarray, width: int) -
         values = np.frombuffer(next(it), dtype=np.uint8)
         if first.size != bitmap:
             raise CodecError(f"sparse delta: bitmap {k} of {first.size} bytes, not {bitmap}")
-        where = np.unpackbits(first, count=m, bitorder="little").view(np.bool_)
-        if np.count_nonzero(where) != values.size:
-            raise CodecError(f"sparse delta: plane {k} marks {np.count_nonzero(where)} "
-                             f"non-zero bytes but holds {values.size}")  # fmt: skip
-        plane = _scratch(3 + k, m)
-        plane.fill(0)
-        plane[np.flatnonzero(where)] = values  # (a boolean mask index is 3× slower)
-        planes.append(plane)
+        planes.append(_scatter(first, values, _scratch(3 + k, m), k))
     ByteGroup(width).decode_into(planes, out)
+
+
+_SCATTER_BLOCK = 1 << 16
+"""Plane bytes scattered per block (a multiple of 8): the index array stays small."""
+
+
+def _scatter(bitmap: np.ndarray, values: np.ndarray, plane: np.ndarray, k: int) -> np.ndarray:
+    """Plane ``k`` rebuilt into ``plane`` from its bitmap and non-zero bytes, block by block
+    (memory beyond ``plane`` stays ~9 × ``_SCATTER_BLOCK`` bytes whatever the payload says);
+    a bitmap and values that disagree, a set padding bit or a zero value is a CodecError."""
+    m, pos = plane.size, 0
+    if m % 8 and bitmap[-1] >> (m % 8):
+        raise CodecError(f"sparse delta: bitmap {k} sets bits past the plane's {m} bytes")
+    if np.count_nonzero(values) != values.size:
+        raise CodecError(f"sparse delta: plane {k} lists a zero byte among its non-zero ones")
+    plane.fill(0)
+    for i in range(0, m, _SCATTER_BLOCK):
+        j = min(i + _SCATTER_BLOCK, m)
+        bits = np.unpackbits(bitmap[i // 8 : (j + 7) // 8], count=j - i, bitorder="little")
+        idx = np.flatnonzero(bits)  # (a boolean mask index is 3× slower)
+        if pos + idx.size > values.size:
+            break
+        plane[i:j][idx] = values[pos : pos + idx.size]
+        pos += idx.size
+    else:
+        if pos == values.size:
+            return plane
+    marked = int(np.unpackbits(bitmap, count=m, bitorder="little").sum(dtype=np.int64))
+    raise CodecError(
+        f"sparse delta: plane {k} marks {marked} non-zero bytes but holds {values.size}"
+    )
 
 
 def apply_delta(pipeline: Pipeline, payload: Buffer, acc: np.ndarray, base_key: bytes) -> bytes:
