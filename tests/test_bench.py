@@ -93,3 +93,34 @@ def test_old_names_and_light_import():
     assert callable(first_difference) and callable(iter_tensors)
     code = "import sys, ckptstore.bench; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_delta_series_figures(tmp_path):
+    """The delta bench's series on a small random walk: every figure docs/benchmarks.md
+    quotes is there and consistent (deltas win on a walk; a longer bound never stores
+    more; a delta checkpoint loads at its depth)."""
+    import torch
+
+    from ckptstore.bench.delta import series
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 256, generator=g)
+
+    def walk():
+        nonlocal w
+        for step in range(5):
+            w = w + 1e-4 * torch.randn(256, 256, generator=g)
+            yield step, {"model": {"w": w.clone()}, "optim": {"exp_avg_sq": w.square()}}
+
+    settings = ckptstore.Settings(chunk_bytes=64 * 1024, fsync=False)
+    out = series("walk", walk(), str(tmp_path), settings, 64, [0, 2, 4], log=lambda _: None)
+    s = out["summary"]
+    assert s["ratio_delta_all"] > s["ratio_plain_all"] > 1
+    chain = s["ratio_by_chain"]
+    assert chain[1] <= chain[2] <= chain[4] == s["ratio_delta_all"]
+    assert s["ratio_by_chain_long_run"][1] < s["ratio_by_chain_long_run"][16]
+    assert s["save_time_ratio"] > 0 and s["save_cpu_ratio"] > 0
+    rows = out["checkpoints"]
+    assert [r["max_chain"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all(r["save_cpu_s_plain"] >= 0 and r["save_cpu_s_delta"] >= 0 for r in rows)
+    assert [ld["depth"] for ld in out["loads"]] == [0, 2, 4]

@@ -379,6 +379,30 @@ def test_a_delta_that_loses_is_not_stored(local_url):
         assert torch.equal(ckptstore.load_full(local_url, step=step)["w"], sd["w"])
 
 
+@pytest.mark.parametrize(("loss", "tries"), [(1.05, [1, 3, 7]), (1.2, [1, 5])])
+def test_losing_rows_skip_their_tries(local_url, monkeypatch, loss, tries):
+    """Rows whose delta loses are tried less often: a first near miss skips one save, a
+    second loss (or a wide one) three — so rows that always lose (Adam's exp_avg far apart)
+    are not encoded twice at every save."""
+    from ckptstore.store import blobs
+
+    calls: list[int] = []
+    real = blobs.encode_delta
+
+    def losing(tail, piece, base):  # a real delta, padded to lose by ``loss``
+        calls.append(step)
+        payload = real(tail, piece, base)
+        return payload + bytes(int(loss * len(tail.encode(piece))) - len(payload) + 1)
+
+    monkeypatch.setattr(blobs, "encode_delta", losing)
+    states = list(_walk(11, 9))
+    for step, sd in enumerate(states):
+        ckptstore.save({"w": sd["w"]}, local_url, step=step, delta=True, settings=_settings())
+        assert _manifest(local_url, step).max_chain == 0
+    chunks = len(_chains(_manifest(local_url, 0), "w"))
+    assert sorted(set(calls)) == tries and len(calls) == chunks * len(tries)
+
+
 def _special(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
     """Floats with every awkward value: ±0, ±inf, NaNs with payloads, subnormals, the
     largest finite values and sign flips — the bits a difference must carry exactly."""

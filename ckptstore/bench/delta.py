@@ -132,8 +132,18 @@ def series(
     dcp: list[dict[str, Any]] = []
     last_state = None
     for i, (step, sd) in enumerate(states):
-        t_plain, _ = _timed(save, sd, plain_url, step=step, settings=settings)
-        t_delta, _ = _timed(save, sd, delta_url, step=step, settings=dsettings, delta=True)
+        # the two saves take turns going first, and their CPU time (every thread) is kept
+        # beside the wall time: on a shared machine it varies far less
+        order = ("plain", "delta") if i % 2 == 0 else ("delta", "plain")
+        took: dict[str, tuple[float, float]] = {}
+        for which in order:
+            cpu = time.process_time()
+            if which == "plain":
+                wall, _ = _timed(save, sd, plain_url, step=step, settings=settings)
+            else:
+                wall, _ = _timed(save, sd, delta_url, step=step, settings=dsettings, delta=True)
+            took[which] = (wall, time.process_time() - cpu)
+        (t_plain, c_plain), (t_delta, c_delta) = took["plain"], took["delta"]
         mp = Repository.open(plain_url).manifest(layout.step_name(step), cached=False)
         md = Repository.open(delta_url).manifest(layout.step_name(step), cached=False)
         row = {
@@ -146,6 +156,8 @@ def series(
             "max_chain": md.max_chain,
             "save_s_plain": round(t_plain, 3),
             "save_s_delta": round(t_delta, 3),
+            "save_cpu_s_plain": round(c_plain, 3),
+            "save_cpu_s_delta": round(c_delta, 3),
             "groups_plain": _groups(mp),
             "groups_delta": _groups(md),
         }
@@ -228,6 +240,9 @@ def summarize(rows: list[dict[str, Any]], dcp: list[dict[str, Any]]) -> dict[str
         "save_s_median_plain": round(save_p, 3),
         "save_s_median_delta": round(save_d, 3),
         "save_time_ratio": round(save_d / save_p, 3),
+        "save_cpu_ratio": round(
+            sum(r["save_cpu_s_delta"] for r in later) / sum(r["save_cpu_s_plain"] for r in later), 3
+        ),
         "dcp_save_s": dcp[-1]["save_s"],
     }
 
@@ -271,9 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 states = fine_tune_real_states(args.n, args.every)
                 label = "finetune-minilm-fp32-real-grad" + ("-exact" if args.exact else "")
-                result["series"].append(
-                    series(label, states, root, settings, args.chain, depths)
-                )
+                result["series"].append(series(label, states, root, settings, args.chain, depths))
         if "pretrain" not in args.skip:
             pre_depths = list(range(args.pre_n))
             for dtype in ("fp32", "bf16"):

@@ -160,8 +160,9 @@ decide without encoding the chunk twice. Process-wide, bounded by _SIZES_MAX ent
 _SIZES_LOCK = threading.Lock()
 _SIZES_MAX = 1 << 18
 RETRY_LOST_DELTA = 4
-"""Rows whose delta lost by more than 10% are stored standalone without trying, except every
-this many saves; rows whose delta lost narrowly skip one save's try."""
+"""Rows whose delta lost by more than 10%, or lost again when retried, are stored standalone
+without trying, except every this many saves; rows whose delta lost narrowly for the first
+time skip one save's try."""
 SURE_WIN = 1.0
 """A delta below this fraction of the rows' last standalone size is taken without encoding
 the chunk standalone too; otherwise both are encoded and the smaller kept. (0.9 stored the
@@ -512,8 +513,11 @@ class BlobWriter:
             whole = tail.encode(piece)
             standalone = byte_view(whole).nbytes
         if whole is not None and n_delta >= standalone:
-            # lost by a wide margin: skip the next 3 tries; a near miss: skip the next one
-            _remember(key, standalone, 1 if n_delta > 1.1 * standalone else RETRY_LOST_DELTA - 1)
+            # lost by a wide margin, or again at its retry: skip the next 3 tries; a first
+            # near miss: skip the next one
+            again = known is not None and known[1] > 0
+            wide = again or n_delta > 1.1 * standalone
+            _remember(key, standalone, 1 if wide else RETRY_LOST_DELTA - 1)
             return key, (), whole
         dkey = delta_key(pipeline, base_key, piece)
         _remember(dkey, standalone, 0)
