@@ -241,7 +241,9 @@ def summarize(rows: list[dict[str, Any]], dcp: list[dict[str, Any]]) -> dict[str
         "save_s_median_delta": round(save_d, 3),
         "save_time_ratio": round(save_d / save_p, 3),
         "save_cpu_ratio": round(
-            sum(r["save_cpu_s_delta"] for r in later) / sum(r["save_cpu_s_plain"] for r in later), 3
+            statistics.median(r["save_cpu_s_delta"] for r in later)
+            / statistics.median(r["save_cpu_s_plain"] for r in later),
+            3,
         ),
         "dcp_save_s": dcp[-1]["save_s"],
     }
