@@ -379,7 +379,7 @@ def _boxes(layout: str, n: int) -> tuple[list[int], list]:
 @pytest.mark.parametrize("layout", ["rows", "columns", "grid"])
 def test_tiling_check_scales_with_thousands_of_shards(layout):
     """The overlap check grows like n log n, not n²: 4× the shards cost under 6× the work
-    (counted in executed lines, not seconds), and an overlap among 8192 shards is found."""
+    (counted in executed lines, not seconds), and an overlap among 4096 shards is found."""
     small = _tiling_lines(*_boxes(layout, 1024))
     shape, boxes = _boxes(layout, 4096)
     big = _tiling_lines(shape, boxes)
