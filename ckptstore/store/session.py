@@ -324,9 +324,7 @@ class SaveSession:
         for fqn, offsets, sizes in boxes:
             for c in self._lookup.chunks(fqn, offsets, sizes):
                 chunks.setdefault((c.key, c.fqn, c.row_start, c.inner), c)
-        return ParentIndex(
-            self.name, parent.name if parent else None, list(chunks.values()), token
-        )
+        return ParentIndex(self.name, parent.name if parent else None, list(chunks.values()), token)
 
     def commit(self, manifest: Manifest) -> int:
         """S3–S4: commit check, create-only put of the manifest, catalog entry, release.
