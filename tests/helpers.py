@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from typing import Any
@@ -63,13 +64,17 @@ def model_and_optimizer(seed: int = 0, width: int = 256):
     return model, opt
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``ckptstore ARGS`` as a subprocess, as a user runs it; raises on failure if ``check``."""
+def run_cli(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``ckptstore ARGS`` as a subprocess, as a user runs it (``env``: variables added to
+    this process's); raises on failure if ``check``."""
     proc = subprocess.run(
         [sys.executable, "-m", "ckptstore.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=300,
+        env=None if env is None else {**os.environ, **env},
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")

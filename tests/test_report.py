@@ -25,6 +25,7 @@ from ckptstore.report.data import collect
 from ckptstore.report.page import TITLES
 from ckptstore.store import BlobReader, Repository, Store
 from ckptstore.testing.s3server import ACCESS_KEY, SECRET_KEY
+from tests.helpers import run_cli
 
 STEPS = (10, 20, 30, 40)
 FIGURES = ("bytes", "shares", "quant", "changes")
@@ -294,17 +295,6 @@ def test_cli_does_not_import_torch(store, tmp_path):
 
 
 # -- a store on S3 (a real SeaweedFS) --------------------------------------------------------
-def ckptstore_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The ``ckptstore`` command as a user runs it: its own process, exit code and stderr."""
-    return subprocess.run(
-        [sys.executable, "-m", "ckptstore.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def test_report_of_an_s3_store(s3_url, s3_server, s3_options, tmp_path):
     g = torch.Generator().manual_seed(3)
     w, frozen = torch.randn(128, 256, generator=g), torch.randn(64, 64, generator=g)
@@ -314,7 +304,7 @@ def test_report_of_an_s3_store(s3_url, s3_server, s3_options, tmp_path):
     out = tmp_path / "s3-report.html"
     creds = ["--storage-option", f"key={ACCESS_KEY}", "--storage-option", f"secret={SECRET_KEY}"]
     endpoint = ["--endpoint-url", s3_server.endpoint_url]
-    done = ckptstore_cli("report", s3_url, "-o", str(out), *endpoint, *creds)
+    done = run_cli("report", s3_url, "-o", str(out), *endpoint, *creds, check=False)
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout and ": 3 checkpoint(s), 2 tensor(s)" in done.stdout
 
@@ -329,15 +319,16 @@ def test_report_of_an_s3_store(s3_url, s3_server, s3_options, tmp_path):
     assert change["frozen"] == [0.0, 0.0]
 
     # a wrong secret, a missing bucket: one line naming the bucket, exit 5, no page
-    bad = ckptstore_cli(
+    bad = run_cli(
         "report", s3_url, "-o", str(tmp_path / "bad.html"), *endpoint,
         "--storage-option", f"key={ACCESS_KEY}", "--storage-option", "secret=not-the-secret",
+        check=False,
     )  # fmt: skip
     assert bad.returncode == 5, bad.stderr
     assert "AccessDeniedError" in bad.stderr and "'ckpt'" in bad.stderr
-    missing = ckptstore_cli(
+    missing = run_cli(
         "report", "s3://no-such-bucket/run", "-o", str(tmp_path / "missing.html"),
-        env=s3_server.env(),  # credentials and endpoint from the environment
+        check=False, env=s3_server.env(),  # credentials and endpoint from the environment
     )  # fmt: skip
     assert missing.returncode == 5, missing.stderr
     assert "BucketNotFoundError" in missing.stderr and "'no-such-bucket'" in missing.stderr
