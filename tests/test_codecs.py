@@ -119,12 +119,12 @@ def _codec_ratio(state: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
 
 
 def test_lossless_ratio_on_minilm_matches_zipnn(minilm):
-    """Target from the foundation issue: ZipNN's lossless ratio (1.22× fp32, 1.50× bf16)."""
+    """Lossless ratio at least ZipNN's (1.22× fp32, 1.50× bf16)."""
     assert _codec_ratio(minilm, torch.float32) >= 1.215
     assert _codec_ratio(minilm, torch.bfloat16) >= 1.495
 
 
-# -- bounded decoding (issue 10): never more than the declared raw size ------------------
+# -- bounded decoding: never more than the declared raw size -----------------------------
 
 
 def _chains(dtype: str) -> list[Pipeline]:

@@ -1,4 +1,4 @@
-"""Drop-in for DCP users (issue 13 §1): values DCP users keep in state dicts load without
+"""Drop-in for DCP users: values DCP users keep in state dicts load without
 allow_pickle (and loading still runs no code from the store); templates of another dtype
 get the values cast as dcp.load does."""
 

@@ -268,7 +268,7 @@ def test_manifest_schema_violations_are_refused(saved, damage):
     assert ckptstore.Store(url).verify("step-000000000001").ok
 
 
-# -- things a user hits in the first hour (issue 10) -----------------------------------------
+# -- first-hour mistakes: each names its key and commits nothing ---------------------------
 
 
 def _no_checkpoint_committed(url: str) -> None:

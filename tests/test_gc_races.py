@@ -1,4 +1,4 @@
-"""Interleavings a review found (and that failed before their fixes): gc must see a manifest
+"""Races between gc, overwrite and DCP plan caching: gc must see a manifest
 an overwrite replaced while gc held its lock, and a DCP-cached plan of an earlier save of the
 same name must never hand a writer its stale parent chunks."""
 

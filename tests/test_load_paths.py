@@ -1,4 +1,4 @@
-"""The load path that decodes chunks straight into the destination tensors (issue 11):
+"""The load path that decodes chunks straight into the destination tensors:
 ``Pipeline.decode_into``, ``BlobReader.fetch_chunk_into`` and the Reader's choice between
 decoding in place and through its scratch buffer. No timing is asserted here; the speed is
 measured by ``python -m ckptstore.bench compare`` (docs/benchmarks.md, "Load")."""

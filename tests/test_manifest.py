@@ -66,7 +66,7 @@ def test_sample_decodes(d):
     assert Manifest.decode(m.encode(), WHERE) == m
 
 
-# -- the bad manifests of issue 10 ------------------------------------------------------
+# -- malformed manifests are refused with the field and value named ---------------------
 
 
 def test_tensors_not_a_map(d):

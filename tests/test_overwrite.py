@@ -1,4 +1,4 @@
-"""overwrite=True (issue 13 §1, docs/format.md O1–O5 and G10): never-overwrite stays the
+"""overwrite=True (docs/format.md O1–O5 and G10): never-overwrite stays the
 default; an explicit overwrite keeps the old checkpoint loadable until its commit, leaves one
 of the two complete after a crash at any step, and is safe beside gc."""
 
