@@ -268,7 +268,7 @@ def test_manifest_schema_violations_are_refused(saved, damage):
     assert ckptstore.Store(url).verify("step-000000000001").ok
 
 
-# -- first-hour mistakes: each names its key and commits nothing ---------------------------
+# -- common user mistakes get an error that names what is wrong -----------------------------
 
 
 def _no_checkpoint_committed(url: str) -> None:
