@@ -20,7 +20,11 @@ Suites (docs/benchmarks.md says what each measures and where its figures are):
 Without a suite name the arguments go to ``compare`` (the older form
 ``python -m ckptstore.bench [--chunk-sweep] [URL]``). The building blocks:
 :mod:`ckptstore.bench.datasets` (what is saved), :mod:`ckptstore.bench.methods` (the
-save/load pairs compared), :mod:`ckptstore.bench.report` (machine info, cells, JSON).
+save/load pairs compared), :mod:`ckptstore.bench.report` (machine info, cells, JSON); for
+``compare``: :mod:`ckptstore.bench.measure` (timing the methods),
+:mod:`ckptstore.bench.codec` (the codec micro-benchmark), :mod:`ckptstore.bench.tables`
+(its tables) and :mod:`ckptstore.bench.chunk_sweep` (``--chunk-sweep``). Import them from
+their modules; this package itself imports no torch.
 
 Every suite resolves its :class:`ckptstore.Settings` once (``CKPTSTORE_*`` variables and its
 own options) and passes them to every ckptstore call; none changes the environment.
@@ -46,35 +50,7 @@ SUITES = {
     "delta": "ckptstore.bench.delta",
 }
 
-# the names ``ckptstore.bench`` offered when it was one module, imported on first use
-# (importing this package does not import torch)
-_LAZY = {
-    "run_bench": "ckptstore.bench.compare",
-    "bench_dataset": "ckptstore.bench.compare",
-    "chunk_sweep": "ckptstore.bench.compare",
-    "codec_bench": "ckptstore.bench.compare",
-    "render": "ckptstore.bench.compare",
-    "DATASETS": "ckptstore.bench.datasets",
-    "load_minilm": "ckptstore.bench.datasets",
-    "minilm_path": "ckptstore.bench.datasets",
-    "synthetic_state": "ckptstore.bench.datasets",
-    "gpt_shape": "ckptstore.bench.datasets",
-    "iter_tensors": "ckptstore.bench.datasets",
-    "first_difference": "ckptstore.bench.datasets",
-    "METHODS": "ckptstore.bench.methods",
-    "disk_usage": "ckptstore.bench.methods",
-    "machine": "ckptstore.bench.report",
-    "PAGE_CACHE_NOTE": "ckptstore.bench.report",
-}
-
-__all__ = ["SUITES", "main", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ckptstore.bench' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__all__ = ["SUITES", "main", "suite"]
 
 
 def suite(name: str) -> Any:

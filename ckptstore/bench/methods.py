@@ -13,9 +13,10 @@ state and extra figures; the in-place ones fill a template made outside the timi
 
 from __future__ import annotations
 
-import gc
+import gc as stdlib_gc  # the interpreter's collector, not the gc suite ckptstore.bench.gc
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,8 +115,8 @@ METHODS = (
 
 # -- helpers ----------------------------------------------------------------------------------
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """(wall seconds, result) of ``fn()``, after a ``gc.collect()`` outside the timing."""
-    gc.collect()
+    """(wall seconds, result) of ``fn()``, after a garbage collection outside the timing."""
+    stdlib_gc.collect()
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
@@ -129,6 +130,20 @@ def disk_usage(folder: str) -> tuple[int, int]:
             total += os.lstat(os.path.join(root, n)).st_size
             files += 1
     return total, files
+
+
+def work_root(url: str | None) -> tuple[str, bool]:
+    """(absolute local folder, whether it is a new temporary one) to work in for ``url``:
+    a temporary folder when None, else the local path or ``file://`` URL, created."""
+    if url is None:
+        return tempfile.mkdtemp(prefix="ckptstore-bench-"), True
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        if scheme != "file":
+            raise ValueError(f"bench works in a local folder, not {url!r}")
+        url = rest
+    os.makedirs(url, exist_ok=True)
+    return os.path.abspath(url), False
 
 
 def fresh_dir(folder: str) -> None:
