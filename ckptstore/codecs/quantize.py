@@ -134,11 +134,21 @@ def _check_source(source: str) -> str:
     return source
 
 
-_CAST_HEADER = struct.Struct("<BB")  # kind, reserved — 2 bytes keeps 2-byte grouping aligned
-_AS_FP16, _AS_BF16, _PATCHED = 0, 1, 2  # kind = base | _PATCHED
-_PATCH_COUNT = struct.Struct("<I")
-_MAX_PATCHED_FRACTION = 64  # patch at most 1/64 of a chunk's elements (8 bytes each)
-_FP16_MIN_NORMAL = 2.0**-14
+# -- the stored formats of the lossy stages (public: ckptstore.dcp.device_quant writes the
+# same bytes with torch on the device, so both implementations take these from here) -------
+
+CAST_HEADER = struct.Struct("<BB")
+"""Header of a ``cast`` payload: kind, reserved (2 bytes keep 2-byte grouping aligned)."""
+CAST_AS_FP16, CAST_AS_BF16, CAST_PATCHED = 0, 1, 2
+"""``cast`` kinds: the body is fp16 or bf16; ``kind | CAST_PATCHED``: a patch list follows
+(uint32 indices, then the exact values in the source's width, then ``CAST_PATCH_COUNT``)."""
+CAST_PATCH_COUNT = struct.Struct("<I")
+"""Trailer of a patched ``cast`` payload: the number of patched elements."""
+MAX_PATCHED_FRACTION = 64
+"""A ``cast`` to fp16 patches at most 1/64 of a chunk's elements; more, and it is bf16."""
+FP16_MIN_NORMAL = 2.0**-14
+"""Smallest normal fp16 value: non-zero values below it are patched (``cast``), and an
+int8 scale below it makes the chunk keep fp32 scales."""
 
 
 @register
@@ -167,33 +177,33 @@ class Cast(LossyCodec):
         as bf16 instead. Patched or bf16-instead-of-fp16 chunks count as fallbacks."""
         x = to_float(data, self.source)
         fallback = 0
-        kind = _AS_BF16
+        kind = CAST_AS_BF16
         if self.target == "float16":
             with np.errstate(over="ignore", under="ignore"):
                 body = x.astype(np.float16)
-            tiny = (x != 0) & (np.abs(x) < _FP16_MIN_NORMAL)  # subnormal or 0 in fp16
+            tiny = (x != 0) & (np.abs(x) < FP16_MIN_NORMAL)  # subnormal or 0 in fp16
             bad = (np.isfinite(x) & ~np.isfinite(body)) | tiny
-            if np.count_nonzero(bad) * _MAX_PATCHED_FRACTION <= x.size:
-                kind, approx = _AS_FP16, body.astype(x.dtype)
+            if np.count_nonzero(bad) * MAX_PATCHED_FRACTION <= x.size:
+                kind, approx = CAST_AS_FP16, body.astype(x.dtype)
             else:  # too many to patch: the chunk becomes bf16 (fp32's range)
                 fallback = 1
-        if kind == _AS_BF16:
+        if kind == CAST_AS_BF16:
             with np.errstate(over="ignore"):
                 body = bf16_bits(x.astype(np.float32))
             approx = (body.astype(np.uint32) << 16).view(np.float32).astype(x.dtype)
             bad = (np.isfinite(x) & ~np.isfinite(approx)) | ((x != 0) & (approx == 0))
         idx = np.flatnonzero(bad)
         if idx.size == 0:
-            return _CAST_HEADER.pack(kind, 0) + body.tobytes(), _stats(x, approx, fallback)
+            return CAST_HEADER.pack(kind, 0) + body.tobytes(), _stats(x, approx, fallback)
         values = x[idx]  # in the source's own width: exact
         approx[idx] = values
         out = b"".join(
             [
-                _CAST_HEADER.pack(kind | _PATCHED, 0),
+                CAST_HEADER.pack(kind | CAST_PATCHED, 0),
                 body.tobytes(),
                 idx.astype(np.uint32).tobytes(),
                 values.tobytes(),
-                _PATCH_COUNT.pack(idx.size),
+                CAST_PATCH_COUNT.pack(idx.size),
             ]
         )
         return out, _stats(x, approx, 1)
@@ -201,7 +211,7 @@ class Cast(LossyCodec):
     def max_encoded_size(self, raw_size: int) -> int:
         width = _ITEMSIZE[self.source]
         n = raw_size // width  # header, 2 bytes each, at worst every element patched
-        return _CAST_HEADER.size + 2 * n + (4 + width) * n + _PATCH_COUNT.size
+        return CAST_HEADER.size + 2 * n + (4 + width) * n + CAST_PATCH_COUNT.size
 
     def decode(self, data: Buffer) -> Buffer:
         return self._decode(data, None)
@@ -211,20 +221,25 @@ class Cast(LossyCodec):
 
     def _decode(self, data: Buffer, max_size: int | None) -> Buffer:
         view = byte_view(data)
-        if len(view) < _CAST_HEADER.size or (len(view) - _CAST_HEADER.size) % 2:
+        if len(view) < CAST_HEADER.size or (len(view) - CAST_HEADER.size) % 2:
             raise CodecError(f"cast payload of {len(view)} bytes is malformed")
-        kind, _ = _CAST_HEADER.unpack_from(view)
-        if kind not in (_AS_FP16, _AS_BF16, _AS_FP16 | _PATCHED, _AS_BF16 | _PATCHED):
+        kind, _ = CAST_HEADER.unpack_from(view)
+        if kind not in (
+            CAST_AS_FP16,
+            CAST_AS_BF16,
+            CAST_AS_FP16 | CAST_PATCHED,
+            CAST_AS_BF16 | CAST_PATCHED,
+        ):
             raise CodecError(f"cast payload has unknown kind {kind}")
-        body = view[_CAST_HEADER.size :]
+        body = view[CAST_HEADER.size :]
         wide_dtype = np.float64 if self.source == "float64" else np.float32
         patches = 0
-        if kind & _PATCHED:
-            if len(body) < _PATCH_COUNT.size:
+        if kind & CAST_PATCHED:
+            if len(body) < CAST_PATCH_COUNT.size:
                 raise CodecError("cast payload lost its patch count")
-            (patches,) = _PATCH_COUNT.unpack_from(body, len(body) - _PATCH_COUNT.size)
+            (patches,) = CAST_PATCH_COUNT.unpack_from(body, len(body) - CAST_PATCH_COUNT.size)
             width = np.dtype(wide_dtype).itemsize
-            end = len(body) - _PATCH_COUNT.size - (4 + width) * patches
+            end = len(body) - CAST_PATCH_COUNT.size - (4 + width) * patches
             if end < 0 or end % 2:
                 raise CodecError(f"cast payload with {patches} patches is malformed")
             idx = np.frombuffer(body, dtype=np.uint32, count=patches, offset=end)
@@ -233,7 +248,7 @@ class Cast(LossyCodec):
         out_size = len(body) // 2 * _ITEMSIZE[self.source]
         if max_size is not None and out_size > max_size:
             raise CodecError(f"cast payload decodes to {out_size} bytes, over {max_size}")
-        if kind & 1 == _AS_FP16:
+        if kind & 1 == CAST_AS_FP16:
             wide = np.frombuffer(body, dtype=np.float16).astype(wide_dtype)
         else:
             bits = np.frombuffer(body, dtype=np.uint16).astype(np.uint32) << 16
@@ -245,8 +260,11 @@ class Cast(LossyCodec):
         return from_float(wide, self.source)
 
 
-_INT8_HEADER = struct.Struct("<BxxxQ")  # kind, element count
-_FP16_SCALES, _FP32_SCALES, _RAW = 0, 1, 2
+INT8_HEADER = struct.Struct("<BxxxQ")
+"""Header of an ``int8block`` payload: kind, 3 pad bytes, element count."""
+INT8_FP16_SCALES, INT8_FP32_SCALES, INT8_RAW = 0, 1, 2
+"""``int8block`` kinds: int8 values then fp16 scales, or then fp32 scales; or the source
+bytes as they were (a chunk holding inf/NaN)."""
 
 
 @register
@@ -276,7 +294,7 @@ class Int8Block(LossyCodec):
         x = to_float(data, self.source)
         n = x.size
         if not np.isfinite(x).all():
-            return _INT8_HEADER.pack(_RAW, n) + bytes(byte_view(data)), QuantStats(
+            return INT8_HEADER.pack(INT8_RAW, n) + bytes(byte_view(data)), QuantStats(
                 fallback=1,
                 chunks=1,
                 sq_ref=float(np.square(x[np.isfinite(x)], dtype=np.float64).sum()),
@@ -291,21 +309,21 @@ class Int8Block(LossyCodec):
             s16 = scale.astype(np.float16)
             low = s16.astype(np.float32) < scale  # rounded down: |x|/s could pass 127
             s16[low] = np.nextafter(s16[low], np.float16(np.inf))
-        fits = np.isfinite(s16) & ((scale == 0) | (s16.astype(np.float32) >= _FP16_MIN_NORMAL))
+        fits = np.isfinite(s16) & ((scale == 0) | (s16.astype(np.float32) >= FP16_MIN_NORMAL))
         if fits.all():
-            kind, stored, s = _FP16_SCALES, s16, s16.astype(np.float32)
+            kind, stored, s = INT8_FP16_SCALES, s16, s16.astype(np.float32)
         else:
-            kind, stored, s = _FP32_SCALES, scale.astype(np.float32), scale.astype(np.float32)
+            kind, stored, s = INT8_FP32_SCALES, scale.astype(np.float32), scale.astype(np.float32)
         safe = np.where(s == 0, 1.0, s)[:, None]
         q = np.clip(np.rint(b / safe), -127, 127).astype(np.int8)
         approx = (q.astype(np.float32) * s[:, None]).reshape(-1)[:n]
-        out = _INT8_HEADER.pack(kind, n) + q.tobytes() + stored.tobytes()
+        out = INT8_HEADER.pack(kind, n) + q.tobytes() + stored.tobytes()
         return out, _stats(x, approx, 0)
 
     def max_encoded_size(self, raw_size: int) -> int:
         n = raw_size // _ITEMSIZE[self.source]
         blocks = -(-n // self.block)
-        return _INT8_HEADER.size + max(raw_size, blocks * (self.block + 4))
+        return INT8_HEADER.size + max(raw_size, blocks * (self.block + 4))
 
     def decode(self, data: Buffer) -> Buffer:
         return self._decode(data, None)
@@ -316,17 +334,17 @@ class Int8Block(LossyCodec):
     def _decode(self, data: Buffer, max_size: int | None) -> Buffer:
         view = byte_view(data)
         try:
-            kind, n = _INT8_HEADER.unpack_from(view)
+            kind, n = INT8_HEADER.unpack_from(view)
         except struct.error as exc:
             raise CodecError(f"int8 payload is truncated: {exc}") from exc
-        body = view[_INT8_HEADER.size :]
-        out_size = len(body) if kind == _RAW else n * _ITEMSIZE[self.source]
+        body = view[INT8_HEADER.size :]
+        out_size = len(body) if kind == INT8_RAW else n * _ITEMSIZE[self.source]
         if max_size is not None and out_size > max_size:
             raise CodecError(f"int8 payload decodes to {out_size} bytes, over {max_size}")
-        if kind == _RAW:
+        if kind == INT8_RAW:
             return body
         blocks = -(-n // self.block)
-        width = {_FP16_SCALES: 2, _FP32_SCALES: 4}.get(kind)
+        width = {INT8_FP16_SCALES: 2, INT8_FP32_SCALES: 4}.get(kind)
         if width is None or len(body) != blocks * self.block + blocks * width:
             raise CodecError(f"int8 payload (kind {kind}, n {n}) has {len(body)} bytes")
         q = np.frombuffer(body, dtype=np.int8, count=blocks * self.block)

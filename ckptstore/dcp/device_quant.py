@@ -12,20 +12,22 @@ from __future__ import annotations
 import torch
 
 from ckptstore.codecs.quantize import (
-    _CAST_HEADER,
-    _FP16_MIN_NORMAL,
-    _INT8_HEADER,
-    _MAX_PATCHED_FRACTION,
-    _PATCH_COUNT,
-    _PATCHED,
+    CAST_AS_BF16,
+    CAST_AS_FP16,
+    CAST_HEADER,
+    CAST_PATCH_COUNT,
+    CAST_PATCHED,
+    FP16_MIN_NORMAL,
+    INT8_FP16_SCALES,
+    INT8_FP32_SCALES,
+    INT8_HEADER,
+    INT8_RAW,
+    MAX_PATCHED_FRACTION,
     Cast,
     Int8Block,
     LossyCodec,
     QuantStats,
 )
-
-_AS_FP16, _AS_BF16 = 0, 1
-_FP16_SCALES, _FP32_SCALES, _RAW = 0, 1, 2
 
 
 def supports(codec: LossyCodec) -> bool:
@@ -80,32 +82,32 @@ def _widen_bf16(bits: torch.Tensor) -> torch.Tensor:
 
 def _cast(codec: Cast, x: torch.Tensor) -> tuple[bytes, QuantStats]:
     x = x.to(torch.float32)
-    fallback, kind = 0, _AS_BF16
+    fallback, kind = 0, CAST_AS_BF16
     if codec.target == "float16":
         body = x.to(torch.float16)
-        tiny = (x != 0) & (x.abs() < _FP16_MIN_NORMAL)
+        tiny = (x != 0) & (x.abs() < FP16_MIN_NORMAL)
         bad = (torch.isfinite(x) & ~torch.isfinite(body)) | tiny
-        if int(bad.sum()) * _MAX_PATCHED_FRACTION <= x.numel():
-            kind, approx = _AS_FP16, body.to(torch.float32)
+        if int(bad.sum()) * MAX_PATCHED_FRACTION <= x.numel():
+            kind, approx = CAST_AS_FP16, body.to(torch.float32)
         else:
             fallback = 1
-    if kind == _AS_BF16:
+    if kind == CAST_AS_BF16:
         body = _bf16_bits(x)
         approx = _widen_bf16(body)
         bad = (torch.isfinite(x) & ~torch.isfinite(approx)) | ((x != 0) & (approx == 0))
     idx = torch.nonzero(bad).flatten()
     if idx.numel() == 0:
-        return _CAST_HEADER.pack(kind, 0) + _host(body), _stats(x, approx, fallback)
+        return CAST_HEADER.pack(kind, 0) + _host(body), _stats(x, approx, fallback)
     values = x[idx]
     approx = approx.clone()
     approx[idx] = values
     out = b"".join(
         [
-            _CAST_HEADER.pack(kind | _PATCHED, 0),
+            CAST_HEADER.pack(kind | CAST_PATCHED, 0),
             _host(body),
             _host(idx.to(torch.int32)),  # < 2**31: the same bytes as numpy's uint32
             _host(values),
-            _PATCH_COUNT.pack(idx.numel()),
+            CAST_PATCH_COUNT.pack(idx.numel()),
         ]
     )
     return out, _stats(x, approx, 1)
@@ -116,7 +118,7 @@ def _int8(codec: Int8Block, x: torch.Tensor) -> tuple[bytes, QuantStats]:
     if not bool(torch.isfinite(x).all()):  # kept exact, as the numpy codec does
         xf = x.to(torch.float32)
         raw = _host(x.contiguous().view(torch.uint8))  # the source bytes (bf16 included)
-        return _INT8_HEADER.pack(_RAW, n) + raw, _stats(xf, xf, 1)
+        return INT8_HEADER.pack(INT8_RAW, n) + raw, _stats(xf, xf, 1)
     xf = x.to(torch.float32)
     blocks = -(-n // codec.block)
     padded = torch.zeros(blocks * codec.block, dtype=torch.float32, device=x.device)
@@ -126,15 +128,15 @@ def _int8(codec: Int8Block, x: torch.Tensor) -> tuple[bytes, QuantStats]:
     s16 = scale.to(torch.float16)
     low = s16.to(torch.float32) < scale  # rounded down: step up one ulp (positive values)
     s16 = (s16.view(torch.int16) + low.to(torch.int16)).view(torch.float16)
-    fits = torch.isfinite(s16) & ((scale == 0) | (s16.to(torch.float32) >= _FP16_MIN_NORMAL))
+    fits = torch.isfinite(s16) & ((scale == 0) | (s16.to(torch.float32) >= FP16_MIN_NORMAL))
     if bool(fits.all()):
-        kind, stored, s = _FP16_SCALES, s16, s16.to(torch.float32)
+        kind, stored, s = INT8_FP16_SCALES, s16, s16.to(torch.float32)
     else:
-        kind, stored, s = _FP32_SCALES, scale, scale
+        kind, stored, s = INT8_FP32_SCALES, scale, scale
     safe = torch.where(s == 0, torch.ones_like(s), s)[:, None]
     q = torch.clamp(torch.round(b / safe), -127, 127).to(torch.int8)
     approx = (q.to(torch.float32) * s[:, None]).reshape(-1)[:n]
-    out = _INT8_HEADER.pack(kind, n) + _host(q) + _host(stored)
+    out = INT8_HEADER.pack(kind, n) + _host(q) + _host(stored)
     return out, _stats(xf, approx, 0)
 
 
