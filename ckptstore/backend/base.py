@@ -94,10 +94,6 @@ class Stats:
     def requests(self) -> int:
         return self.gets + self.puts + self.lists + self.deletes + self.heads
 
-    def as_dict(self) -> dict[str, int]:
-        keys = ("gets", "puts", "lists", "deletes", "heads", "retries", "bytes_in", "bytes_out")
-        return {k: getattr(self, k) for k in keys} | {"requests": self.requests}
-
 
 class ObjectInfo(NamedTuple):
     """One listed object: key (relative to the root), size in bytes, last-modified time."""

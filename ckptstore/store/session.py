@@ -173,17 +173,6 @@ class ParentLookup:
         return out
 
 
-def parent_chunks(
-    parent: Manifest | None,
-    fqn: str,
-    offsets: Sequence[int] | None = None,
-    sizes: Sequence[int] | None = None,
-) -> list[ParentChunk]:
-    """The chunks of ``parent`` holding any element of a box of tensor ``fqn`` (see
-    :class:`ParentLookup`, which to prefer for many lookups)."""
-    return ParentLookup(parent).chunks(fqn, offsets, sizes)
-
-
 class SaveSession:
     """The coordinator's side of one save: lease, parent, commit check, commit, release.
 
@@ -351,7 +340,7 @@ class SaveSession:
             if self.overwrite:
                 size = self.repo._replace_manifest(manifest)
             else:
-                size = self.repo._commit_manifest(manifest)
+                size = self.repo.commit_manifest(manifest)
             # C1, under the lease: no rm or gc drops the checkpoint (G10) before its entry
             # exists, so a drop always finds the entry it must delete first (C3)
             try:
