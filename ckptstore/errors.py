@@ -16,6 +16,12 @@ class UnknownSchemeError(CkptStoreError, ValueError):
     """The URL's protocol is not one fsspec knows (or its package is not installed)."""
 
 
+class InvalidURLError(CkptStoreError, ValueError):
+    """The URL's protocol is known, but its filesystem cannot be built from the URL and the
+    storage options given: no host (``ftp:///x``), a bad port, an option of the wrong type or
+    one the filesystem does not take. The message names the URL."""
+
+
 class StoreNotFoundError(CkptStoreError, FileNotFoundError):
     """No ckptstore store (no store.json) at the URL."""
 

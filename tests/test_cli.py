@@ -188,3 +188,18 @@ def test_retention_of_the_last_save_runs_at_interpreter_exit(tmp_path):
     assert "failed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     rows = json.loads(run("ls", url, "--json").stdout)
     assert [r["step"] for r in rows] == [4, 5]
+
+
+@pytest.mark.parametrize(
+    ("url", "code", "error"),
+    [
+        ("ftp:///x", 2, "InvalidURLError"),  # no host: fsspec's __init__ fails half-way
+        ("nosuchproto://x", 2, "UnknownSchemeError"),
+        ("ftp://127.0.0.1:1/x", 5, "StorageUnavailableError"),  # refused, no network needed
+    ],
+)
+def test_a_url_whose_filesystem_cannot_be_built_is_one_line_naming_it(url, code, error):
+    proc = run("ls", url, check=False)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr  # no "Exception ignored in ... __del__"
+    assert proc.stderr.startswith(f"ckptstore: error: {error}: ") and url in proc.stderr

@@ -436,3 +436,30 @@ def test_a_huge_list_index_in_the_flatten_mapping_is_refused_not_allocated(tmp_p
     with open(path, "wb") as f:
         f.write(m.encode())
     assert torch.equal(ckptstore.load_full(url, step=1)["layers"][1], torch.zeros(2))
+
+
+def test_a_filesystem_that_cannot_be_built_is_one_error_naming_the_url(monkeypatch):
+    """ftp:///x names no host: fsspec's FTPFileSystem raises TypeError half-way through its
+    __init__, and its __del__ then fails on the half-built object. The caller gets one
+    InvalidURLError naming the URL; the __del__ failure reaches no unraisable hook."""
+    import sys
+
+    seen: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    with pytest.raises(errors.InvalidURLError, match=r"'ftp:///x'.*host") as info:
+        ckptstore.Store("ftp:///x").list()
+    assert isinstance(info.value, ValueError)
+    del info
+    import gc
+
+    gc.collect()
+    assert seen == []
+    assert sys.unraisablehook == seen.append  # the caller's hook is back in place
+    with pytest.raises(errors.UnknownSchemeError, match="nosuchproto"):
+        ckptstore.Store("nosuchproto://x").list()
+
+
+def test_a_filesystem_that_cannot_connect_names_the_url():
+    # port 1 on the loopback: refused at once, no network needed
+    with pytest.raises(errors.StorageUnavailableError, match="'ftp://127.0.0.1:1/x'"):
+        ckptstore.Store("ftp://127.0.0.1:1/x").list()

@@ -20,10 +20,13 @@ decides how long a dead server is waited for.
 from __future__ import annotations
 
 import errno
+import gc
 import inspect
 import os
 import random
+import sys
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,10 +49,12 @@ from ckptstore.errors import (
     BackendError,
     BucketNotFoundError,
     CkptStoreError,
+    InvalidURLError,
     ObjectExistsError,
     ObjectNotFoundError,
     StorageFullError,
     StorageUnavailableError,
+    StoreNotFoundError,
     UnknownSchemeError,
 )
 from ckptstore.knobs import Settings
@@ -568,6 +573,86 @@ def _s3_options(options: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return options
 
 
+def _build_filesystem(
+    url: str, protocol: str | None, options: dict[str, Any]
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``fsspec.core.url_to_fs``, with every failure to build the filesystem turned into one
+    :class:`~ckptstore.errors.CkptStoreError` naming the URL.
+
+    Some filesystems (ftp: ``__del__`` closes ``self.ftp``) leave a half-built object whose
+    ``__del__`` fails when their ``__init__`` raised early, and Python prints that as an
+    "Exception ignored in ..." traceback. The object is freed here, inside the window where
+    such ``__del__`` failures of fsspec filesystems are dropped, not at some later point.
+    """
+    with _QuietFilesystemDel():
+        try:
+            return fsspec.core.url_to_fs(url, **options)
+        except Exception as exc:
+            traceback.clear_frames(exc.__traceback__)  # frees the half-built filesystem
+            gc.collect()  # and one that sits in a reference cycle
+            err = _construction_error(url, protocol, exc)
+            if err is exc:
+                raise
+            raise err from exc
+
+
+def _construction_error(url: str, protocol: str | None, exc: Exception) -> CkptStoreError:
+    if isinstance(exc, CkptStoreError):
+        return exc
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, ImportError):
+        hint = " (pip install 'ckptstore[s3]')" if protocol in S3_PROTOCOLS else ""
+        return UnknownSchemeError(
+            f"the filesystem for {url!r} needs a package that is not installed{hint}: {exc}"
+        )
+    if isinstance(exc, ValueError) and "protocol" in str(exc).lower():
+        return UnknownSchemeError(f"unknown URL scheme in {url!r}: {exc}")
+    if isinstance(exc, (TypeError, ValueError)):  # no host, a bad port, a bad option
+        return InvalidURLError(
+            f"cannot open a filesystem for {url!r}: {detail} (check the URL and the "
+            "storage options)"
+        )
+    failure = classify(exc) if _is_storage_error(exc) else Failure("other")
+    if failure.kind == "denied":
+        return AccessDeniedError(f"access denied opening {url!r}: {detail}")
+    if failure.kind in ("not_found", "no_bucket"):
+        return StoreNotFoundError(f"no ckptstore store at {url} ({detail})")
+    if failure.kind == "transient":
+        return StorageUnavailableError(f"storage unavailable for {url!r}: {detail}")
+    return BackendError(f"cannot open a filesystem for {url!r}: {detail}")
+
+
+class _QuietFilesystemDel:
+    """Within the ``with``: unraisable exceptions from the ``__del__`` of an fsspec
+    filesystem are dropped; every other one goes to the hook that was in place."""
+
+    def __enter__(self) -> None:
+        self._previous = sys.unraisablehook
+        sys.unraisablehook = self._hook
+
+    def __exit__(self, *_: object) -> None:
+        if sys.unraisablehook == self._hook:
+            sys.unraisablehook = self._previous
+
+    def _hook(self, unraisable: Any) -> None:
+        fn = unraisable.object  # a failing __del__ is reported as the function itself
+        if getattr(fn, "__name__", None) == "__del__" and _is_filesystem(_owner(fn)):
+            return
+        self._previous(unraisable)
+
+
+def _owner(fn: Any) -> Any:
+    """The class of a function ``Class.__del__``, found by its qualified name (or None)."""
+    owner: Any = sys.modules.get(getattr(fn, "__module__", None) or "")
+    for part in getattr(fn, "__qualname__", "").split(".")[:-1]:
+        owner = getattr(owner, part, None)
+    return owner
+
+
+def _is_filesystem(cls: Any) -> bool:
+    return isinstance(cls, type) and issubclass(cls, fsspec.AbstractFileSystem)
+
+
 def open_backend(
     url: str,
     storage_options: Mapping[str, Any] | None = None,
@@ -588,17 +673,7 @@ def open_backend(
     protocol = fsspec.core.split_protocol(url)[0]
     if protocol in S3_PROTOCOLS:
         options = _s3_options(options, settings)
-    try:
-        fs, root = fsspec.core.url_to_fs(url, **options)
-    except ValueError as exc:
-        if "protocol" in str(exc).lower():
-            raise UnknownSchemeError(f"unknown URL scheme in {url!r}: {exc}") from exc
-        raise
-    except ImportError as exc:
-        hint = " (pip install 'ckptstore[s3]')" if protocol in S3_PROTOCOLS else ""
-        raise UnknownSchemeError(
-            f"the filesystem for {url!r} needs a package that is not installed{hint}: {exc}"
-        ) from exc
+    fs, root = _build_filesystem(url, protocol, options)
     if protocol in S3_PROTOCOLS:
         if "retries" not in ((storage_options or {}).get("config_kwargs") or {}):
             fs.retries = 1  # s3fs's own retry loop: ours replaces it

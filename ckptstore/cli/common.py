@@ -39,7 +39,7 @@ def _exit_code(exc: errors.CkptStoreError) -> int:
         ),
     ):
         return EXIT_CORRUPT
-    if isinstance(exc, errors.UnknownSchemeError):
+    if isinstance(exc, (errors.UnknownSchemeError, errors.InvalidURLError)):
         return EXIT_USAGE
     return EXIT_OTHER
 
