@@ -159,10 +159,6 @@ class PinnedPool:
         self.in_use = 0
         self.peak_in_use = 0
 
-    @property
-    def capacity_bytes(self) -> int:
-        return self.buffer_bytes * self.count
-
     def available(self) -> bool:
         """Whether :meth:`acquire` would return without waiting."""
         with self._cond:
