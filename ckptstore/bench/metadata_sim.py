@@ -41,16 +41,14 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 
+from ckptstore import Reader, Writer
 from ckptstore.backend import open_backend
 from ckptstore.bench.datasets import llama_shapes
-from ckptstore.dcp.reader import Reader
-from ckptstore.dcp.writer import Writer
 from ckptstore.knobs import Settings
-from ckptstore.store import Repository, layout
+from ckptstore.store import Blob, ChunkRef, Manifest, Repository, Shard, TensorEntry, layout
 from ckptstore.store.chunks import row_ranges
-from ckptstore.store.manifest import Blob, ChunkRef, Manifest, Shard, TensorEntry
 from ckptstore.testing.counting import CountingBackend
-from ckptstore.testing.history import replicate
+from ckptstore.testing.history import add_checkpoint, replicate
 
 CHUNK = 4 * 1024 * 1024
 INLINE = 16 * 1024
@@ -140,13 +138,11 @@ def simulate(world: int, history: int, layers: int, settings: Settings | None = 
     url = f"memory://sim-{world}-{history}-{os.getpid()}"
     repo = Repository.open(url, create=True, settings=settings)
     parent = synthetic_manifest(state, world, layout.step_name(0), 0)
-    repo._commit_manifest(parent)
-    repo.write_catalog_entry(parent)
+    add_checkpoint(repo, parent)
     if history > 1:  # older checkpoints: their size does not matter, only their number
         older = synthetic_manifest({"w": (64, 64)}, 1, layout.step_name(10**9), 10**9)
         older.created = parent.created - 10
-        repo._commit_manifest(older)
-        repo.write_catalog_entry(older)
+        add_checkpoint(repo, older)
         replicate(repo, older.name, history - 2, first_step=1)
     backend = CountingBackend(open_backend(url, settings=settings))
 

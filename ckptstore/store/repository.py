@@ -249,12 +249,17 @@ class Repository:
     def exists(self, name: str) -> bool:
         return self.backend.exists(layout.manifest_key(name))
 
-    def _commit_manifest(self, manifest: Manifest) -> int:
-        """Write ``manifest`` with a create-only put: the commit. Returns its size.
+    def commit_manifest(self, manifest: Manifest) -> int:
+        """Write ``manifest`` with a create-only put: the commit. Returns its size; raises
+        :class:`~ckptstore.errors.CheckpointExistsError` when its name is taken.
 
-        Only :class:`ckptstore.store.session.SaveSession` calls this, after the chunks are
-        written and the commit check passed (docs/format.md S1–S4); a bare put would skip
-        the protocol that keeps gc beside saves safe."""
+        Saves reach it through :class:`ckptstore.store.session.SaveSession`, after the chunks
+        are written and the commit check passed (docs/format.md S1–S4), then write the
+        catalog entry. Call it directly only to place a manifest without that protocol —
+        replicating or synthesising checkpoints in a store for tests and benchmarks
+        (:func:`ckptstore.testing.history.add_checkpoint`) — where no gc runs beside and
+        the chunks it names are in the store or will not be read: it takes no lease, runs
+        no commit check and writes no catalog entry (:meth:`write_catalog_entry`)."""
         key = layout.manifest_key(manifest.name)
         data = manifest.encode()
         try:
@@ -280,7 +285,7 @@ class Repository:
         as its parent keeps its chunks, G4); delete its catalog entry (C3); one atomic put of
         the new manifest over it. A crash before that put leaves the old checkpoint complete
         (and a trash entry gc removes), after it the new one. With no old manifest, a
-        create-only put, as :meth:`_commit_manifest` does."""
+        create-only put, as :meth:`commit_manifest` does."""
         key = layout.manifest_key(manifest.name)
         data = manifest.encode()
         while True:

@@ -1,6 +1,7 @@
 """A store with a long history in seconds: copies of one committed checkpoint under new step
 names, each with its catalog entry — objects exactly like those real saves write, for tests
-and benchmarks of how costs grow (or do not) with the number of checkpoints."""
+and benchmarks of how costs grow (or do not) with the number of checkpoints; and
+:func:`add_checkpoint`, which places any ready-made manifest in a store the same way."""
 
 from __future__ import annotations
 
@@ -9,6 +10,18 @@ import time
 from ckptstore.store import layout
 from ckptstore.store.manifest import Manifest
 from ckptstore.store.repository import Repository
+
+
+def add_checkpoint(repo: Repository, manifest: Manifest) -> int:
+    """Commit ``manifest`` in ``repo`` and write its catalog entry, as a save would, but
+    without the save protocol (no lease, no commit check): for tests and benchmarks that
+    build a store's history directly, with no gc running beside. The chunks it names are
+    not checked: put them in the store first if anything will read them. Returns the
+    manifest's size; raises :class:`~ckptstore.errors.CheckpointExistsError` when its name
+    is taken."""
+    size = repo.commit_manifest(manifest)
+    repo.write_catalog_entry(manifest)
+    return size
 
 
 def replicate(repo: Repository, source: str, n: int, *, first_step: int) -> list[str]:
@@ -26,8 +39,7 @@ def replicate(repo: Repository, source: str, n: int, *, first_step: int) -> list
         for _, blob in copy.blobs():
             for c in blob.chunks:
                 c.new = False
-        repo._commit_manifest(copy)
-        repo.write_catalog_entry(copy)
+        add_checkpoint(repo, copy)
         return copy.name
 
     return repo.backend.map(one, list(range(n)), threads=8)
