@@ -3,8 +3,9 @@ as whole tensors to a .safetensors or torch.save file, :func:`import_weights` sa
 tensors of such a file as a new checkpoint. ``ckptstore export`` / ``ckptstore import`` call
 these.
 
-Export writes .safetensors itself, one tensor at a time (the format is a JSON header and the
-raw tensors back to back), so memory holds one whole tensor, not the whole model; the
+Export writes .safetensors itself, one tensor at a time (the format is a JSON header, from
+``ckptstore.codecs.safetensors_header``, and the raw tensors back to back), so memory holds
+one whole tensor, not the whole model; the
 ``safetensors`` package reads the files (import, tests). The file appears at its path only
 when it is complete: it is written under a temporary name beside it and renamed; an export
 that fails or is interrupted removes what it wrote.
@@ -15,16 +16,17 @@ Importing this module does not import torch (the CLI reads its tables); the func
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import DTYPES
+from ckptstore.codecs.safetensors_header import encode_header
+from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.facade import Store
+from ckptstore.store.options import SaveOptions
 
 # what ``dtype=`` accepts → the element type it casts floating-point tensors to
 CASTS: dict[str, str] = {
@@ -60,23 +62,15 @@ class ExportInfo:
 
 
 @dataclass
-class ImportInfo:
-    """What one import saved: the file, and the figures of the new checkpoint."""
+class ImportInfo(CheckpointSummary):
+    """What one import saved: the new checkpoint's figures (:class:`CheckpointSummary`)
+    and the file they came from."""
 
-    file: str
-    name: str
-    step: int | None
-    logical_bytes: int
-    stored_bytes: int
-    new_bytes: int
-    seconds: float
-    skipped_objects: int
+    file: str = ""
+    skipped_objects: int = 0
     """Non-tensor values of the file that were left out."""
     quantize: Any = None
     delta: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def format_of(path: str, fmt: str | None = None) -> str:
@@ -236,27 +230,14 @@ def _write_safetensors(
     from ckptstore.tensors import iter_full_tensors, torch_dtype
 
     m = session.manifest
-    header: dict[str, Any] = {
-        "__metadata__": {
+    head, _ = encode_header(
+        [(out_name[f], dtypes[f], m.tensors[f].shape) for f in fqns],
+        {
             "format": "pt",
             "ckptstore.checkpoint": m.name,
             "ckptstore.step": "" if m.step is None else str(m.step),
-        }
-    }
-    offset = 0
-    for f in fqns:
-        size = DTYPES[dtypes[f]].itemsize
-        for dim in m.tensors[f].shape:
-            size *= dim
-        header[out_name[f]] = {
-            "dtype": DTYPES[dtypes[f]].safetensors,
-            "shape": list(m.tensors[f].shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-(8 + len(head)) % 8)  # the data starts 8-byte aligned
-    fh.write(struct.pack("<Q", len(head)))
+        },
+    )
     fh.write(head)
     nbytes = 0
     for i, (f, tensor) in enumerate(iter_full_tensors(session, fqns)):
@@ -349,49 +330,34 @@ def import_weights(
     *,
     step: int | None = None,
     name: str | None = None,
-    quantize: Any = None,
     prefix: str | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-    delta: Any = None,
-    parent: str | None = None,
+    options: SaveOptions | None = None,
+    **option_fields: Any,
 ) -> ImportInfo:
     """Save the tensors of the file ``path`` (.safetensors, .pt, .pth, .bin; weights only)
     as a new checkpoint of the store at ``url`` (created if there is none), through
     :func:`ckptstore.save`; give ``step`` or ``name``.
 
-    ``quantize``, ``delta``, ``parent``: as in ``save``. ``prefix``: prepended to every tensor
-    name.
+    ``options`` (or its fields as keywords: ``quantize``, ``delta``, ``parent``, …): as in
+    ``save``. ``prefix``: prepended to every tensor name.
     Nested dicts of a .pt file keep their nesting; non-tensor values are left out (counted).
     """
     from ckptstore.api import save
 
     if step is None and name is None:
         raise ValueError("give a step or a name for the new checkpoint")
+    opts = SaveOptions.build(options, caller="import_weights", **option_fields)
     path = os.fspath(path)
     weights, dropped = read_weights(path)
     if prefix:
         weights = {f"{prefix}{k}": v for k, v in weights.items()}
-    info = save(
-        weights,
-        url,
-        step=step,
-        name=name,
-        storage_options=storage_options,
-        quantize=quantize,
-        delta=delta,
-        parent=parent,
-    )
-    return ImportInfo(
+    info = save(weights, url, step=step, name=name, options=opts)
+    return ImportInfo.from_summary(
+        info,
         file=path,
-        name=info.name,
-        step=info.step,
-        logical_bytes=info.logical_bytes,
-        stored_bytes=info.stored_bytes,
-        new_bytes=info.new_bytes,
-        seconds=info.seconds,
         skipped_objects=dropped,
-        quantize=quantize,
-        delta=bool(delta),
+        quantize=opts.quantize,
+        delta=bool(opts.delta),
     )
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import sys
 import types
 from pathlib import Path
@@ -397,6 +398,41 @@ def test_every_kind_of_file_comes_back_byte_for_byte(tmp_path):
     assert_same_files(restore_checkpoint(url, tmp_path / "again"), folder)
     with pytest.raises(ckptstore.CheckpointExistsError):
         CkptStoreCallback(url, overwrite=False, settings=SETTINGS).store_folder(folder, 3)
+
+
+def _hostile_safetensors(kind: str) -> bytes:
+    """A file named .safetensors whose header lies about its bytes."""
+    data = bytes(range(256)) * 32  # 8 KiB, above MIN_PIECE_BYTES
+    entry = {"dtype": "F32", "shape": [1024], "data_offsets": [0, 4096]}
+    header = {
+        "overlap": {"a": entry, "b": {**entry, "data_offsets": [2048, 6144]}},
+        "out of range": {"a": {**entry, "data_offsets": [6144, 10240]}},
+        "unknown dtype": {"a": {**entry, "dtype": "F128"}},
+        "a JSON list": [entry],
+    }.get(kind, {"a": entry})
+    head = json.dumps(header).encode()
+    if kind == "length beyond the file":
+        return struct.pack("<Q", 1 << 40) + head + data
+    return struct.pack("<Q", len(head)) + head + data
+
+
+@pytest.mark.parametrize(
+    "kind", ["overlap", "out of range", "unknown dtype", "a JSON list", "length beyond the file"]
+)
+def test_a_hostile_safetensors_file_is_kept_as_plain_bytes(tmp_path, kind):
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    save_file({"w": torch.arange(2048, dtype=torch.float32)}, str(folder / "good.safetensors"))
+    (folder / "bad.safetensors").write_bytes(_hostile_safetensors(kind))
+    url = str(tmp_path / "store")
+    CkptStoreCallback(url, settings=SETTINGS).store_folder(folder, 2)
+
+    sd = ckptstore.load_full(url, step=2)
+    assert sd["good.safetensors:w"].dtype == torch.float32  # a valid file is still cut
+    assert not [k for k in sd if k.startswith("bad.safetensors:")]
+    pieces = {f["path"]: f["pieces"] for f in json.loads(sd[INDEX_KEY])["files"]}
+    assert pieces["bad.safetensors"] == []
+    assert_same_files(restore_checkpoint(url, tmp_path / "out"), folder)
 
 
 def test_restore_errors_name_the_store_and_step(tmp_path):
