@@ -203,3 +203,15 @@ def test_a_url_whose_filesystem_cannot_be_built_is_one_line_naming_it(url, code,
     assert proc.returncode == code, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr  # no "Exception ignored in ... __del__"
     assert proc.stderr.startswith(f"ckptstore: error: {error}: ") and url in proc.stderr
+
+
+def test_dash_o_is_the_storage_option_in_every_command():
+    from ckptstore.cli.main import cli
+
+    for name, command in cli.commands.items():
+        flags = {opt: p.name for p in command.params for opt in getattr(p, "opts", [])}
+        if "--endpoint-url" in flags or "-o" in flags:
+            assert flags.get("-o") == "storage_options", name
+            assert flags.get("--storage-option") == "storage_options", name
+    report = {opt for p in cli.commands["report"].params for opt in p.opts}
+    assert {"-o", "--output"} <= report  # report among them: its page is --output PATH

@@ -72,7 +72,7 @@ def store(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def page(store, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("page") / "report.html"
-    result = CliRunner().invoke(cli, ["report", store, "-o", str(out)])
+    result = CliRunner().invoke(cli, ["report", store, "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output
     return out
@@ -228,7 +228,8 @@ def test_page_is_self_contained(page):
 
 def test_cli_options_and_json(store, tmp_path):
     out = tmp_path / "r.html"
-    args = ["report", store, "-o", str(out), "--no-changes", "--max-checkpoints", "3", "--json"]
+    args = ["report", store, "--output", str(out), "--no-changes", "--max-checkpoints", "3"]
+    args.append("--json")
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
@@ -241,12 +242,13 @@ def test_cli_options_and_json(store, tmp_path):
 def test_cli_errors(store, tmp_path, monkeypatch):
     runner = CliRunner()
     out = str(tmp_path / "r.html")
-    missing = runner.invoke(cli, ["report", str(tmp_path / "nothing"), "-o", out])
+    missing = runner.invoke(cli, ["report", str(tmp_path / "nothing"), "--output", out])
     assert missing.exit_code == 3 and "StoreNotFoundError" in missing.output
-    habit = runner.invoke(cli, ["report", store, "-o", "anon=true"])
-    assert habit.exit_code == 2 and "--storage-option" in habit.output
+    habit = runner.invoke(cli, ["report", store, "-o", out])  # -o is a storage option
+    assert habit.exit_code == 2 and "--output PATH" in habit.output
+    assert not os.path.exists(out)
     monkeypatch.setitem(sys.modules, "plotly", None)  # as if the extra were not installed
-    no_plotly = runner.invoke(cli, ["report", store, "-o", out])
+    no_plotly = runner.invoke(cli, ["report", store, "--output", out])
     assert no_plotly.exit_code == 2
     assert "pip install 'ckptstore[report]'" in no_plotly.output
     assert not os.path.exists(out)
@@ -275,7 +277,7 @@ def test_empty_store_gives_a_page_that_says_so(tmp_path):
     url = str(tmp_path / "empty")
     Repository.open(url, create=True)
     out = tmp_path / "r.html"
-    result = CliRunner().invoke(cli, ["report", url, "-o", str(out)])
+    result = CliRunner().invoke(cli, ["report", url, "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert "holds no committed checkpoint" in out.read_text(encoding="utf-8")
 
@@ -285,7 +287,8 @@ def test_cli_does_not_import_torch(store, tmp_path):
         "import sys\n"
         "from click.testing import CliRunner\n"
         "from ckptstore.cli.main import cli\n"
-        f"r = CliRunner().invoke(cli, ['report', {store!r}, '-o', {str(tmp_path / 'r.html')!r}])\n"
+        f"out = {str(tmp_path / 'r.html')!r}\n"
+        f"r = CliRunner().invoke(cli, ['report', {store!r}, '--output', out])\n"
         "assert r.exit_code == 0, r.output\n"
         "print('torch' in sys.modules)\n"
     )
@@ -302,9 +305,9 @@ def test_report_of_an_s3_store(s3_url, s3_server, s3_options, tmp_path):
         state = {"w": w * 1.1**i, "frozen": frozen}
         ckptstore.save(state, s3_url, step=step, storage_options=s3_options)
     out = tmp_path / "s3-report.html"
-    creds = ["--storage-option", f"key={ACCESS_KEY}", "--storage-option", f"secret={SECRET_KEY}"]
+    creds = ["-o", f"key={ACCESS_KEY}", "--storage-option", f"secret={SECRET_KEY}"]
     endpoint = ["--endpoint-url", s3_server.endpoint_url]
-    done = run_cli("report", s3_url, "-o", str(out), *endpoint, *creds, check=False)
+    done = run_cli("report", s3_url, "--output", str(out), *endpoint, *creds, check=False)
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout and ": 3 checkpoint(s), 2 tensor(s)" in done.stdout
 
@@ -320,14 +323,14 @@ def test_report_of_an_s3_store(s3_url, s3_server, s3_options, tmp_path):
 
     # a wrong secret, a missing bucket: one line naming the bucket, exit 5, no page
     bad = run_cli(
-        "report", s3_url, "-o", str(tmp_path / "bad.html"), *endpoint,
+        "report", s3_url, "--output", str(tmp_path / "bad.html"), *endpoint,
         "--storage-option", f"key={ACCESS_KEY}", "--storage-option", "secret=not-the-secret",
         check=False,
     )  # fmt: skip
     assert bad.returncode == 5, bad.stderr
     assert "AccessDeniedError" in bad.stderr and "'ckpt'" in bad.stderr
     missing = run_cli(
-        "report", "s3://no-such-bucket/run", "-o", str(tmp_path / "missing.html"),
+        "report", "s3://no-such-bucket/run", "--output", str(tmp_path / "missing.html"),
         check=False, env=s3_server.env(),  # credentials and endpoint from the environment
     )  # fmt: skip
     assert missing.returncode == 5, missing.stderr
@@ -339,8 +342,8 @@ def test_report_of_an_s3_store(s3_url, s3_server, s3_options, tmp_path):
 
 def test_help_names_the_storage_option_flag_of_report():
     text = " ".join(CliRunner().invoke(cli, ["report", "-h"]).output.split())
-    assert "the same as --storage-option endpoint_url=URL" in text
-    assert "-o endpoint_url" not in text  # -o is the output file here
+    assert "the same as -o endpoint_url=URL" in text  # -o: a storage option, as everywhere
+    assert "-o, --storage-option KEY=VALUE" in text and "--output PATH" in text
 
 
 # -- a real browser ---------------------------------------------------------------------------

@@ -130,30 +130,42 @@ def _remember_endpoint(ctx: click.Context, _: click.Parameter, value: str | None
         ctx.meta[_ENDPOINT_KEY] = value
 
 
+def _check_pairs(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    """``-o`` is a storage option in every command: a value without ``=`` is refused while
+    the command line is parsed, before anything is read or written."""
+    for pair in value:
+        if "=" not in pair:
+            hint = (  # `report URL -o page.html`, from when -o was report's output file
+                "; the page to write is given as --output PATH"
+                if ctx.command.name == "report"
+                else ""
+            )
+            raise click.BadParameter(
+                f"expected KEY=VALUE (a storage option), got {pair!r}{hint}", ctx, param
+            )
+    return value
+
+
 _storage_option = click.option(
     "-o",
     "--storage-option",
     "storage_options",
     multiple=True,
     metavar="KEY=VALUE",
+    callback=_check_pairs,
     help="fsspec storage option, repeatable (e.g. -o anon=true, -o profile=prod).",
 )
 
-
-def endpoint_option(storage_flag: str = "-o") -> Callable[[Callable[..., Any]], Any]:
-    """``--endpoint-url URL``, its help naming the command's storage-option flag
-    (``report`` takes ``--storage-option``: its ``-o`` is the output file)."""
-    return click.option(
-        "--endpoint-url",
-        metavar="URL",
-        expose_value=False,
-        callback=_remember_endpoint,
-        help=f"S3-compatible endpoint (MinIO, SeaweedFS, ...), the same as {storage_flag} "
-        "endpoint_url=URL. Default: $AWS_ENDPOINT_URL, else AWS.",
-    )
-
-
-_endpoint_option = endpoint_option()
+_endpoint_option = click.option(
+    "--endpoint-url",
+    metavar="URL",
+    expose_value=False,
+    callback=_remember_endpoint,
+    help="S3-compatible endpoint (MinIO, SeaweedFS, ...), the same as -o endpoint_url=URL. "
+    "Default: $AWS_ENDPOINT_URL, else AWS.",
+)
 
 
 def storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:

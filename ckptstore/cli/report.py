@@ -1,4 +1,4 @@
-"""``ckptstore report URL -o report.html``: the store pictured in one self-contained HTML page
+"""``ckptstore report URL --output report.html``: the store pictured in one self-contained HTML page
 (needs the ``report`` extra: plotly). Torch-free, like the other read-only verbs."""
 
 from __future__ import annotations
@@ -11,33 +11,21 @@ import click
 from ckptstore.cli.common import (
     EXIT_USAGE,
     _options,
-    endpoint_option,
     handle_errors,
     json_option,
+    storage_option,
 )
 from ckptstore.render import console, emit_json, err_console, human_bytes
-
-
-def _output(_: click.Context, param: click.Parameter, value: str) -> str:
-    # -o is the output file here, not a storage option: catch `-o key=value` typed by habit
-    if "=" in value and os.sep not in value and not value.lower().endswith((".html", ".htm")):
-        raise click.BadParameter(
-            f"{value!r} looks like a storage option; here -o is the output file and storage "
-            "options are given as --storage-option KEY=VALUE",
-            param=param,
-        )
-    return value
 
 
 @click.command("report")
 @click.argument("url")
 @click.option(
-    "-o",
     "--output",
     required=True,
     metavar="PATH",
-    callback=_output,
-    help="The HTML file to write (replaced if it exists).",
+    help="The HTML file to write (replaced if it exists). -o is a storage option, as in "
+    "every command.",
 )
 @click.option(
     "--max-checkpoints",
@@ -62,14 +50,7 @@ def _output(_: click.Context, param: click.Parameter, value: str) -> str:
     help="Chunks decoded at once for the heat map (default: min(4, CKPTSTORE_THREADS)).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
-@click.option(
-    "--storage-option",
-    "storage_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="fsspec storage option, repeatable (-o is the output file here).",
-)
-@endpoint_option("--storage-option")
+@storage_option
 @json_option
 @handle_errors
 def report_cmd(
