@@ -18,6 +18,13 @@ _LAZY = {
     "load": "ckptstore.api",
     "load_full": "ckptstore.api",
     "Store": "ckptstore.store.facade",
+    "CheckpointSummary": "ckptstore.store.catalog",
+    # what Store.manifest() returns: a checkpoint's contents down to its chunks (read-only)
+    "Manifest": "ckptstore.store.manifest",
+    "TensorEntry": "ckptstore.store.manifest",
+    "Shard": "ckptstore.store.manifest",
+    "Blob": "ckptstore.store.manifest",
+    "ChunkRef": "ckptstore.store.manifest",
     "SaveInfo": "ckptstore.dcp.writer",
     "LoadInfo": "ckptstore.dcp.reader",
     "Writer": "ckptstore.dcp.writer",

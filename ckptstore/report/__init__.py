@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ckptstore import Store
 from ckptstore.report.data import Progress, ReportData, collect
-from ckptstore.store import Store
 
 __all__ = ["ReportData", "collect", "render_html", "require_plotly", "write_report"]
 

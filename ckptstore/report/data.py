@@ -24,19 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from ckptstore.codecs.pipeline import DTYPES, Pipeline
-from ckptstore.codecs.quantize import to_float
+from ckptstore import Blob, CheckpointSummary, ChunkRef, Manifest, Store, TensorEntry
 from ckptstore.errors import CkptStoreError
-from ckptstore.store import Store
-from ckptstore.store.blobs import BlobReader
-from ckptstore.store.catalog import CheckpointSummary
-from ckptstore.store.manifest import Blob, ChunkRef, Manifest, TensorEntry
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: bytes of tensors compared so far, and in all."""
 
-_FLOATS = ("float64", "float32", "float16", "bfloat16")
 _NUMPY = {
+    "float64": np.float64,
+    "float32": np.float32,
+    "float16": np.float16,
     "complex128": np.complex128,
     "complex64": np.complex64,
     "int64": np.int64,
@@ -55,7 +52,7 @@ _BLOCK = 1 << 18
 
 def comparable(dtype: str) -> bool:
     """Whether the change heat map can decode this dtype with numpy (not float8, complex32)."""
-    return dtype in _FLOATS or dtype in _NUMPY
+    return dtype == "bfloat16" or dtype in _NUMPY
 
 
 # -- what the page shows ------------------------------------------------------------------
@@ -139,7 +136,6 @@ def collect(
     if max_checkpoints < 1 or max_tensors < 1:
         raise ValueError("max_checkpoints and max_tensors must be at least 1")
     store = url if isinstance(url, Store) else Store(url, storage_options)
-    repo = store.repo
     summaries, bad = store.scan()
     data = ReportData(store.url, summaries, unreadable={n: str(e) for n, e in bad.items()})
     for name, err in data.unreadable.items():
@@ -155,13 +151,14 @@ def collect(
 
     def read(name: str) -> Manifest | None:
         try:
-            return repo.manifest(name)
+            return store.manifest(name=name)
         except CkptStoreError as exc:  # removed or damaged since the listing
             data.unreadable[name] = str(exc)
             data.notes.append(f"Checkpoint {name!r} could not be read and is left out: {exc}")
             return None
 
-    manifests = [m for m in repo.backend.map(read, names) if m is not None]
+    with ThreadPoolExecutor(min(store.settings.threads, len(names))) as pool:
+        manifests = [m for m in pool.map(read, names) if m is not None]
     data.window = [m.name for m in manifests]
     data.quant = _quant_info(manifests, max_tensors)
     if data.quant is not None and data.quant.omitted:
@@ -174,9 +171,8 @@ def collect(
     elif len(manifests) < 2:
         data.notes.append("Changes need at least two checkpoints.")
     else:
-        reader = BlobReader(repo, threads=1)
-        n = threads if threads is not None else min(4, repo.settings.threads)
-        data.changes = _ChangeWalk(reader, max(1, n), progress).run(manifests, max_tensors)
+        n = threads if threads is not None else min(4, store.settings.threads)
+        data.changes = _ChangeWalk(store, max(1, n), progress).run(manifests, max_tensors)
         if data.changes.omitted:
             data.notes.append(
                 f"The change heat map shows the {len(data.changes.tensors)} largest tensors; "
@@ -215,11 +211,7 @@ def _quant_info(manifests: list[Manifest], max_tensors: int) -> QuantInfo | None
 
 
 def _quant_row(fqn: str, t: TensorEntry) -> QuantRow | None:
-    stages = {
-        lossy.short()
-        for s in t.shards
-        if (lossy := Pipeline.from_config(s.blob.codec).split()[0]) is not None
-    }
+    stages = {lossy for s in t.shards if (lossy := Store.lossy_codec(s.blob)) is not None}
     if not stages:
         return None
     err = t.error
@@ -272,8 +264,8 @@ class _Work:
 
 
 class _ChangeWalk:
-    def __init__(self, reader: BlobReader, threads: int, progress: Progress | None) -> None:
-        self.reader = reader
+    def __init__(self, store: Store, threads: int, progress: Progress | None) -> None:
+        self.store = store
         self.threads = threads
         self.progress = progress
         self._ref: dict[tuple[bytes, str], float] = {}
@@ -337,16 +329,16 @@ class _ChangeWalk:
         where, where_b = (f"{w.fqn!r} of checkpoint {n!r}" for n in w.names)
         if isinstance(w.a, TensorEntry):  # shard boxes differ: whole tensors
             assert isinstance(w.b, TensorEntry)
-            va = _whole(self.reader, w.a, where)
-            vb = _whole(self.reader, w.b, where_b)
+            va = _whole(self.store, w.a, where)
+            vb = _whole(self.store, w.b, where_b)
             diff, ref, _ = _sums(va, vb, w.a.dtype)
             return _Sums(diff, ref, decoded=2 * w.nbytes)
         assert isinstance(w.b, Blob)
         if w.same is not None:  # same chunk in both: only Σ|a|² is needed
             ref = self._ref_of(w.a, w.same, dtype, where)
             return _Sums(0.0, ref, skipped=w.nbytes)
-        xa = self.reader.read_rows(w.a, w.r0, w.r1, where)
-        xb = self.reader.read_rows(w.b, w.r0, w.r1, where_b)
+        xa = self.store.read_rows(w.a, w.r0, w.r1, where=where)
+        xb = self.store.read_rows(w.b, w.r0, w.r1, where=where_b)
         diff, ref, ref_b = _sums(xa, xb, dtype)
         with self._lock:
             if w.a_chunk is not None:
@@ -360,7 +352,7 @@ class _ChangeWalk:
             known = self._ref.get((ref.key, dtype))
         if known is not None:
             return known
-        raw = self.reader.read_rows(blob, ref.row_start, ref.row_stop, where)
+        raw = self.store.read_rows(blob, ref.row_start, ref.row_stop, where=where)
         value = _sumsq(_values(raw, dtype))
         with self._lock:
             self._ref[(ref.key, dtype)] = value
@@ -463,9 +455,10 @@ def _ratio(s: _Sums) -> tuple[float | None, str]:
 
 
 def _values(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """The elements of raw bytes of ``dtype`` as a numpy array (floats as float32/64)."""
-    if dtype in _FLOATS:
-        return to_float(raw, dtype)
+    """The elements of raw bytes of ``dtype`` as a numpy array (bfloat16 as float32: numpy
+    has no bfloat16, whose bits are the upper half of a float32's)."""
+    if dtype == "bfloat16":
+        return (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
     return np.frombuffer(raw, dtype=_NUMPY[dtype])
 
 
@@ -502,14 +495,14 @@ def _sums(raw_a: np.ndarray, raw_b: np.ndarray, dtype: str) -> tuple[float, floa
     return diff, ref_a, ref_b
 
 
-def _whole(reader: BlobReader, t: TensorEntry, where: str) -> np.ndarray:
+def _whole(store: Store, t: TensorEntry, where: str) -> np.ndarray:
     """Raw bytes of a whole tensor, assembled from its shard boxes."""
-    item = DTYPES[t.dtype].itemsize
+    item = 2 if t.dtype == "bfloat16" else np.dtype(_NUMPY[t.dtype]).itemsize
     full = np.empty([*t.shape, item], dtype=np.uint8)
     for s in t.shards:
         if not all(s.sizes):
             continue
-        raw = reader.read_rows(s.blob, 0, s.blob.rows, where)
+        raw = store.read_rows(s.blob, 0, s.blob.rows, where=where)
         box = tuple(slice(o, o + n) for o, n in zip(s.offsets, s.sizes, strict=True))
         full[box] = raw.reshape([*s.sizes, item])
     return full.reshape(-1)

@@ -11,9 +11,9 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from ckptstore import CheckpointSummary
 from ckptstore.render import human_bytes
 from ckptstore.report.data import ChangeMap, QuantInfo, ReportData
-from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.version import __version__
 
 TITLES = {

@@ -7,10 +7,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from ckptstore.backend import Backend
+from ckptstore.codecs.pipeline import Pipeline
 from ckptstore.knobs import Settings
 from ckptstore.store import gc, reports, usage
+from ckptstore.store.blobs import BlobReader
 from ckptstore.store.catalog import CheckpointSummary
+from ckptstore.store.manifest import Blob, Manifest
 from ckptstore.store.repository import Repository
 
 Ref = str | int
@@ -29,6 +34,8 @@ class Store:
         self.repo = Repository.open(url, storage_options, settings=settings)
         self.url = self.repo.url
         self.storage_options = dict(storage_options or {})
+        self.settings: Settings = self.repo.settings
+        """The settings this store was opened with (``threads``, retries, …)."""
 
     # -- naming checkpoints -----------------------------------------------------------------
     def resolve(
@@ -100,6 +107,29 @@ class Store:
     def diff(self, a: Ref, b: Ref) -> usage.DiffReport:
         """What changed from checkpoint ``a`` to ``b``."""
         return usage.diff(self.repo, self.resolve(a), self.resolve(b))
+
+    # -- what a checkpoint holds, down to its chunks (for tools: ckptstore.report) ----------
+    def manifest(
+        self, which: Ref | None = None, *, step: int | None = None, name: str | None = None
+    ) -> Manifest:
+        """What one checkpoint holds (its manifest, read once and cached): ``tensors`` (fqn →
+        ``TensorEntry``: dtype, shape, shards, each a box and a ``Blob`` of chunks) and
+        ``objects``, with the figures its save recorded. Treat it as read-only."""
+        return self.repo.manifest(self.resolve(which, step=step, name=name))
+
+    def read_rows(self, blob: Blob, start: int, stop: int, *, where: str = "") -> np.ndarray:
+        """The raw bytes (a uint8 array) of rows [start, stop) of ``blob``, a blob of one of
+        this store's manifests: reads only the chunks covering those rows (delta bases
+        included), checks each against its checksum and decodes it. ``where`` names the blob
+        in error messages. Safe to call from several threads."""
+        return BlobReader(self.repo, threads=1).read_rows(blob, start, stop, where or "blob")
+
+    @staticmethod
+    def lossy_codec(blob: Blob) -> str | None:
+        """Label of the lossy stage ``blob`` was stored with (``int8/64``, ``fp16``,
+        ``bf16``), or None where it is stored losslessly."""
+        lossy, _ = Pipeline.from_config(blob.codec).split()
+        return None if lossy is None else lossy.short()
 
     # -- changing ---------------------------------------------------------------------------
     def plan_gc(
