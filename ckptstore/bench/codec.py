@@ -20,7 +20,7 @@ def _host_view(t: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy()).cast("B")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     """The name the codecs' dtype table uses: torch's own (``torch.bfloat16`` → ``bfloat16``)."""
     return str(dtype).removeprefix("torch.")
 
@@ -38,7 +38,7 @@ def codec_bench(state: StateDict, chunk_bytes: int | None = None) -> dict[str, A
     for _, t in iter_tensors(state):
         if t.numel() == 0:
             continue
-        name = _dtype_name(t.dtype)
+        name = dtype_name(t.dtype)
         pipeline = default_pipeline(name)
         view = _host_view(t)
         rows = t.shape[0] if t.dim() else 1

@@ -89,7 +89,7 @@ def save_worker(
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from ckptstore.api import save
+    from ckptstore import save
 
     _init(rank, world, port)
     model, opt = _model(world, size_mb, fsdp=True)
@@ -125,7 +125,7 @@ def load_worker(
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from ckptstore.api import load
+    from ckptstore import load
 
     _init(rank, world, port)
     model, opt = _model(world, size_mb, fsdp=world > 1)

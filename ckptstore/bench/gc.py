@@ -32,12 +32,10 @@ from typing import Any
 
 import torch
 
-from ckptstore.api import save
+from ckptstore import Store, __version__, save
 from ckptstore.bench.datasets import fine_tune_states
 from ckptstore.bench.report import write_json
 from ckptstore.knobs import Settings
-from ckptstore.store.facade import Store
-from ckptstore.version import __version__
 
 
 def run_one(

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
-from ckptstore.api import async_save, load, save
+from ckptstore import async_save, load, save
 from ckptstore.bench.datasets import cuda_state
 from ckptstore.bench.methods import disk_usage, fresh_dir
 from ckptstore.bench.report import write_json
@@ -90,8 +90,8 @@ def _exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def _group_speed(state: dict[str, torch.Tensor], settings: Settings) -> dict[str, Any]:
     """GB/s of byte grouping on the device vs the host codec chain (threads)."""
-    from ckptstore.codecs.pipeline import default_pipeline
-    from ckptstore.dcp.bridge import dtype_name
+    from ckptstore.bench.codec import dtype_name
+    from ckptstore.codecs import default_pipeline
 
     t = next(iter(state.values()))
     w = t.element_size()

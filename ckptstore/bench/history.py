@@ -32,16 +32,14 @@ from typing import Any
 
 import torch
 
-from ckptstore.api import load, save
+from ckptstore import Store, __version__, load, save
 from ckptstore.backend import open_backend
 from ckptstore.bench.datasets import state_900
 from ckptstore.bench.report import write_json
 from ckptstore.knobs import Settings
 from ckptstore.store import Repository, layout
-from ckptstore.store.facade import Store
 from ckptstore.testing.counting import CountingBackend
 from ckptstore.testing.history import replicate
-from ckptstore.version import __version__
 
 BUCKET = "history"
 

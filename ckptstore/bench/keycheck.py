@@ -27,9 +27,9 @@ from ckptstore.knobs import Settings
 
 
 def measure(name: str, size_mb: float, repeat: int, settings: Settings) -> dict[str, Any]:
-    from ckptstore.api import load, save
+    from ckptstore import load, save
     from ckptstore.bench.datasets import dataset, template
-    from ckptstore.codecs.pipeline import Pipeline
+    from ckptstore.codecs import Pipeline
     from ckptstore.store import Repository
     from ckptstore.store.chunks import content_key
     from ckptstore.store.session import LoadSession

@@ -85,7 +85,7 @@ def dcp_load(folder: str, template: Any, settings: Settings) -> tuple[Any, dict[
 def ckptstore_save(
     state: StateDict, folder: str, settings: Settings, *, step: int = 0
 ) -> dict[str, Any]:
-    from ckptstore.api import save
+    from ckptstore import save
 
     info = save(state, folder, step=step, settings=settings)
     return {
@@ -99,7 +99,7 @@ def ckptstore_save(
 
 
 def ckptstore_load(folder: str, template: Any, settings: Settings) -> tuple[Any, dict[str, Any]]:
-    from ckptstore.api import load
+    from ckptstore import load
 
     info = load(template, folder, step=0, settings=settings)
     return template, {"bytes_read": info.bytes_read, "objects_read": info.objects_read}

@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 
-from ckptstore.api import save
+from ckptstore import Store, save
 from ckptstore.bench.datasets import StateDict, iter_tensors, load_minilm, synthetic_state
 from ckptstore.codecs import QuantizePolicy
 from ckptstore.knobs import Settings
-from ckptstore.store.facade import Store
 
 CODECS = (None, "fp16", "bf16", "int8", "int8:256")
 

@@ -45,7 +45,7 @@ def machine(settings: Settings | None = None) -> dict[str, Any]:
     import torch
     import zstandard
 
-    from ckptstore.version import __version__
+    from ckptstore import __version__
 
     settings = Settings.resolve(settings)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None

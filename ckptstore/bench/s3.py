@@ -27,7 +27,7 @@ from typing import Any
 import fsspec.asyn
 import torch
 
-from ckptstore.api import load, save
+from ckptstore import load, save
 from ckptstore.bench.datasets import first_difference, logical_bytes, synthetic_state
 from ckptstore.bench.report import knobs, write_json
 from ckptstore.knobs import Settings
