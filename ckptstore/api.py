@@ -15,16 +15,18 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ckptstore.backend import Backend
-from ckptstore.codecs.policy import DeltaSpec, QuantizeSpec
-from ckptstore.dcp.checks import check_state, store_url
+from ckptstore.background import retain_in_background
+from ckptstore.dcp.checks import check_state, check_state_dict, store_url
 from ckptstore.dcp.reader import LoadInfo, Reader, load_object
 from ckptstore.dcp.staging import Snapshot
 from ckptstore.dcp.writer import SaveInfo, Writer
 from ckptstore.errors import CkptStoreError, MismatchError
 from ckptstore.knobs import Settings
-from ckptstore.store import gc
+from ckptstore.nested import walk
 from ckptstore.store.facade import Store
+from ckptstore.store.options import SaveOptions
 from ckptstore.store.repository import Repository
+from ckptstore.store.retention import Retention
 from ckptstore.store.session import LoadSession
 from ckptstore.tensors import iter_full_tensors
 
@@ -71,26 +73,26 @@ def _run(fn: Callable[[], Any], no_dist: bool = False) -> Any:
         err = _unwrap(exc, no_dist)
         if err is exc:
             raise
+        if not _distributed(no_dist):
+            # one process: its own exception, once (DCP's wrapper repeats it as text)
+            raise err from None
         raise err from exc
 
 
 def _writer(
     state_dict: StateDict,
     url: str | Backend,
-    *,
-    settings: Settings | None,
-    chunk_bytes: int | None,
-    inline_bytes: int | None,
-    threads: int | None,
-    **options: Any,
+    step: int | None,
+    name: str | None,
+    options: SaveOptions,
 ) -> Writer:
     """The Writer of a save/async_save call: settings resolved once (the edge), the dict
-    keys that were ints recorded, and the state checked before DCP stages anything."""
+    keys that were ints recorded, and the state checked before DCP stages anything.
+    ``keep_last`` is not the Writer's: the call applies it after the commit."""
     url = store_url(url)  # a TypeError for url=123, before anything else
-    resolved = Settings.resolve(
-        settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
-    )
-    writer = Writer(url, int_keys=_int_key_paths(state_dict), settings=resolved, **options)
+    check_state_dict(state_dict)
+    options = options.replace(keep_last=None, settings=options.resolved_settings())
+    writer = Writer(url, step=step, name=name, options=options, int_keys=_int_key_paths(state_dict))
     check_state(state_dict)  # sparse/meta tensors: a clear error before DCP stages anything
     return writer
 
@@ -101,19 +103,11 @@ def save(
     *,
     step: int | None = None,
     name: str | None = None,
-    storage_options: Mapping[str, Any] | None = None,
+    options: SaveOptions | None = None,
     process_group: Any = None,
     no_dist: bool = False,
     planner: Any = None,
-    chunk_bytes: int | None = None,
-    inline_bytes: int | None = None,
-    threads: int | None = None,
-    quantize: QuantizeSpec = None,
-    keep_last: int | None = None,
-    parent: str | None = None,
-    overwrite: bool = False,
-    settings: Settings | None = None,
-    delta: DeltaSpec = None,
+    **option_fields: Any,
 ) -> SaveInfo:
     """Save ``state_dict`` as checkpoint ``step``/``name`` of the store at ``url``.
 
@@ -124,42 +118,21 @@ def save(
     its commit — the old one stays loadable until then, a crash at any point leaves one of
     the two complete, and a gc beside it is safe (docs/format.md O1–O5).
 
-    ``quantize`` (default lossless): a quantizer name ("fp16", "bf16", "int8",
-    "int8:<block>") for every eligible tensor, or a mapping of fqn glob patterns to names
-    (first match wins, None keeps a tensor lossless). See docs/quantization.md.
-
-    ``keep_last=N``: after the commit, rank 0 runs ``gc --keep-last N`` on a background
-    thread (``info.retention`` is its future); other ranks do not wait for it. It finishes
-    before the interpreter exits.
+    ``options``: a :class:`ckptstore.SaveOptions` (quantize, delta, parent, overwrite,
+    keep_last, settings, …; each field documented there and in docs/api.md); its fields may
+    also be given as keywords (``save(sd, url, step=3, quantize="int8")``; a keyword wins
+    over ``options``). An unknown keyword is a TypeError naming the fields. With
+    ``keep_last=N``, rank 0 runs ``gc --keep-last N`` on a background thread after the
+    commit (``info.retention`` is its future); it finishes before the interpreter exits.
 
     ``no_dist=True``: this process saves alone even under torch.distributed — e.g. rank 0
     of a DDP job, whose ranks hold the same state (the trainer plug-ins do this); the other
     ranks do not call. Without it the call is collective over ``process_group``.
-
-    ``parent``: the checkpoint to deduplicate against first (default: the one this
-    process saved last to this store if it still exists, else the latest).
-    ``delta`` (opt-in): True, or a mapping of fqn glob patterns to bools, stores each
-    lossless chunk that changed as a delta against the parent's chunk of the same rows when
-    that is smaller (docs/format.md "Delta chunks"; ``Settings.delta_chain`` bounds chains).
-    ``settings``: a :class:`ckptstore.Settings` to start from instead of the ``CKPTSTORE_*``
-    variables; ``chunk_bytes``/``inline_bytes``/``threads`` override it.
     """
-    retention = None if keep_last is None else gc.Retention(keep_last=keep_last)
-    writer = _writer(
-        state_dict,
-        url,
-        step=step,
-        name=name,
-        storage_options=storage_options,
-        quantize=quantize,
-        parent=parent,
-        overwrite=overwrite,
-        delta=delta,
-        settings=settings,
-        chunk_bytes=chunk_bytes,
-        inline_bytes=inline_bytes,
-        threads=threads,
-    )
+    opts = SaveOptions.build(options, caller="save", **option_fields)
+    keep_last = opts.keep_last
+    retention = None if keep_last is None else Retention(keep_last=keep_last)
+    writer = _writer(state_dict, url, step, name, opts)
     t0 = time.monotonic()
     try:
         _run(
@@ -181,8 +154,8 @@ def save(
         info = _broadcast(info, process_group)
     assert info is not None
     if retention is not None and writer.is_coordinator:
-        info.retention = gc.retain_in_background(
-            url, retention, storage_options=storage_options, settings=writer.settings
+        info.retention = retain_in_background(
+            url, retention, storage_options=opts.storage_options, settings=writer.settings
         )
     return info
 
@@ -193,19 +166,11 @@ def async_save(
     *,
     step: int | None = None,
     name: str | None = None,
-    storage_options: Mapping[str, Any] | None = None,
+    options: SaveOptions | None = None,
     process_group: Any = None,
     no_dist: bool = False,
     planner: Any = None,
-    chunk_bytes: int | None = None,
-    inline_bytes: int | None = None,
-    threads: int | None = None,
-    quantize: QuantizeSpec = None,
-    keep_last: int | None = None,
-    parent: str | None = None,
-    overwrite: bool = False,
-    settings: Settings | None = None,
-    delta: DeltaSpec = None,
+    **option_fields: Any,
 ) -> Future[SaveInfo]:
     """Like :func:`save`, but returns once the state is staged (copied out of training's
     reach).
@@ -222,22 +187,10 @@ def async_save(
     (``fut.result()``). ``keep_last`` as in :func:`save`: rank 0 starts the gc once the
     commit is done.
     """
-    retention = None if keep_last is None else gc.Retention(keep_last=keep_last)
-    writer = _writer(
-        state_dict,
-        url,
-        step=step,
-        name=name,
-        storage_options=storage_options,
-        quantize=quantize,
-        parent=parent,
-        overwrite=overwrite,
-        delta=delta,
-        settings=settings,
-        chunk_bytes=chunk_bytes,
-        inline_bytes=inline_bytes,
-        threads=threads,
-    )
+    opts = SaveOptions.build(options, caller="async_save", **option_fields)
+    keep_last = opts.keep_last
+    retention = None if keep_last is None else Retention(keep_last=keep_last)
+    writer = _writer(state_dict, url, step, name, opts)
     t0 = time.monotonic()
     # GPU tensors are staged in pinned memory (or on the device, Settings.device_snapshot);
     # everything else exactly as DCP's default stager does (docs/gpu.md)
@@ -267,13 +220,13 @@ def async_save(
             info = writer.save_info
             if info is None:  # not the coordinator: the commit is done; its catalog entry
                 repo = writer._repository()  # the catalog entry has the figures
-                info = SaveInfo.of_summary(repo.summary(writer.name))
+                info = SaveInfo.from_summary(repo.summary(writer.name))
             info.seconds = time.monotonic() - t0
             if retention is not None and (
                 not _distributed(no_dist) or dist.get_rank(process_group) == 0
             ):
-                info.retention = gc.retain_in_background(
-                    url, retention, storage_options=storage_options, settings=writer.settings
+                info.retention = retain_in_background(
+                    url, retention, storage_options=opts.storage_options, settings=writer.settings
                 )
             result.set_result(info)
         except CheckpointException as exc:
@@ -295,19 +248,15 @@ def _broadcast(value: Any, process_group: Any) -> Any:
     return box[0]
 
 
-def _int_key_paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[list[Any]]:
+def _int_key_paths(state_dict: Any) -> list[list[Any]]:
     """Paths to int dict keys (optimizer state is keyed by param index): DCP's flattening
     stores every dict key as str; we record which were ints so load_full restores them."""
     out: list[list[Any]] = []
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            path = (*prefix, str(k))
-            if isinstance(k, int) and not isinstance(k, bool):
-                out.append(list(path))
-            out += _int_key_paths(v, path)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out += _int_key_paths(v, (*prefix, i))
+    for path, _ in walk(state_dict):
+        if path and path[-1][1] == "key":
+            key = path[-1][0]
+            if isinstance(key, int) and not isinstance(key, bool):
+                out.append([str(k) if kind == "key" else k for k, kind in path])
     return out
 
 
@@ -337,6 +286,7 @@ def load(
     ``no_dist=True``: this process loads alone even under torch.distributed.
     Returns what this rank read.
     """
+    check_state_dict(state_dict, "load")
     reader = Reader(
         url,
         step=step,

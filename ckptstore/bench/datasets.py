@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ckptstore.nested import leaves
+
 StateDict = dict[str, Any]
 
 DATASETS = ("minilm", "minilm-bf16", "synthetic")
@@ -317,16 +319,9 @@ def dataset(name: str, size_mb: float) -> tuple[StateDict | None, dict[str, Any]
 
 
 # -- state helpers ----------------------------------------------------------------------------
-def iter_tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """(dotted path, tensor) for every tensor in nested dicts/lists/tuples."""
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from iter_tensors(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from iter_tensors(v, f"{path}.{i}" if path else str(i))
+def iter_tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted path, tensor) for every tensor of a nested state."""
+    return leaves(obj, torch.Tensor)
 
 
 def logical_bytes(state: Any) -> int:

@@ -4,12 +4,14 @@ cannot be stored (sparse and meta tensors), each refused with a message naming t
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ckptstore.backend import Backend
 from ckptstore.errors import UnsupportedValueError
+from ckptstore.nested import leaves
 
 
 def store_url(url: Any) -> str | Backend:
@@ -44,14 +46,23 @@ def check_tensor(fqn: str, tensor: torch.Tensor) -> None:
         )
 
 
-def check_state(obj: Any, path: str = "") -> None:
+def check_state_dict(state_dict: Any, verb: str = "save") -> None:
+    """Refuse what is not a state dict (a module or optimizer passed instead of its
+    ``state_dict()``, a tensor, a list) before DCP turns it into an AttributeError from deep
+    inside its planner."""
+    if isinstance(state_dict, Mapping):
+        return
+    hint = ""
+    if callable(getattr(state_dict, "state_dict", None)):
+        hint = f"; pass {type(state_dict).__name__}.state_dict() (or a dict holding it)"
+    raise UnsupportedValueError(
+        f"{verb} takes a state dict (a mapping of names to tensors and values), not a "
+        f"{type(state_dict).__name__}{hint}"
+    )
+
+
+def check_state(obj: Any) -> None:
     """:func:`check_tensor` on every tensor of a (nested) state dict before a save starts;
     key paths are dotted like DCP's (``optim.state.0.exp_avg``)."""
-    if isinstance(obj, torch.Tensor):
-        check_tensor(path, obj)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            check_state(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            check_state(v, f"{path}.{i}" if path else str(i))
+    for path, tensor in leaves(obj, torch.Tensor):
+        check_tensor(path, tensor)

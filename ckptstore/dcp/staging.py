@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from ckptstore.codecs.pipeline import Pipeline
 from ckptstore.codecs.quantize import QuantStats
 from ckptstore.knobs import Settings
+from ckptstore.nested import leaves
 from ckptstore.store.blobs import BlobWriter
 from ckptstore.store.chunks import row_ranges
 from ckptstore.store.manifest import Blob
@@ -460,22 +461,12 @@ def device_tensors(obj: Any) -> list[torch.Tensor]:
     DTensor's local shard for a DTensor)."""
     found: list[torch.Tensor] = []
     seen: set[int] = set()
-
-    def walk(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            local = getattr(x, "_local_tensor", None)
-            t = local if isinstance(local, torch.Tensor) else x
-            if id(t) not in seen and ops_for(t) is not None:
-                seen.add(id(t))
-                found.append(t)
-        elif isinstance(x, Mapping):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
-
-    walk(obj)
+    for _, x in leaves(obj, torch.Tensor):
+        local = getattr(x, "_local_tensor", None)
+        t = local if isinstance(local, torch.Tensor) else x
+        if id(t) not in seen and ops_for(t) is not None:
+            seen.add(id(t))
+            found.append(t)
     return found
 
 
@@ -498,13 +489,7 @@ def _copy_rest(state_dict: Any, memo: dict[int, Any]) -> Any:
 
 
 def _all_tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _all_tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _all_tensors(v)]
-    return []
+    return [t for _, t in leaves(obj, torch.Tensor)]
 
 
 class Snapshot(AsyncStager):

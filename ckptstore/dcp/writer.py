@@ -13,7 +13,6 @@ import io
 import math
 import time
 import uuid
-from collections.abc import Mapping
 from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,71 +25,35 @@ from torch.futures import Future
 
 from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import default_pipeline
-from ckptstore.codecs.policy import DeltaPolicy, DeltaSpec, QuantizePolicy, QuantizeSpec
+from ckptstore.codecs.policy import DeltaPolicy, QuantizePolicy
 from ckptstore.dcp import device_quant, staging
 from ckptstore.dcp.bridge import dtype_name, raw_size, to_host_bytes
 from ckptstore.dcp.checks import check_tensor, store_url
 from ckptstore.dcp.metadata import manifest_from_metadata
 from ckptstore.errors import UnsupportedValueError
-from ckptstore.knobs import Settings
 from ckptstore.store import layout
 from ckptstore.store.blobs import BlobWriter, ChunkIndex
 from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.manifest import Blob, Manifest
+from ckptstore.store.options import SaveOptions
 from ckptstore.store.repository import Repository
 from ckptstore.store.session import ParentIndex, SaveSession
 from ckptstore.version import __version__
 
 
 @dataclass
-class SaveInfo:
-    """What one save did. Byte figures cover the whole checkpoint (all ranks)."""
+class SaveInfo(CheckpointSummary):
+    """What one save did: the checkpoint's figures (:class:`CheckpointSummary`, whole
+    checkpoint, all ranks) and the save's own results."""
 
-    name: str
-    step: int | None
-    logical_bytes: int
-    """Bytes of the tensors in the state (as held in memory)."""
-    stored_bytes: int
-    """Bytes the checkpoint occupies after codecs, shared chunks and manifest included."""
-    new_bytes: int
-    """Bytes this save actually wrote (new chunks + manifest), after dedup."""
-    seconds: float
-    chunks: int = 0
-    new_chunks: int = 0
-    manifest_bytes: int = 0
-    delta_bytes: int = 0
-    """Stored bytes of its chunks that are deltas against earlier checkpoints (each use
-    counted; 0 without ``delta=``)."""
-    max_chain: int = 0
-    """Longest delta chain of its chunks: a load reads at most this + 1 objects per chunk."""
-    retention: Any = field(default=None, repr=False, compare=False)
+    retention: Any = field(default=None, repr=False, compare=False, metadata={"data": False})
     """With ``keep_last``: on rank 0, the future of the gc started after this save (its
     ``GcReport``, or None when another gc was running); None elsewhere."""
-
-    @property
-    def ratio(self) -> float:
-        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 0.0
 
     @classmethod
     def of(cls, manifest: Manifest) -> SaveInfo:
         """The figures of a committed checkpoint (``manifest_bytes`` must be known)."""
-        return cls.of_summary(CheckpointSummary.of(manifest))
-
-    @classmethod
-    def of_summary(cls, s: CheckpointSummary) -> SaveInfo:
-        return cls(
-            name=s.name,
-            step=s.step,
-            logical_bytes=s.logical_bytes,
-            stored_bytes=s.stored_bytes,
-            new_bytes=s.new_bytes,
-            seconds=s.seconds,
-            chunks=s.chunks,
-            new_chunks=s.new_chunks,
-            manifest_bytes=s.manifest_bytes,
-            delta_bytes=s.delta_bytes,
-            max_chain=s.max_chain,
-        )
+        return cls.from_summary(CheckpointSummary.of(manifest))
 
 
 class Writer(StorageWriter):
@@ -108,38 +71,36 @@ class Writer(StorageWriter):
         *,
         step: int | None = None,
         name: str | None = None,
-        parent: str | None = None,
-        storage_options: Mapping[str, Any] | None = None,
-        chunk_bytes: int | None = None,
-        inline_bytes: int | None = None,
-        threads: int | None = None,
+        options: SaveOptions | None = None,
         int_keys: list[list[Any]] | None = None,
-        quantize: QuantizeSpec = None,
-        overwrite: bool = False,
-        settings: Settings | None = None,
-        delta: DeltaSpec = None,
+        **option_fields: Any,
     ) -> None:
         super().__init__()
         url = store_url(url)  # a TypeError for url=123, before anything else
+        opts = SaveOptions.build(options, caller="Writer", **option_fields)
+        if opts.keep_last is not None:
+            raise ValueError(
+                "Writer does not apply keep_last: ckptstore.save/async_save do; after "
+                "dcp.save, call ckptstore.Store(url).gc(keep_last=N)"
+            )
+        self.options = opts
         # the edge for plain-DCP users: settings resolved once, here (and pickled along)
-        self.settings = Settings.resolve(
-            settings, chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
-        )
+        self.settings = opts.resolved_settings()
         self.policy = QuantizePolicy(  # validates names now, not mid-save
-            quantize,
+            opts.quantize,
             min_bytes=self.settings.quantize_min_bytes,
             zstd_level=self.settings.zstd_level,
         )
-        self.delta = DeltaPolicy(delta)
+        self.delta = DeltaPolicy(opts.delta)
         """Which lossless tensors may be stored as deltas against the parent (opt-in)."""
         self.url: str | Backend = url
-        self.parent = parent
-        self.overwrite = overwrite
+        self.parent = opts.parent
+        self.overwrite = opts.overwrite
         """Replace a checkpoint of the same name, crash-safely (docs/format.md O1–O5),
         instead of refusing with CheckpointExistsError."""
         self.step = step
         self.name = layout.resolve_name(step, name)
-        self.storage_options = dict(storage_options or {})
+        self.storage_options = dict(opts.storage_options or {})
         self.int_keys = int_keys or []
         self.is_coordinator = True
         self.rank: int | None = None

@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from fsspec.core import url_to_fs
 
+from ckptstore import Retention, SaveOptions, retain_in_background
 from ckptstore.api import load_full, save
 from ckptstore.backend import Backend
-from ckptstore.codecs.policy import DeltaSpec, QuantizeSpec
 from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
 from ckptstore.knobs import Settings
-from ckptstore.store import gc as _gc
+from ckptstore.nested import map_leaves, walk
 from ckptstore.store.facade import Store
 from ckptstore.store.layout import check_name
 
@@ -62,7 +62,11 @@ _META_KEY = "_ckptstore_lightning"
 """Top-level key of the stored dict: (format version, paths of empty mappings). DCP's
 flattening keeps no empty dict (a loop's ``state_dict: {}``), and Lightning needs them back."""
 _META_VERSION = 1
-_SAVE_OPTIONS = frozenset({"quantize", "delta", "parent", "chunk_bytes", "inline_bytes", "threads"})
+# the save options a single save may override (trainer.save_checkpoint(storage_options=…)):
+# not the store's own (storage_options, settings), nor what the plug-in decides itself
+_SAVE_OPTIONS = frozenset(
+    set(SaveOptions.names()) - {"storage_options", "settings", "keep_last", "overwrite"}
+)
 _SAFE = frozenset(string.ascii_letters + string.digits + ".-")
 _HEX = frozenset("0123456789abcdef")
 
@@ -187,15 +191,13 @@ def read_pointer(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 _KeyPath = tuple[tuple[Any, bool], ...]  # (key or list index, is a list index) per step
 
 
-def _empty_mappings(obj: Any, path: _KeyPath = ()) -> Iterator[_KeyPath]:
-    if isinstance(obj, Mapping):
-        if not obj and path:
-            yield path
-        for k, v in obj.items():
-            yield from _empty_mappings(v, (*path, (k, False)))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _empty_mappings(v, (*path, (i, True)))
+def _empty_mappings(obj: Any) -> Iterator[_KeyPath]:
+    """Paths of the empty mappings DCP's flattening drops (it stores a tuple whole, so
+    none inside a tuple is lost)."""
+    for path, value in walk(obj):
+        if isinstance(value, Mapping) and not value and path:
+            if all(kind != "tuple" for _, kind in path):
+                yield tuple((key, kind == "list") for key, kind in path)
 
 
 def _put_empty(root: dict[Any, Any], path: _KeyPath) -> None:
@@ -235,15 +237,7 @@ def _put_empty(root: dict[Any, Any], path: _KeyPath) -> None:
 
 # -- map_location ----------------------------------------------------------------------------
 def _relocate(obj: Any, move: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return move(obj)
-    if isinstance(obj, dict):
-        return {k: _relocate(v, move) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_relocate(v, move) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_relocate(v, move) for v in obj)
-    return obj
+    return map_leaves(obj, lambda x: move(x) if isinstance(x, torch.Tensor) else x)
 
 
 def _mover(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -275,10 +269,13 @@ def _mover(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
 class CkptStoreIO(*_BASES):  # type: ignore[misc]
     """Lightning ``CheckpointIO`` storing checkpoints in the ckptstore store at ``url``.
 
-    ``url``/``storage_options``/``settings``: the store, as for :func:`ckptstore.save`.
-    ``quantize``/``delta``: passed to every save (a save's own ``storage_options={...}`` in
-    ``trainer.save_checkpoint`` may override them, and ``parent``, ``chunk_bytes``,
-    ``inline_bytes``, ``threads``). ``pointers``: leave a small JSON file at each path
+    ``url``: the store; ``options`` (a :class:`ckptstore.SaveOptions`, or its fields as
+    keywords: ``storage_options``, ``settings``, ``quantize``, ``delta``, …) apply to every
+    save, as for :func:`ckptstore.save` (a save's own ``storage_options={...}`` in
+    ``trainer.save_checkpoint`` may override ``quantize``, ``delta``, ``parent``,
+    ``chunk_bytes``, ``inline_bytes``, ``threads``). Saves always replace a checkpoint of the
+    same name (as a file would be); ``keep_last`` is refused: Lightning's ``ModelCheckpoint``
+    decides which checkpoints stay. ``pointers``: leave a small JSON file at each path
     Lightning saves to, so that its file checks (``ckpt_path="last"``, version counters,
     ``save_last="link"``) see the checkpoint. ``gc``: after a checkpoint is removed, collect
     the chunks nothing references any more on a background thread (older than the store's
@@ -292,24 +289,34 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
         self,
         url: str | os.PathLike[str] | Backend,
         *,
-        storage_options: Mapping[str, Any] | None = None,
-        quantize: QuantizeSpec = None,
-        delta: DeltaSpec = None,
-        settings: Settings | None = None,
+        options: SaveOptions | None = None,
         pointers: bool = True,
         gc: bool = True,
         allow_pickle: bool = False,
+        **option_fields: Any,
     ) -> None:
         super().__init__()
         self.url: str | Backend = url if isinstance(url, Backend) else os.fspath(url)
-        self.storage_options = dict(storage_options or {})
-        self.quantize = quantize
-        self.delta = delta
-        self.settings = settings
+        opts = SaveOptions.build(options, caller="CkptStoreIO", **option_fields)
+        if opts.keep_last is not None:
+            raise ValueError(
+                "CkptStoreIO does not take keep_last: Lightning's ModelCheckpoint decides "
+                "which checkpoints stay (save_top_k) and removes the others from the store"
+            )
+        self.options = opts.replace(overwrite=True)
         self.pointers = pointers
         self.gc = gc
         self.allow_pickle = allow_pickle
         self._start()
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """The store's fsspec options."""
+        return dict(self.options.storage_options or {})
+
+    @property
+    def settings(self) -> Settings | None:
+        return self.options.settings
 
     def _start(self) -> None:
         self._lock = threading.Lock()
@@ -356,11 +363,8 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
                 self.url,
                 name=name,
                 step=step if isinstance(step, int) and step >= 0 else None,
-                overwrite=True,
-                storage_options=self.storage_options,
+                options=options,
                 no_dist=True,  # Lightning saves on global rank 0 only: no collective
-                settings=self.settings,
-                **options,
             )
         finally:
             with self._lock:
@@ -383,10 +387,9 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
                 },
             )
 
-    def _save_options(self, storage_options: Any | None) -> dict[str, Any]:
-        options: dict[str, Any] = {"quantize": self.quantize, "delta": self.delta}
+    def _save_options(self, storage_options: Any | None) -> SaveOptions:
         if storage_options is None:
-            return options
+            return self.options
         if not isinstance(storage_options, Mapping) or set(storage_options) - _SAVE_OPTIONS:
             raise TypeError(
                 "CkptStoreIO takes storage_options of trainer.save_checkpoint as a mapping "
@@ -394,7 +397,7 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
                 f"save), not {storage_options!r}; the store's own fsspec options go to "
                 "CkptStoreIO(storage_options=...)"
             )
-        return {**options, **storage_options}
+        return self.options.replace(**storage_options)
 
     # -- remove --------------------------------------------------------------------------
     def remove_checkpoint(self, path: Any) -> None:
@@ -470,9 +473,9 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
             log.exception("removing checkpoint %r from %s failed", name, self)
             raise
         if self.gc:  # one at a time per store; its future is kept for tests and callers
-            self._gc_future = _gc.retain_in_background(
+            self._gc_future = retain_in_background(
                 self.url,
-                _gc.Retention(),
+                Retention(),
                 storage_options=self.storage_options,
                 settings=settings,
             )

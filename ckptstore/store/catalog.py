@@ -13,9 +13,10 @@ or a store written before the catalog existed). No torch here.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from ckptstore.store import layout
 from ckptstore.store.manifest import Manifest
@@ -27,19 +28,31 @@ _ENTRY = re.compile(
 )
 
 
+_Record = TypeVar("_Record", bound="CheckpointSummary")
+
+
 @dataclass
 class CheckpointSummary:
-    """One line of ``ls``: what a listing of the catalog tells about a checkpoint."""
+    """The figures every checkpoint has: one line of ``ls``, and the base of ``SaveInfo``,
+    ``du``'s ``CheckpointUsage`` and ``ImportInfo`` — a field added here shows everywhere
+    (docs/api.md "CheckpointSummary" is checked against these fields by a test)."""
 
     name: str
     step: int | None
     created: float
+    """Commit time, Unix seconds (whole microseconds, as the catalog carries it)."""
     logical_bytes: int
+    """Bytes of the tensors as held in memory (non-tensor values not counted)."""
     stored_bytes: int
+    """Bytes the checkpoint references after codecs: chunks (shared ones included), inline
+    data and manifest."""
     new_bytes: int
+    """Bytes its save wrote: new chunks, inline data, manifest."""
     tensors: int
     objects: int
+    """Non-tensor values."""
     seconds: float
+    """Duration of the save."""
     chunks: int = 0
     """Chunk references of the checkpoint (each use counted)."""
     new_chunks: int = 0
@@ -70,6 +83,13 @@ class CheckpointSummary:
             max_chain=m.max_chain,
         )
 
+    @classmethod
+    def from_summary(cls: type[_Record], s: CheckpointSummary, **extra: Any) -> _Record:
+        """A record of this class with the figures of ``s`` and the ``extra`` fields of
+        this class (a subclass adds its own: ``SaveInfo.from_summary(s, retention=f)``)."""
+        figures = {f.name: getattr(s, f.name) for f in dataclasses.fields(CheckpointSummary)}
+        return cls(**{**figures, **extra})
+
     @property
     def ratio(self) -> float:
         return self.logical_bytes / self.stored_bytes if self.stored_bytes else 0.0
@@ -81,7 +101,14 @@ class CheckpointSummary:
         return (self.created, self.step if self.step is not None else -1, self.name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ratio": round(self.ratio, 4)}
+        """Every field (a subclass's too) but those marked ``metadata={"data": False}``
+        (live objects such as a future), and the ratio."""
+        out = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("data", True)
+        }
+        return {**out, "ratio": round(self.ratio, 4)}
 
 
 def created_us(created: float) -> int:

@@ -8,32 +8,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ckptstore.store import layout
+from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.manifest import Blob, Manifest
 from ckptstore.store.repository import Repository
 
 
 # -- du -----------------------------------------------------------------------------------------
 @dataclass
-class CheckpointUsage:
-    name: str
-    step: int | None
-    created: float
-    logical_bytes: int
-    """Tensor bytes as held in memory."""
-    stored_bytes: int
-    """Chunk bytes it references (shared ones included) plus its manifest."""
-    unique_bytes: int
+class CheckpointUsage(CheckpointSummary):
+    """A checkpoint's figures (:class:`CheckpointSummary`) and what only it holds."""
+
+    unique_bytes: int = 0
     """Bytes only it references: its chunks no other checkpoint names, plus its manifest —
     what dropping it (and a gc after) would free."""
-    new_bytes: int
-    """Bytes its save wrote."""
-    delta_bytes: int = 0
-    """Of ``stored_bytes``, the chunks stored as deltas against an earlier checkpoint's."""
-    max_chain: int = 0
-    """Longest delta chain of its chunks (0: no delta)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -78,6 +65,7 @@ class DuReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["checkpoints"] = [c.to_dict() for c in self.checkpoints]
         d["dedup_factor"] = round(self.dedup_factor, 4)
         d["compression_factor"] = round(self.compression_factor, 4)
         d["total_factor"] = round(self.total_factor, 4)
@@ -103,16 +91,8 @@ def du(repo: Repository) -> DuReport:
     for m, keys in zip(manifests, per_keys, strict=True):
         only = sum(sizes.get(k, stored_of[k]) for k in keys if uses[k] == 1)
         report.checkpoints.append(
-            CheckpointUsage(
-                name=m.name,
-                step=m.step,
-                created=m.created,
-                logical_bytes=m.logical_bytes,
-                stored_bytes=m.stored_bytes,
-                unique_bytes=only + m.manifest_bytes,
-                new_bytes=m.new_bytes,
-                delta_bytes=m.delta_chunk_bytes,
-                max_chain=m.max_chain,
+            CheckpointUsage.from_summary(
+                CheckpointSummary.of(m), unique_bytes=only + m.manifest_bytes
             )
         )
     report.logical_bytes = sum(c.logical_bytes for c in report.checkpoints)
