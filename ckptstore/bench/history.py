@@ -37,7 +37,6 @@ from ckptstore.backend import open_backend
 from ckptstore.bench.datasets import state_900
 from ckptstore.bench.report import write_json
 from ckptstore.knobs import Settings
-from ckptstore.store import Repository, layout
 from ckptstore.testing.counting import CountingBackend
 from ckptstore.testing.history import replicate
 
@@ -75,9 +74,9 @@ def run_one(
     settings = Settings.resolve(settings)
     sd = state_900()
     save({"w": torch.randn(64, 64)}, url, step=0, storage_options=options, settings=settings)
-    repo = Repository.open(url, options, settings=settings)
     if n > 1:
-        replicate(repo, layout.step_name(0), n - 1, first_step=1)
+        store = Store(url, options, settings=settings)
+        replicate(store.repo, store.latest(), n - 1, first_step=1)
     # the latest, a real one
     save(sd, url, step=n, storage_options=options, settings=settings)
     backend = CountingBackend(open_backend(url, options, settings))
