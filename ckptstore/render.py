@@ -5,13 +5,27 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 # without a terminal (pipes, CI logs) rich would wrap tables at 80 columns
 console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
+
+
+def progress(*columns: Any, hide: bool = False) -> Progress:
+    """A transient progress bar on stderr, shown only when stderr is a terminal and not
+    ``hide`` (``--json``, ``--quiet``). Off a terminal rich would still end its live display
+    with a newline: a stray blank line in logs and in captured stderr."""
+    from rich.progress import Progress
+
+    return Progress(
+        *columns, console=err_console, transient=True, disable=hide or not err_console.is_terminal
+    )
 
 
 def human_bytes(n: float) -> str:

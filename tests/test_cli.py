@@ -215,3 +215,12 @@ def test_dash_o_is_the_storage_option_in_every_command():
             assert flags.get("--storage-option") == "storage_options", name
     report = {opt for p in cli.commands["report"].params for opt in p.opts}
     assert {"-o", "--output"} <= report  # report among them: its page is --output PATH
+
+
+def test_verify_and_export_write_nothing_on_stderr_off_a_terminal(store, tmp_path):
+    """A progress bar shows only on a terminal; off one (a pipe, a CI log) it used to leave
+    a blank line on stderr."""
+    proc = run("verify", store)
+    assert proc.stderr == "" and proc.stdout.startswith("OK:")
+    proc = run("export", store, str(tmp_path / "w.safetensors"))
+    assert proc.stderr == "" and proc.stdout.startswith("wrote ")

@@ -29,7 +29,8 @@ from ckptstore.cli.common import (  # noqa: F401 - re-exported for older imports
     step_option,
     storage_option,
 )
-from ckptstore.render import console, emit_json, err_console, human_bytes, ratio, when
+from ckptstore.render import console, emit_json, human_bytes, ratio, when
+from ckptstore.render import progress as progress_bar
 from ckptstore.version import __version__
 
 
@@ -159,10 +160,8 @@ def verify_cmd(
     url: str, step: int | None, name: str | None, storage_options: tuple[str, ...], as_json: bool
 ) -> None:
     """Re-read and check every chunk of every checkpoint (or of one). Exit 1 on damage."""
-    from rich.progress import Progress
-
     store = open_store(url, storage_options)
-    with Progress(console=err_console, transient=True, disable=as_json) as progress:
+    with progress_bar(hide=as_json) as progress:
         task = progress.add_task("verifying chunks", total=None)
         report = store.verify(step=step, name=name, progress=lambda n: progress.advance(task, n))
     if as_json:

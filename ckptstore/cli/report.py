@@ -15,7 +15,7 @@ from ckptstore.cli.common import (
     json_option,
     storage_option,
 )
-from ckptstore.render import console, emit_json, err_console, human_bytes
+from ckptstore.render import console, emit_json, human_bytes, progress
 
 
 @click.command("report")
@@ -74,23 +74,14 @@ def report_cmd(
     except ImportError as exc:
         click.echo(f"ckptstore: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn
 
-    show = not (quiet or as_json) and err_console.is_terminal
-    with Progress(
+    with progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(binary_units=True),
         TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-        disable=not show,
+        hide=quiet or as_json,
     ) as bar:
         task = bar.add_task("comparing checkpoints", total=None)
         data = write_report(

@@ -21,6 +21,7 @@ from ckptstore.cli.common import (
     storage_option,
 )
 from ckptstore.render import console, emit_json, err_console, human_bytes
+from ckptstore.render import progress as progress_bar
 from ckptstore.transfer import CASTS, FORMATS
 
 
@@ -65,11 +66,9 @@ def export_cmd(
     """Write one checkpoint (the latest by default) to OUT as whole tensors: .safetensors
     (Hugging Face convention) or a torch.save file. Quantized tensors are dequantized;
     non-tensor values are left out."""
-    from rich.progress import Progress
-
     from ckptstore.transfer import export_checkpoint
 
-    with Progress(console=err_console, transient=True, disable=as_json) as progress:
+    with progress_bar(hide=as_json) as progress:
         task = progress.add_task(f"exporting to {out}", total=None)
         info = export_checkpoint(
             url,
