@@ -11,8 +11,15 @@ import torch
 import ckptstore
 from ckptstore import errors
 from ckptstore.codecs.pipeline import Pipeline
-from ckptstore.store import Repository, layout, reports
-from ckptstore.store.blobs import RAW_CACHE, BlobReader
+from ckptstore.store import Repository, delta_choice, layout, reports
+from ckptstore.store.blobs import BlobReader
+from ckptstore.store.delta_choice import (
+    EXACT_RULES,
+    PROCESS_DELTA_STATE,
+    RULES,
+    DeltaState,
+    RawCache,
+)
 from ckptstore.store.manifest import Manifest
 
 CHUNK = 16 * 1024
@@ -42,10 +49,11 @@ def _chains(m: Manifest, fqn: str) -> list[int]:
 
 
 @pytest.fixture(autouse=True)
-def _cold_cache():
-    RAW_CACHE.clear()
+def _fresh_process_state():
+    """Each test starts as a process that has saved nothing (no bases, no sizes)."""
+    PROCESS_DELTA_STATE.clear()
     yield
-    RAW_CACHE.clear()
+    PROCESS_DELTA_STATE.clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -77,7 +85,7 @@ def test_default_is_off_and_cold_cache_reads_bases_back(local_url):
     ckptstore.save(states[0], local_url, step=0, settings=_settings())
     ckptstore.save(states[1], local_url, step=1, settings=_settings())
     assert _manifest(local_url, 1).max_chain == 0  # delta is opt-in
-    RAW_CACHE.clear()  # a new process: the base is read (and decoded) from the store
+    PROCESS_DELTA_STATE.clear()  # a new process: bases read (and decoded) from the store
     ckptstore.save(states[2], local_url, step=2, delta=True, settings=_settings())
     assert _manifest(local_url, 2).max_chain == 1
     assert torch.equal(ckptstore.load_full(local_url, step=2)["w"], states[2]["w"])
@@ -192,7 +200,7 @@ def test_gc_keeps_the_bases_of_live_checkpoints(store_url):
     store = ckptstore.Store(store_url)
     store.delete(step=0)
     store.delete(step=1)
-    RAW_CACHE.clear()
+    PROCESS_DELTA_STATE.bases.clear()
     ckptstore.Store(store_url).gc(grace=0)
     repo = Repository.open(store_url)
     assert repo.backend.exists(layout.chunk_key(root.hex()))  # step 2's chain needs it
@@ -241,7 +249,7 @@ def test_unchanged_delta_chunk_is_reused(local_url):
     states = list(_walk(7, 2))
     ckptstore.save(states[0], local_url, step=0, delta=True, settings=_settings())
     ckptstore.save(states[1], local_url, step=1, delta=True, settings=_settings())
-    RAW_CACHE.clear()
+    PROCESS_DELTA_STATE.bases.clear()
     ckptstore.save(states[1], local_url, step=2, delta=True, settings=_settings())
     a, b = _manifest(local_url, 1), _manifest(local_url, 2)
     assert [c.key for c in b.tensors["w"].shards[0].blob.chunks] == [
@@ -352,8 +360,6 @@ def test_distributed_delta_saves_and_a_resharded_delta_save(tmp_path):
 
 
 def test_raw_cache_never_reuses_memory_someone_holds():
-    from ckptstore.store.blobs import RawCache
-
     cache = RawCache()
     cache.put(b"a" * 16, np.arange(100, dtype=np.uint8), 200)
     held = cache.get(b"a" * 16)  # a writer XORing with this base right now
@@ -379,28 +385,56 @@ def test_a_delta_that_loses_is_not_stored(local_url):
         assert torch.equal(ckptstore.load_full(local_url, step=step)["w"], sd["w"])
 
 
-@pytest.mark.parametrize(("loss", "tries"), [(1.05, [1, 3, 7]), (1.2, [1, 5])])
-def test_losing_rows_skip_their_tries(local_url, monkeypatch, loss, tries):
+@pytest.mark.parametrize(
+    ("loss", "rules", "tries"),
+    [(1.05, RULES, [1, 3, 7]), (1.2, RULES, [1, 5]), (1.2, EXACT_RULES, list(range(1, 9)))],
+)
+def test_losing_rows_skip_their_tries(local_url, monkeypatch, loss, rules, tries):
     """Rows whose delta loses are tried less often: a first near miss skips one save, a
     second loss (or a wide one) three — so rows that always lose (Adam's exp_avg far apart)
-    are not encoded twice at every save."""
-    from ckptstore.store import blobs
-
+    are not encoded twice at every save. The exact rules (the bench's ``--exact``) try at
+    every save."""
     calls: list[int] = []
-    real = blobs.encode_delta
+    real = delta_choice.encode_delta
 
     def losing(tail, piece, base):  # a real delta, padded to lose by ``loss``
         calls.append(step)
         payload = real(tail, piece, base)
         return payload + bytes(int(loss * len(tail.encode(piece))) - len(payload) + 1)
 
-    monkeypatch.setattr(blobs, "encode_delta", losing)
+    monkeypatch.setattr(delta_choice, "encode_delta", losing)
+    monkeypatch.setattr(PROCESS_DELTA_STATE, "rules", rules)
     states = list(_walk(11, 9))
     for step, sd in enumerate(states):
         ckptstore.save({"w": sd["w"]}, local_url, step=step, delta=True, settings=_settings())
         assert _manifest(local_url, step).max_chain == 0
     chunks = len(_chains(_manifest(local_url, 0), "w"))
     assert sorted(set(calls)) == tries and len(calls) == chunks * len(tries)
+
+
+def test_a_writer_handed_its_own_delta_state_leaves_the_process_state_alone(local_url):
+    """The delta state is an explicit object: a writer given one remembers bases and sizes
+    there, the process's stays empty, and clear() forgets both."""
+    from ckptstore.store.blobs import BlobWriter, ChunkIndex
+    from ckptstore.store.session import SaveSession
+
+    states = list(_walk(12, 2))
+    ckptstore.save(states[0], local_url, step=0, delta=True, settings=_settings())
+    PROCESS_DELTA_STATE.clear()
+    mine = DeltaState()
+    repo = Repository.open(local_url, settings=_settings())
+    pipe = Pipeline.from_config(_manifest(local_url, 0).tensors["w"].shards[0].blob.codec)
+    with SaveSession(repo, layout.step_name(1), step=1).begin() as session:
+        index = session.index_for([("w", [0, 0], [96, 128])])
+        bases = index.bases_for("w", [0, 0], [96, 128], pipe.spec)
+        with BlobWriter(repo, ChunkIndex(repo, index.sizes()), delta_state=mine) as writer:
+            raw = states[1]["w"].numpy()
+            blob = writer.submit(raw, pipe, rows=96, bases=bases).result()
+    assert all(c.base for c in blob.chunks) and writer.delta_chunks == len(blob.chunks)
+    assert len(mine.sizes) == len(blob.chunks) and mine.bases.nbytes > 0
+    assert len(PROCESS_DELTA_STATE.sizes) == 0 and PROCESS_DELTA_STATE.bases.nbytes == 0
+    mine.clear()
+    assert len(mine.sizes) == 0 and mine.bases.nbytes == 0
 
 
 def _special(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
@@ -611,12 +645,12 @@ def test_delta_chains_on_s3(s3_url, s3_options):
     with a cold base cache so bases are read back from the bucket, and verify."""
     states = list(_walk(7, K + 2))
     for step, sd in enumerate(states):
-        RAW_CACHE.clear()
+        PROCESS_DELTA_STATE.bases.clear()
         info = ckptstore.save(
             sd, s3_url, step=step, delta=True, settings=_settings(), storage_options=s3_options
         )
         assert info.max_chain <= K and (step > K or info.max_chain == step), step
-    RAW_CACHE.clear()
+    PROCESS_DELTA_STATE.bases.clear()
     for step, sd in enumerate(states):
         got = ckptstore.load_full(s3_url, step=step, storage_options=s3_options)
         assert torch.equal(got["w"], sd["w"]), step

@@ -36,13 +36,13 @@ from typing import Any
 
 import torch
 
-from ckptstore.api import load_full, save
+from ckptstore import load_full, save
 from ckptstore.bench.datasets import GPT, fine_tune_real_states, fine_tune_states, gpt_shape
 from ckptstore.bench.methods import dcp_save, disk_usage, fresh_dir
 from ckptstore.bench.report import machine, write_json
 from ckptstore.knobs import Settings
 from ckptstore.store import Repository, layout
-from ckptstore.store.blobs import RAW_CACHE
+from ckptstore.store.delta_choice import EXACT_RULES, PROCESS_DELTA_STATE
 from ckptstore.store.manifest import Manifest
 
 MB = 1e6
@@ -127,7 +127,7 @@ def series(
     plain_url = os.path.join(root, f"{label}-plain")
     delta_url = os.path.join(root, f"{label}-delta")
     dsettings = settings.replace(delta_chain=chain)
-    RAW_CACHE.clear()
+    PROCESS_DELTA_STATE.bases.clear()
     rows: list[dict[str, Any]] = []
     dcp: list[dict[str, Any]] = []
     last_state = None
@@ -268,10 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.exact:
-        from ckptstore.store import blobs
-
-        blobs.SURE_WIN = 0.0  # never take a delta unseen
-        blobs.RETRY_LOST_DELTA = 1  # never skip a try
+        PROCESS_DELTA_STATE.rules = EXACT_RULES  # never take a delta unseen, nor skip a try
     settings = Settings.resolve()
     depths = sorted({0, 1, 2, 4, 8, 12, 16, args.n - 1})
     result: dict[str, Any] = {"machine": machine(settings), "args": vars(args), "series": []}

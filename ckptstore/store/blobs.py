@@ -7,10 +7,7 @@ uploaded again. Readers fetch only the chunks that overlap the rows asked for.
 
 from __future__ import annotations
 
-import logging
-import sys
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -28,11 +25,10 @@ from ckptstore.errors import (
 )
 from ckptstore.store import layout
 from ckptstore.store.chunks import content_key, frame, row_ranges, unframe
-from ckptstore.store.delta import apply_delta, delta_key, encode_delta
+from ckptstore.store.delta import apply_delta
+from ckptstore.store.delta_choice import PROCESS_DELTA_STATE, DeltaBases, DeltaState, Parent
 from ckptstore.store.manifest import Blob, ChunkRef
 from ckptstore.store.repository import Repository
-
-log = logging.getLogger(__name__)
 
 
 class ChunkIndex:
@@ -84,117 +80,13 @@ class ChunkIndex:
         return found
 
 
-class RawCache:
-    """Raw bytes of chunks by key, least recently used first out: the bases of a delta
-    save (the chunks this process wrote, or decoded as bases, last). One per process."""
-
-    def __init__(self) -> None:
-        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: bytes) -> np.ndarray | None:
-        with self._lock:
-            raw = self._items.get(key)
-            if raw is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return raw
-
-    def put(self, key: bytes, raw: Buffer, limit: int) -> None:
-        """Keep a copy of ``raw`` (read-only) under ``key``, within ``limit`` bytes. The
-        memory of an entry it evicts is reused when it has the same size (a fresh large
-        allocation costs page faults at ~1 GB/s; a copy into used memory runs ~5 GB/s)."""
-        src = np.frombuffer(raw, dtype=np.uint8)
-        size = src.nbytes
-        if size > limit:
-            return
-        spare: np.ndarray | None = None
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return
-            while self._items and self.nbytes + size > limit:
-                _, old = self._items.popitem(last=False)
-                self.nbytes -= old.nbytes
-                # reused only when nobody holds it: a writer may be diffing with it right
-                # now (this frame's ``old`` and getrefcount's argument are the 2 references)
-                if (
-                    spare is None
-                    and old.nbytes == size
-                    and old.base is None
-                    and sys.getrefcount(old) <= 2
-                ):
-                    spare = old
-                del old
-            self.nbytes += size  # reserved now, filled below
-        if spare is not None:
-            spare.flags.writeable = True
-            spare[:] = src
-            copy = spare
-        else:
-            copy = src.copy()
-        copy.flags.writeable = False
-        with self._lock:
-            if key in self._items:
-                self.nbytes -= size
-                return
-            self._items[key] = copy
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.nbytes = 0
-
-
-RAW_CACHE = RawCache()
-
-_SIZES: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
-"""Chunk key → (its standalone encoded size, measured or carried forward; how many saves in
-a row a delta of those rows lost): what the next delta save of the same rows needs to
-decide without encoding the chunk twice. Process-wide, bounded by _SIZES_MAX entries."""
-_SIZES_LOCK = threading.Lock()
-_SIZES_MAX = 1 << 18
-RETRY_LOST_DELTA = 4
-"""Rows whose delta lost by more than 10%, or lost again when retried, are stored standalone
-without trying, except every this many saves; rows whose delta lost narrowly for the first
-time skip one save's try."""
-SURE_WIN = 1.0
-"""A delta below this fraction of the rows' last standalone size is taken without encoding
-the chunk standalone too; otherwise both are encoded and the smaller kept. (0.9 stored the
-same bytes to the byte on the fine-tune series and saved 13% slower: the estimate is at
-most ``delta_chain`` saves old, as every chain restart measures it again.)"""
-
-
-def _size_of(key: bytes) -> tuple[int, int] | None:
-    with _SIZES_LOCK:
-        return _SIZES.get(key)
-
-
-def _remember(key: bytes, standalone: int, lost: int) -> None:
-    with _SIZES_LOCK:
-        _SIZES[key] = (standalone, lost)
-        _SIZES.move_to_end(key)
-        while len(_SIZES) > _SIZES_MAX:
-            _SIZES.popitem(last=False)
-
-
-"""The process's cache of delta bases (bounded by ``Settings.delta_cache_bytes``)."""
-
-DeltaBases = Mapping[tuple[int, int], tuple[bytes, tuple[bytes, ...], int]]
-"""A tensor shard's delta candidates: (first global row, stop) → (the parent chunk's key, its
-own base chain, its stored size), for parent chunks of the same rows, box and codec."""
-
-
 class BlobWriter:
     """Turns buffers into :class:`Blob` records, writing new chunks to the store.
 
     One writer serves one save on one rank. ``index`` says which chunks exist already
     (:class:`ChunkIndex`); chunks written by this writer join it as they complete.
+    ``delta_state`` decides the delta chunks of a delta save and remembers what the next
+    save needs (store/delta_choice.py); default: the process's own.
     """
 
     def __init__(
@@ -205,8 +97,10 @@ class BlobWriter:
         chunk_bytes: int | None = None,
         inline_bytes: int | None = None,
         threads: int | None = None,
+        delta_state: DeltaState | None = None,
     ) -> None:
         self.repo = repo
+        self.delta_state = PROCESS_DELTA_STATE if delta_state is None else delta_state
         settings = repo.settings.replace(
             chunk_bytes=chunk_bytes, inline_bytes=inline_bytes, threads=threads
         )
@@ -358,7 +252,7 @@ class BlobWriter:
         start: int,
         stop: int,
         pre: tuple[bytes, QuantStats] | None = None,
-        delta: tuple[bytes, tuple[bytes, ...], int] | None | bool = False,
+        delta: Parent | None | bool = False,
     ) -> Future[ChunkRef]:
         """Hash and encode ``piece`` on the pool; its future completes once the chunk is
         stored (the upload runs on the backend's I/O pool, so encoders move on).
@@ -384,7 +278,7 @@ class BlobWriter:
         stop: int,
         out: Future[ChunkRef],
         pre: tuple[bytes, QuantStats] | None = None,
-        delta: tuple[bytes, tuple[bytes, ...], int] | None | bool = False,
+        delta: Parent | None | bool = False,
     ) -> None:
         lossy, tail = pipeline.split()
         encoded: Buffer | None = None
@@ -393,15 +287,28 @@ class BlobWriter:
             body, stats, key = piece, None, content_key(pipeline, piece)
             if delta is not False:
                 if self.index.get(key) is None and delta is not None:
-                    found = self._try_delta(piece, pipeline, tail, key, delta)
+                    found = self.delta_state.choose(
+                        piece,
+                        pipeline,
+                        tail,
+                        key,
+                        delta,
+                        delta_chain=self.delta_chain,
+                        cache_bytes=self.cache_bytes,
+                        read_base=self._read_base,
+                    )
                     if found is not None:
-                        key, chain, encoded = found
+                        key, chain, encoded, saved = found
+                        if saved is not None:
+                            with self._lock:
+                                self.delta_chunks += 1
+                                self.delta_bytes_saved += saved
                         if encoded is None:  # unchanged: the parent's own delta chunk
-                            RAW_CACHE.put(key, piece, self.cache_bytes)
+                            self.delta_state.bases.put(key, piece, self.cache_bytes)
                             size = delta[2]
                             out.set_result(ChunkRef(key, start, stop, size, False, base=chain))
                             return
-                RAW_CACHE.put(key, piece, self.cache_bytes)
+                self.delta_state.bases.put(key, piece, self.cache_bytes)
         else:  # the key hashes what the lossy stage produced: equal input → equal output
             body, stats = pre if pre is not None else lossy.quantize(piece)
             key = content_key(pipeline, body)
@@ -461,76 +368,15 @@ class BlobWriter:
 
         upload.add_done_callback(uploaded)
 
-    def _try_delta(
-        self,
-        piece: memoryview,
-        pipeline: Pipeline,
-        tail: Pipeline,
-        key: bytes,
-        parent: tuple[bytes, tuple[bytes, ...], int],
-    ) -> tuple[bytes, tuple[bytes, ...], Buffer | None] | None:
-        """Delta of ``piece`` against the parent chunk ``parent`` of the same rows: (its
-        key, its chain, its encoding) when smaller than the standalone chunk; (the parent's
-        key, chain, None) when ``piece`` is that delta chunk's content unchanged; None to
-        store it standalone (smaller, chain full, or base unreadable)."""
-        base_key, base_chain, base_stored = parent
-        if base_chain and delta_key(pipeline, base_chain[0], piece) == base_key:
-            return base_key, base_chain, None
-        if len(base_chain) + 1 > self.delta_chain:
-            return None  # a standalone chunk every delta_chain + 1 links
-        known = _size_of(base_key)
-        if known is None and not base_chain:
-            # not seen by this process (the first delta save after a standalone one, or
-            # after a restart): the parent's chunk of these rows is standalone, and its
-            # size is what this one would take standalone within a few percent
-            known = (base_stored, 0)
-        if known is not None and known[1] % RETRY_LOST_DELTA:  # lost last time: skip
-            whole = tail.encode(piece)
-            _remember(key, byte_view(whole).nbytes, known[1] + 1)
-            return key, (), whole
-        base_raw = RAW_CACHE.get(base_key)
-        if base_raw is None:
-            try:
-                base_raw = np.frombuffer(
-                    self._base_reader().decode_chain(
-                        base_key, base_chain, pipeline, len(piece), "a delta base"
-                    ),
-                    dtype=np.uint8,
-                )
-            except CkptStoreError as exc:
-                log.warning("delta base %s unreadable, chunk stored whole: %s", base_key.hex(), exc)
-                return None
-            RAW_CACHE.put(base_key, base_raw, self.cache_bytes)
-        if base_raw.nbytes != len(piece):
-            return None
-        as_delta = encode_delta(tail, piece, base_raw)
-        n_delta = byte_view(as_delta).nbytes
-        if known is not None and n_delta < SURE_WIN * known[0]:
-            # clearly smaller than these rows were standalone last save: taken without
-            # encoding the chunk whole too (docs/benchmarks.md, "Delta": the heuristic)
-            standalone, whole = known[0], None
-        else:
-            whole = tail.encode(piece)
-            standalone = byte_view(whole).nbytes
-        if whole is not None and n_delta >= standalone:
-            # lost by a wide margin, or again at its retry: skip the next 3 tries; a first
-            # near miss: skip the next one
-            again = known is not None and known[1] > 0
-            wide = again or n_delta > 1.1 * standalone
-            _remember(key, standalone, 1 if wide else RETRY_LOST_DELTA - 1)
-            return key, (), whole
-        dkey = delta_key(pipeline, base_key, piece)
-        _remember(dkey, standalone, 0)
-        with self._lock:
-            self.delta_chunks += 1
-            self.delta_bytes_saved += standalone - n_delta
-        return dkey, (base_key, *base_chain), bytes(as_delta)
-
-    def _base_reader(self) -> BlobReader:
+    def _read_base(
+        self, key: bytes, chain: tuple[bytes, ...], pipeline: Pipeline, nbytes: int
+    ) -> np.ndarray:
+        """Raw bytes of delta base ``key`` (chain ``chain``) read back from the store."""
         with self._lock:
             if self._reader is None:
                 self._reader = BlobReader(self.repo, threads=1)
-            return self._reader
+            reader = self._reader
+        return reader.decode_chain(key, chain, pipeline, nbytes, "a delta base")
 
 
 def _sum_stats(parts: Iterable[QuantStats | None]) -> QuantStats | None:
