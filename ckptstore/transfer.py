@@ -23,7 +23,7 @@ from typing import Any
 
 from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import DTYPES
-from ckptstore.codecs.safetensors_header import encode_header
+from ckptstore.codecs.safetensors_header import encode_header, read_header
 from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.facade import Store
 from ckptstore.store.options import SaveOptions
@@ -304,6 +304,7 @@ def read_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
     if _SUFFIXES[ext] == "safetensors":
         from safetensors.torch import load_file
 
+        read_header(path)  # a hostile header: a CodecError naming the file, before the library
         return dict(load_file(path)), 0
     import torch
 

@@ -187,3 +187,13 @@ def test_a_file_shorter_than_the_length_is_refused(tmp_path):
 def test_headers_safetensors_cannot_hold_are_refused(tensors, words):
     with pytest.raises(ValueError, match=words):
         encode_header(tensors)
+
+
+def test_import_of_a_file_with_a_hostile_header_names_the_file(tmp_path) -> None:
+    from ckptstore.errors import CkptStoreError
+    from ckptstore.transfer import read_weights
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")  # a header length past the file
+    with pytest.raises(CkptStoreError, match="model.safetensors"):
+        read_weights(str(bad))
