@@ -346,6 +346,26 @@ def test_help_names_the_storage_option_flag_of_report():
     assert "-o, --storage-option KEY=VALUE" in text and "--output PATH" in text
 
 
+def test_store_reads_a_checkpoint_down_to_its_chunks(store):
+    """The public surface the report reads through: Store.manifest, read_rows, lossy_codec
+    and the manifest records, all top-level names."""
+    s = ckptstore.Store(store)
+    m = s.manifest(step=40)
+    assert isinstance(m, ckptstore.Manifest) and m.step == 40
+    part = m.tensors["part"]
+    assert isinstance(part, ckptstore.TensorEntry) and part.shape == [256, 256]
+    (shard,) = part.shards
+    assert isinstance(shard, ckptstore.Shard) and isinstance(shard.blob, ckptstore.Blob)
+    assert all(isinstance(c, ckptstore.ChunkRef) for c in shard.blob.chunks)
+    saved = list(_states())[-1]["part"]
+    raw = s.read_rows(shard.blob, 1, 70, where="'part'")  # across a chunk boundary (64 rows)
+    assert str(raw.dtype) == "uint8" and raw.tobytes() == saved[1:70].numpy().tobytes()
+    assert s.lossy_codec(m.tensors["q"].shards[0].blob) == "int8/64"
+    assert s.lossy_codec(m.tensors["h"].shards[0].blob) == "fp16"
+    assert s.lossy_codec(shard.blob) is None
+    assert s.settings.threads >= 1
+
+
 # -- a real browser ---------------------------------------------------------------------------
 @pytest.fixture
 def chromium(tmp_path):
