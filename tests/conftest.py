@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -9,6 +11,65 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from ckptstore.testing import faulty
+
+# -- one temp folder for the session, removed at its end -------------------------------------
+# Whatever asks tempfile or $TMPDIR for scratch space, in this process or a child (torchrun's
+# torchelastic_* log folders, torch.multiprocessing's error files, the inductor cache,
+# Chromium's profile scratch), gets it inside this folder, which goes at the end of the
+# session, passed or failed. pytest's own tmp_path folders stay in the system temp folder
+# (PYTEST_DEBUG_TEMPROOT): tmp_path_retention_policy in pyproject keeps a failed run's there.
+# The terminal summary names what tests left behind in it, so a new leak is seen.
+TEMP_VARIABLES = ("TMPDIR", "TEMP", "TMP")
+SESSION_TMP_PREFIX = "ckptstore-tests-"
+_session_tmp: dict = {}
+
+
+def pytest_configure(config):
+    system = tempfile.gettempdir()
+    path = tempfile.mkdtemp(prefix=SESSION_TMP_PREFIX, dir=system)
+    _session_tmp.update(
+        path=path,
+        environ={k: os.environ.get(k) for k in (*TEMP_VARIABLES, "PYTEST_DEBUG_TEMPROOT")},
+        tempdir=tempfile.tempdir,
+        left={},
+    )
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", system)
+    for k in TEMP_VARIABLES:
+        os.environ[k] = path
+    tempfile.tempdir = path
+
+
+def pytest_unconfigure(config):
+    if not _session_tmp:
+        return
+    for k, v in _session_tmp["environ"].items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    tempfile.tempdir = _session_tmp["tempdir"]
+    shutil.rmtree(_session_tmp["path"], ignore_errors=True)
+    _session_tmp.clear()
+
+
+@pytest.fixture(autouse=True)
+def _note_temp_leftovers(request):
+    """Records what each test leaves in the session temp folder (listed at the end)."""
+    path = _session_tmp.get("path")
+    before = set(os.listdir(path)) if path else set()
+    yield
+    if path:
+        new = sorted(set(os.listdir(path)) - before)
+        if new:
+            _session_tmp["left"][request.node.nodeid] = new
+
+
+def pytest_terminal_summary(terminalreporter):
+    left = _session_tmp.get("left")
+    if left:
+        terminalreporter.section("left in the session temp folder (removed at exit)")
+        for nodeid, names in left.items():
+            terminalreporter.write_line(f"{nodeid}: {', '.join(names)}")
 
 
 @pytest.fixture(params=["local", "memory"])

@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import ast
 import io
+import os
 import pathlib
 import re
+import subprocess
+import sys
+import tempfile
 import textwrap
 import tokenize
 
 import pytest
+
+from tests.conftest import SESSION_TMP_PREFIX
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -290,3 +296,21 @@ def test_ticket_check_leaves_behaviour_names_alone():
             """Previews the plan before running it."""
         ''')
     assert ticket_names(source, "tests/test_gc_races.py") == []
+
+
+# -- the session's temp folder ---------------------------------------------------------------
+def test_scratch_space_is_the_sessions_own_folder(tmp_path):
+    """tempfile and $TMPDIR, here and in child processes, point at the folder conftest
+    removes at the end of the session; pytest's tmp_path lives outside it, where a failed
+    test's folder is kept."""
+    session = pathlib.Path(tempfile.gettempdir())
+    assert session.name.startswith(SESSION_TMP_PREFIX) and session.is_dir()
+    assert os.environ["TMPDIR"] == str(session)
+    child = subprocess.run(
+        [sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert child.stdout.strip() == str(session)
+    assert session not in tmp_path.parents

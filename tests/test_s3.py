@@ -361,7 +361,9 @@ def test_server_down_at_load(own_server, monkeypatch):
     opts = own_server.storage_options()
     url = f"s3://{S3_BUCKET}/down"
     ckptstore.save({"w": torch.randn(64, 64)}, url, step=1, storage_options=opts)
+    assert own_server.local_sockets()  # weed's /tmp/seaweedfs-*.sock, not under $TMPDIR
     own_server.kill()
+    assert own_server.local_sockets() == []  # removed once it is gone: nothing left in /tmp
     backoffs = _SleepLog()
     monkeypatch.setattr(fsspec_backend, "time", backoffs)
     with pytest.raises(StorageUnavailableError) as info:

@@ -14,7 +14,10 @@ data directory and ports.
 Facts this relies on (seaweedfs 4.x): every component needs an explicit port, and some
 derive a gRPC port as HTTP port + 10000 whatever the flags say, so each HTTP port is chosen
 with that one free too; ``-logdir`` must come before ``mini``; ``mini`` writes its options
-to ``<dir>/mini.options`` and reads them back on restart, so a restart passes the same ones.
+to ``<dir>/mini.options`` and reads them back on restart, so a restart passes the same ones;
+its components open local sockets ``/tmp/seaweedfs-<component>-<port>.sock`` (a fixed folder,
+not ``$TMPDIR``) and never remove them, so :meth:`S3Server.stop` and :meth:`S3Server.kill`
+remove the ones of this server's ports once it has exited.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ READER_KEY = "ckptstore-reader"
 """Access key of a second identity that may read and list but not write."""
 READER_SECRET = "ckptstore-reader-secret"
 GRPC_OFFSET = 10000
+SOCKET_DIR = Path("/tmp")
+"""Where weed puts its local sockets, whatever ``$TMPDIR`` says."""
 
 
 class S3ServerError(RuntimeError):
@@ -265,16 +270,35 @@ class S3Server:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
+        self._remove_sockets()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop cleanly (SIGTERM), killing it if it does not exit within ``timeout``."""
         if self.proc is None or self.proc.poll() is not None:
+            self._remove_sockets()
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=timeout)
         except (subprocess.TimeoutExpired, ProcessLookupError):
             self.kill()
+        self._remove_sockets()
+
+    def local_sockets(self) -> list[Path]:
+        """The ``/tmp/seaweedfs-*-<port>.sock`` files of this server's ports."""
+        ports = {str(p) for p in self.ports.values()}
+        ports |= {str(p + GRPC_OFFSET) for p in self.ports.values()}
+        return [
+            path
+            for path in SOCKET_DIR.glob("seaweedfs-*.sock")
+            if path.name[: -len(".sock")].rsplit("-", 1)[-1] in ports
+        ]
+
+    def _remove_sockets(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return  # still running: they are its sockets
+        for path in self.local_sockets():
+            path.unlink(missing_ok=True)
 
     @property
     def running(self) -> bool:
