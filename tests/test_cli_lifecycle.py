@@ -190,9 +190,9 @@ def test_gc_executes_the_plan_it_shows(store, monkeypatch):
     from click.testing import CliRunner
 
     from ckptstore.cli.main import cli
-    from ckptstore.store import gc
+    from ckptstore.store import gc_plan, gc_run
 
-    real_plan, real_execute = gc.plan, gc.execute
+    real_plan, real_execute = gc_plan.plan, gc_run.execute
     seen: dict = {"step": 40}
 
     def plan_then_commit(*args, **kwargs):
@@ -205,8 +205,8 @@ def test_gc_executes_the_plan_it_shows(store, monkeypatch):
         assert plan is seen["plan"]
         return real_execute(repo, plan, **kwargs)
 
-    monkeypatch.setattr(gc, "plan", plan_then_commit)
-    monkeypatch.setattr(gc, "execute", execute)
+    monkeypatch.setattr(gc_plan, "plan", plan_then_commit)
+    monkeypatch.setattr(gc_run, "execute", execute)
     args = ["gc", store, "--keep-last", "2", "--grace", "0s"]
     res = CliRunner().invoke(cli, [*args, "--json"])
     assert res.exit_code == 0, res.output

@@ -4,6 +4,8 @@ race, fresh chunks, the commit check), the gc lock, leases, and gc failing part-
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,7 +16,8 @@ from torch.distributed.checkpoint import DefaultSavePlanner
 import ckptstore
 from ckptstore import errors
 from ckptstore.backend import open_backend
-from ckptstore.store import Repository, gc, layout, leases
+from ckptstore.store import Repository, gc_plan, gc_run, layout, leases, removal
+from ckptstore.store.retention import Retention, parse_duration
 from ckptstore.testing.faulty import FaultyBackend
 from tests.helpers import assert_same
 
@@ -64,13 +67,13 @@ def small_skew(monkeypatch):
      ("1.5h", 5400), ("250ms", 0.25), (12, 12)],
 )  # fmt: skip
 def test_parse_duration(text, seconds):
-    assert gc.parse_duration(text) == seconds
+    assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("bad", ["", "h", "2x", "-1s", "1h 2", "s1"])
 def test_parse_duration_rejects(bad):
     with pytest.raises(ValueError):
-        gc.parse_duration(bad)
+        parse_duration(bad)
 
 
 @pytest.fixture
@@ -84,7 +87,7 @@ def ten(store_url):
 
 
 def _kept(url: str, **policy) -> list[str]:
-    return gc.plan(Repository.open(url), gc.Retention(**policy), grace=0).kept
+    return gc_plan.plan(Repository.open(url), Retention(**policy), grace=0).kept
 
 
 def test_retention_policies(ten):
@@ -106,11 +109,11 @@ def test_retention_policies(ten):
         _kept(ten, keep=("nope",))
     for bad in (0, -1, True):
         with pytest.raises(ValueError):
-            gc.Retention(keep_last=bad)
+            Retention(keep_last=bad)
 
 
 def test_plan_reasons(ten):
-    p = gc.plan(Repository.open(ten), gc.Retention(keep_last=2, keep_every=90), grace=0)
+    p = gc_plan.plan(Repository.open(ten), Retention(keep_last=2, keep_every=90), grace=0)
     why = {c.name: c.reasons for c in p.checkpoints}
     assert why[layout.step_name(90)] == ["latest", "last 2", "every 90"]
     assert why[layout.step_name(0)] == ["every 90"]
@@ -162,7 +165,7 @@ def test_grace_keeps_young_chunks(local_url):
         _save(_state(i), local_url, step=i)
     report = ckptstore.Store(local_url).gc(keep_last=1)  # default grace: 1 h
     assert len(report.dropped) == 2 and report.chunks_deleted == 0
-    assert report.chunks_held == 8
+    assert report.held.chunks == 8
     report = ckptstore.Store(local_url).gc(grace="0s")  # no policy: garbage only
     assert report.dropped == [] and report.chunks_deleted == 8
     assert _chunks(local_url) == _referenced(local_url)
@@ -205,7 +208,7 @@ def test_gc_with_an_unreadable_manifest_deletes_no_chunk_and_does_the_rest(local
         f.truncate(40)
     temp = _old_temp_file(local_url, "chunks/ab")
     before = _chunks(local_url)
-    plan = gc.plan(Repository.open(local_url), gc.Retention(keep_last=1), grace=0)
+    plan = gc_plan.plan(Repository.open(local_url), Retention(keep_last=1), grace=0)
     assert list(plan.unreadable) == [layout.step_name(1)]
     assert plan.unreadable[layout.step_name(1)]  # the error, as text
     assert plan.dropped == [layout.step_name(2)] and plan.kept == [layout.step_name(3)]
@@ -222,13 +225,13 @@ def test_gc_with_an_unreadable_manifest_deletes_no_chunk_and_does_the_rest(local
     assert repo.backend.list(layout.LEASES) == []  # the lock was given back
     assert sorted(repo.names()) == [layout.step_name(1), layout.step_name(3)]
     # collect() (retention after a save) behaves the same
-    again = gc.collect(Repository.open(local_url), gc.Retention(keep_last=1), grace=0)
+    again = gc_run.collect(Repository.open(local_url), Retention(keep_last=1), grace=0)
     assert again.chunks_deleted == 0 and list(again.unreadable) == [layout.step_name(1)]
     # --keep naming the unreadable checkpoint is no error (it is never dropped anyway)
-    assert gc.plan(repo, gc.Retention(keep=(layout.step_name(1),)), grace=0).unreadable
-    assert gc.plan(repo, gc.Retention(keep=("1",)), grace=0).unreadable
+    assert gc_plan.plan(repo, Retention(keep=(layout.step_name(1),)), grace=0).unreadable
+    assert gc_plan.plan(repo, Retention(keep=("1",)), grace=0).unreadable
     # rm deletes an unreadable manifest outright; gc then frees everything
-    gc.remove(Repository.open(local_url), [layout.step_name(1)])
+    removal.remove(Repository.open(local_url), [layout.step_name(1)])
     report = ckptstore.Store(local_url).gc(keep_last=1, grace=0)
     assert report.unreadable == {} and report.chunks_deleted == 12
     assert _chunks(local_url) == _referenced(local_url)
@@ -320,7 +323,7 @@ def test_fresh_chunks_of_a_save_in_flight_are_kept(store_url, small_skew):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     report = ckptstore.Store(store_url).gc(grace=0)
-    assert report.held_by_saves == 8 and report.chunks_deleted == 4  # step 0's head only
+    assert report.held.by_saves == 8 and report.chunks_deleted == 4  # step 0's head only
     assert report.trash_purged == 1
     save.finish()
     assert save.error is None
@@ -620,11 +623,11 @@ def test_async_save_keep_last(local_url, monkeypatch):
 
 
 # -- the plan is what runs -----------------------------------------------------------------------
-def _plan(url: str, **policy) -> gc.GcPlan:
-    return gc.plan(Repository.open(url), gc.Retention(**policy), grace=0)
+def _plan(url: str, **policy) -> gc_plan.GcPlan:
+    return gc_plan.plan(Repository.open(url), Retention(**policy), grace=0)
 
 
-def _keys(plan: gc.GcPlan) -> set[str]:
+def _keys(plan: gc_plan.GcPlan) -> set[str]:
     return {layout.chunk_key(k.hex()) for k in plan.chunk_keys}
 
 
@@ -636,7 +639,7 @@ def test_execute_runs_the_dry_run_plan(store_url):
     assert len(shown.chunk_keys) == shown.chunks_freed == 4 * 4  # the dropped heads
     assert "chunk_keys" not in shown.to_dict()
     before = _chunks(store_url)
-    report = gc.execute(Repository.open(store_url), shown)
+    report = gc_run.execute(Repository.open(store_url), shown)
     assert report.plan is shown and report.dropped == shown.dropped
     assert report.skipped == {} and report.new_checkpoints == []
     assert report.chunks_skipped == report.chunks_unplanned == 0
@@ -656,7 +659,7 @@ def test_checkpoint_committed_after_the_plan_is_not_dropped(store_url):
     # committed after the plan, and dedups against step 0, which the plan drops
     late = {"head": states[0]["head"], "bias": torch.full((8,), 4.0)}
     assert _save(late, store_url, step=4).new_chunks == 0
-    report = gc.execute(Repository.open(store_url), p)
+    report = gc_run.execute(Repository.open(store_url), p)
     assert report.dropped == p.dropped  # not step 2, which keep_last=2 would now drop
     assert report.new_checkpoints == [layout.step_name(4)] and report.skipped == {}
     assert report.chunks_skipped == 4 and report.chunks_deleted == 4  # step 0's head stays
@@ -679,7 +682,7 @@ def test_plan_executed_after_its_checkpoints_were_removed_or_replaced(store_url)
     store.delete(step=1)
     again = _state(11)
     _save(again, store_url, step=1)  # same name, another checkpoint
-    report = gc.execute(Repository.open(store_url), p)
+    report = gc_run.execute(Repository.open(store_url), p)
     assert report.dropped == [layout.step_name(2)]
     assert report.skipped == {
         layout.step_name(0): "gone: removed since the plan",
@@ -701,7 +704,7 @@ def test_plan_executed_after_a_kept_checkpoint_was_removed(store_url):
     assert p.dropped == [layout.step_name(0), layout.step_name(1)]
     three = _keys_of(store_url, 3)
     ckptstore.Store(store_url).delete(step=3)
-    report = gc.execute(Repository.open(store_url), p)
+    report = gc_run.execute(Repository.open(store_url), p)
     # keep_last=2 keeps step 1 now: the plan's drop of it no longer holds
     assert report.dropped == [layout.step_name(0)]
     assert report.skipped == {
@@ -724,9 +727,9 @@ def test_plan_does_not_delete_chunks_a_save_begun_since_may_need(store_url, smal
     save = SaveThread(state, store_url, 3, PausingPlanner("zz_pause"))
     save.start()
     save.pause_point()
-    report = gc.execute(Repository.open(store_url), p)
+    report = gc_run.execute(Repository.open(store_url), p)
     assert report.dropped == [layout.step_name(1)] and report.chunks_deleted == 0
-    assert report.chunks_skipped == 4 and report.held_by_saves >= 4 and report.trash_kept == 1
+    assert report.chunks_skipped == 4 and report.held.by_saves >= 4 and report.trash_kept == 1
     save.finish()
     assert save.error is None
     assert ckptstore.Store(store_url).verify().ok
@@ -737,36 +740,56 @@ def test_execute_checks_its_plan(local_url, tmp_path):
     _save(_state(1), local_url, step=1)
     _save(_state(2), local_url, step=2)
     repo = Repository.open(local_url)
-    p = gc.plan(repo, gc.Retention(keep_last=1), grace=0)
+    p = gc_plan.plan(repo, Retention(keep_last=1), grace=0)
     other = Repository.open(str(tmp_path / "other"), create=True)
     with pytest.raises(ValueError, match="plan is for"):
-        gc.execute(other, p)
-    with pytest.raises(TypeError, match="part of the plan"):
-        gc.execute(repo, p, grace=0)
-    with pytest.raises(TypeError, match="GcPlan"):
-        gc.execute(repo, "keep_last=1")  # type: ignore[arg-type]
+        gc_run.execute(other, p)
+    with pytest.raises(TypeError, match="grace"):  # the grace is part of the plan
+        gc_run.execute(repo, p, grace=0)  # type: ignore[call-arg]
+    for not_a_plan in ("keep_last=1", Retention(keep_last=1), None):
+        with pytest.raises(TypeError, match="GcPlan"):
+            gc_run.execute(repo, not_a_plan)  # type: ignore[arg-type]
     assert _names(local_url) == [layout.step_name(1), layout.step_name(2)]
     assert repo.backend.list(layout.LEASES) == []
-    # the older form plans under the lock and runs that plan
-    with pytest.warns(DeprecationWarning, match="deprecated"):
-        report = gc.execute(repo, gc.Retention(keep_last=1), grace=0)
-    assert report.dropped == report.plan.dropped == [layout.step_name(1)]
-    assert report.chunks_deleted == report.plan.chunks_freed == 4
 
 
 def test_collect_plans_under_the_lock(local_url):
     for i in range(3):
         _save(_state(i), local_url, step=i)
-    report = gc.collect(Repository.open(local_url), gc.Retention(keep_last=1), grace=0)
+    report = gc_run.collect(Repository.open(local_url), Retention(keep_last=1), grace=0)
     assert report.dropped == report.plan.dropped == [layout.step_name(0), layout.step_name(1)]
     assert report.chunks_deleted == len(report.plan.chunk_keys) == 8
     assert _chunks(local_url) == _referenced(local_url)
     lock = leases.acquire_gc(Repository.open(local_url).backend)
     try:
         with pytest.raises(errors.GcBusyError):
-            gc.collect(Repository.open(local_url), gc.Retention(keep_last=1))
+            gc_run.collect(Repository.open(local_url), Retention(keep_last=1))
     finally:
         lock.release()
+
+
+def test_retention_exit_hook_is_registered_by_the_first_retention_gc_not_by_imports(tmp_path):
+    """Importing ckptstore (api, scheduler) registers no exit hook; the first retention gc
+    registers it once, and the script's last save still applies its retention."""
+    url = str(tmp_path / "s")
+    code = f"""
+import sys, threading, torch
+import ckptstore, ckptstore.api, ckptstore.background
+
+def ours():
+    return [h for h in threading._threading_atexits
+            if getattr(h, "func", h).__module__ == "ckptstore.background"]
+
+if ours():
+    sys.exit("registered at import")
+for step in range(3):
+    ckptstore.save({{"w": torch.full((8,), float(step))}}, {url!r}, step=step, keep_last=1)
+if len(ours()) != 1:
+    sys.exit(f"{{len(ours())}} hooks after three retention gcs")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [c.step for c in ckptstore.Store(url).list()] == [2]
 
 
 def test_chunks_reused_from_storage_survive_a_gc_that_starts_after_the_commit_check(tmp_path):

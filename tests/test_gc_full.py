@@ -17,7 +17,7 @@ import torch
 import ckptstore
 from ckptstore import errors
 from ckptstore.backend import open_backend
-from ckptstore.store import Repository, gc, layout, leases
+from ckptstore.store import Repository, gc_plan, layout, leases
 from ckptstore.testing.faulty import FaultyBackend
 from tests.helpers import assert_same, run_cli
 
@@ -96,7 +96,7 @@ def test_gc_deletes_stale_temp_files_in_every_folder(local_url):
 def test_plan_counts_temp_files_and_dry_run_keeps_them(local_url):
     _save(_state(0), local_url, step=0)
     path = _temp_file(local_url, "chunks/ab", 300)
-    plan = gc.plan(Repository.open(local_url), grace=0)
+    plan = gc_plan.plan(Repository.open(local_url), grace=0)
     assert plan.temp_files == 1 and plan.temp_bytes == 300
     ckptstore.Store(local_url).gc(grace=0, dry_run=True)
     assert os.path.exists(path)
@@ -136,16 +136,16 @@ def test_report_says_what_is_held_why_and_until_when(local_url):
     t_saved = time.time()
     report = ckptstore.Store(local_url).gc(keep_last=1, grace="1h")
     assert len(report.dropped) == 2 and report.chunks_deleted == 0
-    assert report.chunks_held == report.held_by_grace == 8 and report.held_by_saves == 0
-    assert report.bytes_held == report.bytes_held_by_grace > 0
+    assert report.held.chunks == report.held.by_grace == 8 and report.held.by_saves == 0
+    assert report.held.bytes == report.held.bytes_by_grace > 0
     # the oldest held chunk goes an hour after it was written; the youngest an hour after it
-    assert report.held_until is not None and report.held_all_until is not None
-    assert t_saved + 3600 - 120 < report.held_until <= report.held_all_until <= t_saved + 3600 + 1
+    assert report.held.until is not None and report.held.all_until is not None
+    assert t_saved + 3600 - 120 < report.held.until <= report.held.all_until <= t_saved + 3600 + 1
     d = report.to_dict()
     for k in ("held_by_grace", "bytes_held_by_grace", "held_until", "held_all_until",
               "held_by_saves", "bytes_held_by_saves", "temp_held", "unreadable"):  # fmt: skip
         assert k in d and k in d["plan"]
-    assert d["plan"]["held_until"] == pytest.approx(report.held_until, abs=5)
+    assert d["plan"]["held_until"] == pytest.approx(report.held.until, abs=5)
 
 
 def test_chunks_held_for_a_save_in_flight_are_reported_apart(local_url, monkeypatch):
@@ -158,9 +158,9 @@ def test_chunks_held_for_a_save_in_flight_are_reported_apart(local_url, monkeypa
         report = ckptstore.Store(local_url).gc(grace=0)
     finally:
         lease.release()
-    assert report.chunks_deleted == 0 and report.held_by_saves == 4 and report.held_by_grace == 0
-    assert report.bytes_held_by_saves == report.bytes_held and report.saves_in_flight == 1
-    assert report.held_until is None
+    assert report.chunks_deleted == 0 and report.held.by_saves == 4 and report.held.by_grace == 0
+    assert report.held.bytes_by_saves == report.held.bytes and report.saves_in_flight == 1
+    assert report.held.until is None
 
 
 def test_cli_says_what_is_held_and_until_when(local_url):
@@ -175,6 +175,28 @@ def test_cli_says_what_is_held_and_until_when(local_url):
     res = js["result"]
     assert res["held_by_grace"] == 8 and res["held_until"] > time.time() + 3000
     assert js["plan"]["held_by_grace"] == 8 and js["plan"]["held_all_until"] >= res["held_until"]
+
+
+def test_cli_plan_says_what_goes_now_before_what_goes_later(local_url):
+    """The dry run leads with the checkpoints dropped now and the bytes a run frees now, then
+    the bytes the grace period holds back and when a gc frees them, then the store's size."""
+    for i in range(3):
+        _save(_state(i), local_url, step=i)
+    out = run_cli("gc", local_url, "--keep-last", "1", "--dry-run").stdout
+    lines = [line.strip() for line in out.splitlines()]
+    first = next(i for i, line in enumerate(lines) if line.startswith("drop now:"))
+    summary = lines[first:]
+    assert summary[0] == "drop now: 2 checkpoint(s) (keep 1)"
+    assert summary[1].startswith("free now: ")
+    assert "0 chunk(s) (0 B) and 2 manifest(s)" in summary[1]
+    assert summary[2].startswith("free later: ")
+    assert summary[2].endswith("8 unreferenced chunk(s) held back:")
+    assert "younger than the grace period (1h): a gc frees them from" in summary[3]
+    assert summary[4].startswith("stored now: ")
+    assert summary[5:] == ["dry run: nothing was deleted"]
+    # with no grace, all of it goes now and nothing is held back
+    out = run_cli("gc", local_url, "--keep-last", "1", "--grace", "0s", "--dry-run").stdout
+    assert "free now: " in out and "8 chunk(s)" in out and "free later" not in out
 
 
 # -- unreadable manifests in the CLI -------------------------------------------------------------

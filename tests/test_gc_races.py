@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner
 
 import ckptstore
-from ckptstore.store import gc
+from ckptstore.store import gc_plan, gc_run
 from ckptstore.store.repository import Repository
 
 
@@ -23,10 +23,10 @@ def test_gc_sees_a_manifest_overwritten_while_it_runs(tmp_path, monkeypatch):
     ckptstore.save(a, url, name="A")
     ckptstore.save(n, url, name="N")
     ckptstore.Store(url).delete("A")
-    plan = gc.plan(Repository.open(url), grace=0)
+    plan = gc_plan.plan(Repository.open(url), grace=0)
     assert plan.chunks_freed == 2  # A's chunks
     revalidated, committed = threading.Event(), threading.Event()
-    replace, revalidate, sweep = Repository._replace_manifest, gc._revalidate, gc._sweep
+    replace, revalidate, sweep = Repository._replace_manifest, gc_run._revalidate, gc_run._sweep
 
     def slow_replace(self, m):  # the overwrite commits after gc re-read the checkpoints
         revalidated.wait(30)
@@ -42,8 +42,8 @@ def test_gc_sees_a_manifest_overwritten_while_it_runs(tmp_path, monkeypatch):
         return sweep(*args, **kwargs)
 
     monkeypatch.setattr(Repository, "_replace_manifest", slow_replace)
-    monkeypatch.setattr(gc, "_revalidate", marked_revalidate)
-    monkeypatch.setattr(gc, "_sweep", late_sweep)
+    monkeypatch.setattr(gc_run, "_revalidate", marked_revalidate)
+    monkeypatch.setattr(gc_run, "_sweep", late_sweep)
 
     def saver() -> None:  # N now holds A's content: A's chunks are put again, referenced
         ckptstore.save(a, url, name="N", overwrite=True)
@@ -52,7 +52,7 @@ def test_gc_sees_a_manifest_overwritten_while_it_runs(tmp_path, monkeypatch):
     t = threading.Thread(target=saver)
     t.start()
     time.sleep(1.0)
-    report = gc.execute(Repository.open(url), plan)
+    report = gc_run.execute(Repository.open(url), plan)
     t.join()
     assert report.chunks_deleted == 0
     assert ckptstore.Store(url).verify("N").ok
@@ -75,7 +75,7 @@ def test_a_cached_plan_of_the_same_name_brings_no_stale_parent(tmp_path):
     dcp.save(x, storage_writer=ckptstore.Writer(url, name="X"), no_dist=True)
     save(n, "N", True)  # its plan carries X's chunks as parent chunks, cached under "N"
     ckptstore.Store(url).delete("X")
-    gc.execute(Repository.open(url), gc.plan(Repository.open(url), grace=0))
+    gc_run.execute(Repository.open(url), gc_plan.plan(Repository.open(url), grace=0))
     save(x, "N", True)  # X's content again: its chunks are gone and must be written
     assert ckptstore.Store(url).verify("N").ok
     assert torch.equal(ckptstore.load_full(url, name="N")["w"], x["w"])

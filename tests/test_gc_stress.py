@@ -7,7 +7,7 @@ may be dropping at that moment: the dedup race), or a copy of one saved long ago
 chunks may be garbage a gc is deleting: the commit check's case). gc processes run
 ``gc --keep-last K --grace 0s`` with random K, half of the time as the CLI does (a plan,
 a pause, then that plan executed: the store changes in between) and half of the time
-planned under the lock (:func:`~ckptstore.store.gc.collect`). A save refused with
+planned under the lock (:func:`~ckptstore.store.gc_run.collect`). A save refused with
 ConcurrentGcError is fine (it committed nothing); a checkpoint that does not verify is not,
 nor a gc that drops or deletes more than its plan.
 
@@ -147,7 +147,8 @@ def _saver(wid: int, url: str, opts: dict, sync: Any, out: Any) -> None:
 
 def _gcer(wid: int, url: str, opts: dict, sync: Any, out: Any) -> None:
     from ckptstore.errors import GcBusyError
-    from ckptstore.store import Repository, gc
+    from ckptstore.store import Repository, gc_plan, gc_run
+    from ckptstore.store.retention import Retention
 
     rng = random.Random(2000 + wid)
     stats = {"attempts": 0, "runs": 0, "busy": 0, "dropped": 0, "chunks_deleted": 0,
@@ -156,16 +157,16 @@ def _gcer(wid: int, url: str, opts: dict, sync: Any, out: Any) -> None:
     for _ in _rounds_of(sync):
         for _ in range(GCS_PER_ROUND):
             stats["attempts"] += 1
-            retention = gc.Retention(keep_last=rng.randint(1, 4))
+            retention = Retention(keep_last=rng.randint(1, 4))
             repo = Repository.open(url, opts)
             try:
                 if rng.random() < 0.5:  # as the CLI: plan, show it, run that plan
-                    plan = gc.plan(repo, retention, grace=0)
+                    plan = gc_plan.plan(repo, retention, grace=0)
                     time.sleep(rng.uniform(0.0, 0.2))
-                    r = gc.execute(repo, plan)
+                    r = gc_run.execute(repo, plan)
                     stats["plan_then_execute"] += 1
                 else:
-                    r = gc.collect(repo, retention, grace=0)
+                    r = gc_run.collect(repo, retention, grace=0)
             except GcBusyError:
                 stats["busy"] += 1
             else:
@@ -178,7 +179,7 @@ def _gcer(wid: int, url: str, opts: dict, sync: Any, out: Any) -> None:
                 stats["dropped"] += len(r.dropped)
                 stats["chunks_deleted"] += r.chunks_deleted
                 stats["bytes_deleted"] += r.bytes_deleted
-                stats["held_by_saves"] += r.held_by_saves
+                stats["held_by_saves"] += r.held.by_saves
                 stats["trash_kept"] += r.trash_kept
                 stats["drops_skipped"] += len(r.skipped)
                 stats["new_since_plan"] += len(r.new_checkpoints)
@@ -196,7 +197,8 @@ def _stress(url: str, opts: dict, s3: bool, monkeypatch) -> dict:
     import torch
 
     import ckptstore
-    from ckptstore.store import Repository, gc, layout, reports
+    from ckptstore.store import Repository, gc_plan, gc_run, layout, reports
+    from ckptstore.store.retention import Retention
 
     for k, v in _env(s3).items():
         monkeypatch.setenv(k, v)  # spawned workers inherit the environment
@@ -245,12 +247,12 @@ def _stress(url: str, opts: dict, s3: bool, monkeypatch) -> dict:
     repo = Repository.open(url, opts)
     before_names = repo.names()
     before_chunks = set(repo.backend.list(layout.CHUNKS))
-    plan = gc.plan(repo, gc.Retention(keep_last=1), grace=0)
-    final = gc.execute(repo, plan)
+    plan = gc_plan.plan(repo, Retention(keep_last=1), grace=0)
+    final = gc_run.execute(repo, plan)
     kept = repo.manifests()
     assert len(kept) == 1 and final.dropped == plan.dropped
     assert len(final.dropped) == len(before_names) - 1
-    assert final.skipped == {} and final.new_checkpoints == [] and final.chunks_held == 0
+    assert final.skipped == {} and final.new_checkpoints == [] and final.held.chunks == 0
     after_chunks = set(repo.backend.list(layout.CHUNKS))
     assert before_chunks - after_chunks == {layout.chunk_key(k.hex()) for k in plan.chunk_keys}
     assert {layout.chunk_digest(k) for k in after_chunks} == kept[0].chunk_keys()

@@ -11,8 +11,9 @@ import torch.distributed.checkpoint as dcp
 import ckptstore
 from ckptstore import errors
 from ckptstore.backend import open_backend
-from ckptstore.store import gc, layout
+from ckptstore.store import gc_run, layout, removal
 from ckptstore.store.repository import Repository
+from ckptstore.store.retention import Retention
 from ckptstore.store.session import SaveSession
 from ckptstore.testing.faulty import FaultyBackend
 
@@ -65,7 +66,7 @@ def test_overwrite_replaces(tmp_path, how):
     assert len(repo.backend.list(layout.CATALOG)) == 1  # the old entry went (C3)
     assert len(repo.trash_entries()) == 1  # the old manifest, for saves that read it (O2)
     # a gc afterwards: the new checkpoint intact, the old one's own chunks collected
-    report = gc.collect(Repository.open(url), grace=0)
+    report = gc_run.collect(Repository.open(url), grace=0)
     assert report.chunks_deleted > 0
     assert _is(ckptstore.load_full(url, step=1), NEW)
 
@@ -100,7 +101,7 @@ def test_crash_at_each_step_leaves_one_complete(tmp_path, op, match, left):
     assert _is(ckptstore.load_full(url, step=1), expected)
     assert [s.name for s in Repository.open(url).summaries()[0]] == [NAME]
     # a gc after the crash keeps it whole (grace 0: only leases and references protect)
-    gc.collect(Repository.open(url), grace=0)
+    gc_run.collect(Repository.open(url), grace=0)
     assert _is(ckptstore.load_full(url, step=1), expected)
     # and overwriting again works (a lease the crash left holds the name until it expires,
     # TTL + skew: O1; here we expire it by hand)
@@ -120,8 +121,8 @@ def test_gc_does_not_drop_a_checkpoint_being_overwritten(tmp_path):
     session = SaveSession(repo, NAME, step=1, overwrite=True).begin()
     try:
         with pytest.raises(errors.CheckpointBusyError, match="overwrite=True"):
-            gc.remove(Repository.open(url), [NAME])
-        report = gc.collect(Repository.open(url), gc.Retention(keep_last=1), grace=0)
+            removal.remove(Repository.open(url), [NAME])
+        report = gc_run.collect(Repository.open(url), Retention(keep_last=1), grace=0)
         assert NAME not in report.dropped and "busy" in report.skipped.get(NAME, "busy")
         assert _is(ckptstore.load_full(url, step=1), OLD)
         # a second overwrite of the same name waits for the first (O1), then gives up
@@ -129,7 +130,7 @@ def test_gc_does_not_drop_a_checkpoint_being_overwritten(tmp_path):
             SaveSession(Repository.open(url), NAME, overwrite=True, gc_wait=0.3).begin()
     finally:
         session.release()
-    gc.remove(Repository.open(url), [NAME])  # once the save is over, it can go
+    removal.remove(Repository.open(url), [NAME])  # once the save is over, it can go
     assert [s.name for s in Repository.open(url).summaries()[0]] == [layout.step_name(2)]
 
 
@@ -143,11 +144,11 @@ def test_gc_running_beside_the_overwrite(tmp_path):
 
     def run_gc(_key: str) -> None:
         if not ran:
-            ran.append(gc.collect(Repository.open(url), gc.Retention(keep_last=1), grace=0))
+            ran.append(gc_run.collect(Repository.open(url), Retention(keep_last=1), grace=0))
 
     faulty.on("put", "chunks/*", run_gc, after=1, times=1)
     ckptstore.save(NEW, faulty, step=1, overwrite=True, chunk_bytes=16384)
     assert ran and NAME not in ran[0].dropped  # its save lease kept the name (G10)
     assert _is(ckptstore.load_full(url, step=1), NEW)
-    gc.collect(Repository.open(url), grace=0)
+    gc_run.collect(Repository.open(url), grace=0)
     assert _is(ckptstore.load_full(url, step=1), NEW)

@@ -23,7 +23,7 @@ from ckptstore.render import console, emit_json, err_console, human_bytes, ratio
 def _duration(_: click.Context, param: click.Parameter, value: str | None) -> float | None:
     if value is None:
         return None
-    from ckptstore.store.gc import parse_duration
+    from ckptstore.store.retention import parse_duration
 
     try:
         return parse_duration(value)
@@ -140,7 +140,14 @@ def gc_cmd(
                 f"deleted {report.temp_deleted} stale temporary file(s) "
                 f"({human_bytes(report.temp_bytes_deleted)}) left by puts that never finished"
             )
-        _show_held(report, plan.grace, "kept")
+        if report.held.chunks:
+            console.print(
+                f"kept {report.held.chunks} unreferenced chunk(s) "
+                f"({human_bytes(report.held.bytes)}) for now:"
+            )
+        _show_held(report.held, report.saves_in_flight, plan.grace)
+        _show_temp_held(report, "kept")
+        _show_blocked(report)
         _show_changes(report)
     if report.unreadable:
         sys.exit(EXIT_CORRUPT)
@@ -156,32 +163,34 @@ def _at(t: float | None) -> str:
     return when(t) if t is not None else "?"
 
 
-def _show_held(x: Any, grace: float, verb: str) -> None:
-    """What gc held back, why, and when a gc frees it (plan or report)."""
-    if x.chunks_held:
-        console.print(
-            f"{verb} {x.chunks_held} unreferenced chunk(s) ({human_bytes(x.bytes_held)}) for now:"
-        )
-    if x.held_by_grace:
-        first, last = _at(x.held_until), _at(x.held_all_until)
+def _show_held(held: Any, saves_in_flight: int | list[str], grace: float) -> None:
+    """Why gc holds unreferenced chunks back, and when a gc frees them (plan or report)."""
+    if held.by_grace:
+        first, last = _at(held.until), _at(held.all_until)
         span = f"from {first}" if first == last else f"from {first}, all by {last}"
         console.print(
-            f"  {x.held_by_grace} ({human_bytes(x.bytes_held_by_grace)}) younger than the grace "
+            f"  {held.by_grace} ({human_bytes(held.bytes_by_grace)}) younger than the grace "
             f"period ({_duration_text(grace)}): a gc frees them {span} — or now with --grace 0s"
         )
-    if x.held_by_saves:
-        n = x.saves_in_flight if isinstance(x.saves_in_flight, int) else len(x.saves_in_flight)
+    if held.by_saves:
+        n = saves_in_flight if isinstance(saves_in_flight, int) else len(saves_in_flight)
         console.print(
-            f"  {x.held_by_saves} ({human_bytes(x.bytes_held_by_saves)}) possibly needed by "
+            f"  {held.by_saves} ({human_bytes(held.bytes_by_saves)}) possibly needed by "
             f"{n} save(s) in flight: a gc after they have ended frees them"
         )
-    temp_held = getattr(x, "temp_held", 0)
-    if temp_held:
+
+
+def _show_temp_held(x: Any, verb: str) -> None:
+    if x.temp_held:
         console.print(
-            f"{verb} {temp_held} temporary file(s) ({human_bytes(x.temp_bytes_held)}) too young "
-            f"to be told from a put in progress, or of a save in flight: a gc frees them from "
-            f"{_at(x.temp_held_until)}"
+            f"{verb} {x.temp_held} temporary file(s) ({human_bytes(x.temp_bytes_held)}) too "
+            f"young to be told from a put in progress, or of a save in flight: a gc frees them "
+            f"from {_at(x.temp_held_until)}"
         )
+
+
+def _show_blocked(x: Any) -> None:
+    """Chunks an unreadable manifest keeps, and what a full storage left (plan or report)."""
     if x.chunks_blocked:
         console.print(
             f"[red]deleted no chunk[/red]: {len(x.unreadable)} checkpoint(s) unreadable "
@@ -245,17 +254,32 @@ def _show_plan(plan: Any, dry_run: bool) -> None:
         console.print(table)
     else:
         console.print(f"{plan.url}: no checkpoints")
+    # what a run does now first, then what it holds back and when a gc frees that
+    manifests = plan.manifest_bytes_freed
     console.print(
-        f"checkpoints: keep {len(plan.kept)}, drop {len(plan.dropped)}\n"
-        f"chunks: {plan.chunks_total} objects, {human_bytes(plan.bytes_total)}; kept "
-        f"{plan.chunks_kept} ({human_bytes(plan.bytes_kept)} with manifests); to delete "
-        f"{plan.chunks_freed} ({human_bytes(plan.bytes_freed)} with manifests)"
-    )
-    if plan.temp_files:
-        console.print(
-            f"stale temporary files: {plan.temp_files} ({human_bytes(plan.temp_bytes)}) to delete"
+        f"drop now: {len(plan.dropped)} checkpoint(s) (keep {len(plan.kept)})\n"
+        f"free now: {human_bytes(plan.bytes_freed + plan.temp_bytes)} — "
+        f"{plan.chunks_freed} chunk(s) ({human_bytes(plan.bytes_freed - manifests)}) and "
+        f"{len(plan.dropped)} manifest(s) ({human_bytes(manifests)})"
+        + (
+            f", {plan.temp_files} stale temporary file(s) ({human_bytes(plan.temp_bytes)})"
+            if plan.temp_files
+            else ""
         )
-    _show_held(plan, plan.grace, "held back")
+    )
+    if plan.held.chunks:
+        console.print(
+            f"free later: {human_bytes(plan.held.bytes)} — {plan.held.chunks} unreferenced "
+            "chunk(s) held back:"
+        )
+    _show_held(plan.held, plan.saves_in_flight, plan.grace)
+    _show_temp_held(plan, "free later:")
+    _show_blocked(plan)
+    console.print(
+        f"stored now: {plan.chunks_total} chunk object(s), {human_bytes(plan.bytes_total)}; "
+        f"the kept checkpoints use {plan.chunks_kept} ({human_bytes(plan.bytes_kept)} with "
+        "their manifests)"
+    )
     if dry_run:
         console.print("dry run: nothing was deleted")
 

@@ -12,11 +12,12 @@ import numpy as np
 from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import Pipeline
 from ckptstore.knobs import Settings
-from ckptstore.store import gc, reports, usage
+from ckptstore.store import gc_plan, gc_run, removal, reports, usage
 from ckptstore.store.blobs import BlobReader
 from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.manifest import Blob, Manifest
 from ckptstore.store.repository import Repository
+from ckptstore.store.retention import Retention
 
 Ref = str | int
 
@@ -139,16 +140,18 @@ class Store:
         keep_every: int | None = None,
         keep: tuple[str, ...] | list[str] = (),
         grace: str | float | None = None,
-    ) -> gc.GcPlan:
+    ) -> gc_plan.GcPlan:
         """What a gc with this policy would do (read-only, no lock): the plan that
         :meth:`run_gc` executes, and ``gc --dry-run`` prints."""
-        retention = gc.Retention(keep_last=keep_last, keep_every=keep_every, keep=tuple(keep))
-        return gc.plan(self.repo, retention, grace=grace)
+        retention = Retention(keep_last=keep_last, keep_every=keep_every, keep=tuple(keep))
+        return gc_plan.plan(self.repo, retention, grace=grace)
 
-    def run_gc(self, plan: gc.GcPlan, *, wait: float = 0.0, progress: Any = None) -> gc.GcReport:
+    def run_gc(
+        self, plan: gc_plan.GcPlan, *, wait: float = 0.0, progress: Any = None
+    ) -> gc_run.GcReport:
         """Execute ``plan`` under the gc lock: it drops only what the plan drops and deletes
         only chunks it names (less where the store changed since; docs/gc.md)."""
-        return gc.execute(self.repo, plan, wait=wait, progress=progress)
+        return gc_run.execute(self.repo, plan, wait=wait, progress=progress)
 
     def gc(
         self,
@@ -159,14 +162,14 @@ class Store:
         grace: str | float | None = None,
         dry_run: bool = False,
         wait: float = 0.0,
-    ) -> gc.GcReport:
+    ) -> gc_run.GcReport:
         """Drop the checkpoints the policy does not keep, then delete the chunks nothing
         needs (see docs/gc.md). With no policy, only garbage is collected. ``grace``:
         seconds or "2h"-style; unreferenced chunks younger than it stay. The plan is in
         ``report.plan``; with ``dry_run`` nothing else happens."""
         plan = self.plan_gc(keep_last=keep_last, keep_every=keep_every, keep=keep, grace=grace)
         if dry_run:
-            return gc.GcReport(url=self.repo.url, dropped=[], dry_run=True, plan=plan)
+            return gc_run.GcReport(url=self.repo.url, dropped=[], dry_run=True, plan=plan)
         return self.run_gc(plan, wait=wait)
 
     def delete(
@@ -181,14 +184,14 @@ class Store:
         if which is None and step is None and name is None:
             raise ValueError("give the name or step of the checkpoint to delete")
         target = self.resolve(which, step=step, name=name)
-        gc.remove(self.repo, [target], wait=wait)
+        removal.remove(self.repo, [target], wait=wait)
         return target
 
-    def delete_many(self, refs: list[Ref], *, wait: float = 0.0) -> gc.GcReport:
+    def delete_many(self, refs: list[Ref], *, wait: float = 0.0) -> gc_run.GcReport:
         """Remove several checkpoints (each named by the rule of :meth:`resolve`) under one
         gc lock; all are resolved before any is removed."""
         targets = [self.resolve(r) for r in refs]
-        return gc.remove(self.repo, targets, wait=wait)
+        return removal.remove(self.repo, targets, wait=wait)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
