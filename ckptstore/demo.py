@@ -3,7 +3,9 @@
 A tiny next-token model learns a synthetic sequence task for a few steps with AdamW; after
 the first checkpoint it is fine-tuned with the embedding and body frozen (as when adapting a
 base model), so later checkpoints share most of their chunks with the first. Running the
-demo again on the same store resumes from its latest checkpoint.
+demo again on the same store resumes from its latest checkpoint, and saves after the store's
+last step. A store whose latest checkpoint the demo cannot resume from (other keys or shapes:
+not written by the demo) is refused before anything is loaded or written.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from rich.table import Table
 
 from ckptstore.api import load, save
-from ckptstore.errors import StoreNotFoundError
+from ckptstore.errors import CheckpointNotFoundError, StoreNotFoundError
 from ckptstore.render import console, human_bytes, ratio
 from ckptstore.store import Store
 
@@ -87,6 +89,28 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _not_resumable(store: Store, name: str, state: dict[str, Any]) -> str | None:
+    """Why the demo cannot resume from checkpoint ``name`` (a key of its state missing, or a
+    tensor of another shape: a checkpoint the demo did not write), or None if it can. Reads
+    the manifest only."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    manifest = store.repo.manifest(name)
+    flat, _ = flatten_state_dict(state)
+    missing = [k for k in flat if k not in manifest.tensors and k not in manifest.objects]
+    if missing:
+        shown = ", ".join(repr(k) for k in missing[:3]) + (" …" if len(missing) > 3 else "")
+        return f"{len(missing)} of the demo's {len(flat)} keys are not in it ({shown})"
+    for key, value in flat.items():
+        entry = manifest.tensors.get(key)
+        if isinstance(value, torch.Tensor) and (
+            entry is None or list(entry.shape) != list(value.shape)
+        ):
+            held = "a value" if entry is None else f"shape {list(entry.shape)}"
+            return f"{key!r} is {held} there, the demo's is of shape {list(value.shape)}"
+    return None
+
+
 def run_demo(
     url: str,
     *,
@@ -107,18 +131,28 @@ def run_demo(
     try:
         store = Store(url, storage_options)
         latest = store.repo.resolve()
+    except (StoreNotFoundError, CheckpointNotFoundError):
+        console.print(f"new store at {url}")
+    else:
+        problem = _not_resumable(store, latest, _state(model, opt, 0))
+        if problem is not None:  # checked before anything is loaded or written
+            raise ValueError(
+                f"--url {url} holds checkpoints the demo did not write: it cannot resume from "
+                f"the latest, {latest!r}: {problem}. Give the demo a fresh --url (nothing "
+                "was written)"
+            )
         info = load(_state(model, opt, 0), url, name=latest, storage_options=storage_options)
-        start = store.repo.manifest(latest).step or 0
+        # after the store's last step, so no step of the demo meets a checkpoint's name
+        start = max((c.step for c in store.list() if c.step is not None), default=0)
         console.print(f"resumed from {info.name} in {url} (read {human_bytes(info.bytes_read)})")
         _freeze_body(model, opt)
-    except (StoreNotFoundError, FileNotFoundError):
-        console.print(f"new store at {url}")
 
     for i in range(checkpoints):
         step = start + (i + 1) * steps
         loss = _train(model, opt, steps, gen)
         state = _state(model, opt, step)
         info = save(state, url, step=step, storage_options=storage_options)
+        saved = info.name
         console.print(
             f"step {step:>5}: loss {loss:.3f}, saved {info.name}: "
             f"{human_bytes(info.logical_bytes)} → {human_bytes(info.stored_bytes)}, "
@@ -145,7 +179,7 @@ def run_demo(
     model2, opt2 = _fresh()
     _train(model2, opt2, 1, torch.Generator().manual_seed(1))
     loaded = _state(model2, opt2, -1)
-    info = load(loaded, url, storage_options=storage_options)
+    info = load(loaded, url, name=saved, storage_options=storage_options)
     ok = _equal(expected["model"], model2.state_dict()) and _equal(
         expected["optim"]["state"], opt2.state_dict()["state"]
     )
