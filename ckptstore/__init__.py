@@ -18,6 +18,7 @@ _LAZY = {
     "load": "ckptstore.api",
     "load_full": "ckptstore.api",
     "Store": "ckptstore.store.facade",
+    "check_name": "ckptstore.store.layout",
     "Retention": "ckptstore.store.retention",
     "GcPlan": "ckptstore.store.gc_plan",
     "GcReport": "ckptstore.store.gc_run",

@@ -26,14 +26,19 @@ from typing import Any
 import torch
 from fsspec.core import url_to_fs
 
-from ckptstore import Retention, SaveOptions, retain_in_background
-from ckptstore.api import load_full, save
+from ckptstore import (
+    Retention,
+    SaveOptions,
+    Store,
+    check_name,
+    load_full,
+    retain_in_background,
+    save,
+)
 from ckptstore.backend import Backend
 from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
 from ckptstore.knobs import Settings
 from ckptstore.nested import map_leaves, walk
-from ckptstore.store.facade import Store
-from ckptstore.store.layout import check_name
 
 _BASES: list[type] = []
 try:  # the unified package: ``import lightning``

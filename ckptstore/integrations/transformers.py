@@ -31,9 +31,7 @@ except ImportError as exc:
 
 import torch.distributed as dist
 
-from ckptstore import GcReport, SaveOptions
-from ckptstore.api import load_full, save
-from ckptstore.dcp.writer import SaveInfo
+from ckptstore import GcReport, SaveInfo, SaveOptions, Store, load_full, save
 from ckptstore.errors import CheckpointNotFoundError, GcBusyError, StoreNotFoundError
 from ckptstore.integrations.folder_archive import (
     FOLDER_NAME,
@@ -43,7 +41,6 @@ from ckptstore.integrations.folder_archive import (
     write_folder,
 )
 from ckptstore.knobs import Settings
-from ckptstore.store.facade import Store
 
 __all__ = ["INDEX_KEY", "CkptStoreCallback", "latest_step", "restore_checkpoint"]
 
