@@ -224,3 +224,15 @@ def test_verify_and_export_write_nothing_on_stderr_off_a_terminal(store, tmp_pat
     assert proc.stderr == "" and proc.stdout.startswith("OK:")
     proc = run("export", store, str(tmp_path / "w.safetensors"))
     assert proc.stderr == "" and proc.stdout.startswith("wrote ")
+
+
+def test_cli_modules_keep_no_old_name_shims():
+    """Output helpers live in ckptstore.render, options and exit codes in
+    ckptstore.cli.common; ckptstore.cli.main defines the commands and re-exports nothing."""
+    import importlib.util
+
+    from ckptstore.cli import main
+
+    assert importlib.util.find_spec("ckptstore.cli.render") is None
+    for old in ("_exit_code", "_repo", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_OTHER"):
+        assert not hasattr(main, old), old

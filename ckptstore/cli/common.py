@@ -178,12 +178,6 @@ step_option = click.option("--step", type=int, default=None, help="Checkpoint by
 name_option = click.option("--name", default=None, help="Checkpoint by name.")
 
 
-def _repo(url: str, storage_options: tuple[str, ...]):
-    from ckptstore.store import Repository
-
-    return Repository.open(url, _options(storage_options))
-
-
 def open_store(url: str, storage_options: tuple[str, ...]):
     """The :class:`ckptstore.Store` a command works on (torch-free)."""
     from ckptstore.store import Store

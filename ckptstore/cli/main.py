@@ -13,15 +13,10 @@ import click
 from rich.table import Table
 
 from ckptstore.cli import lifecycle, report, transfer
-from ckptstore.cli.common import (  # noqa: F401 - re-exported for older imports
+from ckptstore.cli.common import (
     EXIT_CORRUPT,
     EXIT_DAMAGED,
-    EXIT_NOT_FOUND,
-    EXIT_OTHER,
-    EXIT_USAGE,
-    _exit_code,
     _options,
-    _repo,
     handle_errors,
     json_option,
     name_option,
