@@ -18,15 +18,34 @@ from ckptstore.testing import faulty
 # Chromium's profile scratch), gets it inside this folder, which goes at the end of the
 # session, passed or failed. pytest's own tmp_path folders stay in the system temp folder
 # (PYTEST_DEBUG_TEMPROOT): tmp_path_retention_policy in pyproject keeps a failed run's there.
-# The terminal summary names what tests left behind in it, so a new leak is seen.
+# The terminal summary names what tests left behind in it, so a new leak is seen. The folder
+# carries the session's pid: a later session removes those of sessions killed before their end.
 TEMP_VARIABLES = ("TMPDIR", "TEMP", "TMP")
 SESSION_TMP_PREFIX = "ckptstore-tests-"
 _session_tmp: dict = {}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def _remove_folders_of_dead_sessions(system: str) -> None:
+    for old in Path(system).glob(f"{SESSION_TMP_PREFIX}*"):
+        pid = old.name[len(SESSION_TMP_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def pytest_configure(config):
     system = tempfile.gettempdir()
-    path = tempfile.mkdtemp(prefix=SESSION_TMP_PREFIX, dir=system)
+    _remove_folders_of_dead_sessions(system)
+    path = tempfile.mkdtemp(prefix=f"{SESSION_TMP_PREFIX}{os.getpid()}-", dir=system)
     _session_tmp.update(
         path=path,
         environ={k: os.environ.get(k) for k in (*TEMP_VARIABLES, "PYTEST_DEBUG_TEMPROOT")},

@@ -27,7 +27,7 @@ import tokenize
 
 import pytest
 
-from tests.conftest import SESSION_TMP_PREFIX
+from tests.conftest import SESSION_TMP_PREFIX, _remove_folders_of_dead_sessions
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -314,3 +314,20 @@ def test_scratch_space_is_the_sessions_own_folder(tmp_path):
     )
     assert child.stdout.strip() == str(session)
     assert session not in tmp_path.parents
+
+
+def test_folders_of_killed_sessions_are_removed_by_the_next():
+    system = pathlib.Path(tempfile.gettempdir()).parent
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead = pathlib.Path(
+        tempfile.mkdtemp(prefix=f"{SESSION_TMP_PREFIX}{ended.stdout.strip()}-", dir=system)
+    )
+    (dead / "left.bin").write_bytes(b"x")
+    _remove_folders_of_dead_sessions(str(system))
+    assert not dead.exists()
+    assert pathlib.Path(tempfile.gettempdir()).is_dir()  # this live session's stays
