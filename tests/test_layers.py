@@ -71,7 +71,7 @@ name of another package. Empty: every such use so far was made public or moved."
 
 def _subpackage(module: str) -> str:
     """The part of ckptstore a module belongs to: the first component after ``ckptstore``
-    (``ckptstore.store.gc`` → ``store``, ``ckptstore.api`` → ``api``, ``ckptstore`` → "")."""
+    (``ckptstore.store.gc_plan`` → ``store``, ``ckptstore.api`` → ``api``, ``ckptstore`` → "")."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 

@@ -39,7 +39,7 @@ from typing import Any
 
 SUITES = {
     "compare": "ckptstore.bench.compare",
-    "gc": "ckptstore.bench.gc",
+    "gc": "ckptstore.bench.gc_suite",
     "quantize": "ckptstore.bench.quantize",
     "s3": "ckptstore.bench.s3",
     "distributed": "ckptstore.bench.distributed",

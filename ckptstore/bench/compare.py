@@ -23,7 +23,7 @@ docs/benchmarks.md).
 
 from __future__ import annotations
 
-import gc as stdlib_gc  # the interpreter's collector, not the gc suite ckptstore.bench.gc
+import gc  # the interpreter's collector (the gc suite is ckptstore.bench.gc_suite)
 import os
 import shutil
 import warnings
@@ -145,7 +145,7 @@ def run_bench(
                     err_console.print(f"ckptstore bench: skipping {name}: {res['skipped']}")
                 if temporary:
                     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-                stdlib_gc.collect()  # the dataset's state, before the next one is built
+                gc.collect()  # the dataset's state, before the next one is built
     finally:
         if temporary:
             shutil.rmtree(root, ignore_errors=True)

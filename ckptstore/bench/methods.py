@@ -13,7 +13,7 @@ state and extra figures; the in-place ones fill a template made outside the timi
 
 from __future__ import annotations
 
-import gc as stdlib_gc  # the interpreter's collector, not the gc suite ckptstore.bench.gc
+import gc  # the interpreter's collector (the gc suite is ckptstore.bench.gc_suite)
 import os
 import shutil
 import tempfile
@@ -116,7 +116,7 @@ METHODS = (
 # -- helpers ----------------------------------------------------------------------------------
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """(wall seconds, result) of ``fn()``, after a garbage collection outside the timing."""
-    stdlib_gc.collect()
+    gc.collect()
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
