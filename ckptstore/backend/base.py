@@ -175,11 +175,11 @@ class Backend(abc.ABC):
     capabilities: Capabilities
     """What this backend guarantees beyond the contract, as data."""
     stats: Stats
+    """Requests and bytes this backend object performed, tries included (retries counted
+    apart). Counters only grow; a pickled copy starts from zero."""
     settings: Settings = DEFAULTS
     """The settings this backend was opened with (retries, timeouts, I/O bounds, fsync,
     threads): resolved at the edge that opened it, never read from the environment here."""
-    """Requests and bytes this backend object performed, tries included (retries counted
-    apart). Counters only grow; a pickled copy starts from zero."""
 
     # -- single objects ---------------------------------------------------------------------
     @abc.abstractmethod

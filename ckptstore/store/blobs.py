@@ -1,8 +1,9 @@
 """Encode buffers into chunk objects (with dedup) and read row ranges back.
 
 Writers hash, encode and upload chunks on a thread pool (xxhash, zstd and numpy release the
-GIL); a chunk whose key is already committed, or already written by this save, is not
-uploaded again. Readers fetch only the chunks that overlap the rows asked for.
+GIL); a chunk of the parent checkpoint's (the index the coordinator hands each rank), or
+one already written by this save, is not uploaded again — any other chunk is put, and counts
+as new only if no object had its key (docs/format.md). Readers fetch only the chunks that overlap the rows asked for.
 """
 
 from __future__ import annotations
