@@ -217,13 +217,15 @@ def test_dash_o_is_the_storage_option_in_every_command():
     assert {"-o", "--output"} <= report  # report among them: its page is --output PATH
 
 
-def test_verify_and_export_write_nothing_on_stderr_off_a_terminal(store, tmp_path):
+def test_verify_export_and_gc_write_nothing_on_stderr_off_a_terminal(store, tmp_path):
     """A progress bar shows only on a terminal; off one (a pipe, a CI log) it used to leave
     a blank line on stderr."""
     proc = run("verify", store)
     assert proc.stderr == "" and proc.stdout.startswith("OK:")
     proc = run("export", store, str(tmp_path / "w.safetensors"))
     assert proc.stderr == "" and proc.stdout.startswith("wrote ")
+    proc = run("gc", store, "--keep-last", "1", "--grace", "0s")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def test_cli_modules_keep_no_old_name_shims():

@@ -17,7 +17,7 @@ from ckptstore.cli.common import (
     open_store,
     storage_option,
 )
-from ckptstore.render import console, emit_json, err_console, human_bytes, ratio, when
+from ckptstore.render import console, emit_json, err_console, human_bytes, progress, ratio, when
 
 
 def _duration(_: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -32,14 +32,12 @@ def _duration(_: click.Context, param: click.Parameter, value: str | None) -> fl
 
 
 def _progress(as_json: bool) -> Progress:
-    return Progress(
+    return progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=as_json,
+        hide=as_json,
     )
 
 

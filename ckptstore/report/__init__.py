@@ -1,4 +1,4 @@
-"""``ckptstore report URL -o report.html``: one self-contained HTML page picturing a store.
+"""``ckptstore report URL --output report.html``: one self-contained HTML page picturing a store.
 Needs the ``report`` extra (plotly); nothing below the CLI imports it.
 
 - :mod:`ckptstore.report.data` collects the figures (torch-free: the catalog, manifests,
