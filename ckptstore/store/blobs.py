@@ -3,7 +3,8 @@
 Writers hash, encode and upload chunks on a thread pool (xxhash, zstd and numpy release the
 GIL); a chunk of the parent checkpoint's (the index the coordinator hands each rank), or
 one already written by this save, is not uploaded again — any other chunk is put, and counts
-as new only if no object had its key (docs/format.md). Readers fetch only the chunks that overlap the rows asked for.
+as new only if no object had its key (docs/format.md). Readers fetch only the chunks that
+overlap the rows asked for.
 """
 
 from __future__ import annotations
