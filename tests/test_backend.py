@@ -292,3 +292,20 @@ def test_repository_opens_on_a_wrapper(tmp_path):
     assert repo.backend is faulty and repo.url == faulty.url
     assert faulty.count("put", "store.json") == 1
     assert Repository.open(faulty).config == repo.config
+
+
+def test_filesystem_del_filter_is_removed_after_interleaved_opens():
+    """Two opens overlapping (threads opening stores at once) leave the process's own
+    unraisable hook in place once both are done, not the filter of one of them."""
+    import sys
+
+    from ckptstore.backend.fsspec_backend import _QuietFilesystemDel
+
+    original = sys.unraisablehook
+    first, second = _QuietFilesystemDel(), _QuietFilesystemDel()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first to start ends first
+    assert sys.unraisablehook is not original  # the second still filters
+    second.__exit__(None, None, None)
+    assert sys.unraisablehook is original

@@ -25,6 +25,7 @@ import inspect
 import os
 import random
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -624,21 +625,36 @@ def _construction_error(url: str, protocol: str | None, exc: Exception) -> CkptS
 
 class _QuietFilesystemDel:
     """Within the ``with``: unraisable exceptions from the ``__del__`` of an fsspec
-    filesystem are dropped; every other one goes to the hook that was in place."""
+    filesystem are dropped; every other one goes to the hook that was in place. Nested and
+    concurrent uses (threads opening stores at once) share one installed filter, removed
+    when the last of them leaves."""
+
+    _lock = threading.Lock()
+    _depth = 0
+    _previous: Any = None
 
     def __enter__(self) -> None:
-        self._previous = sys.unraisablehook
-        sys.unraisablehook = self._hook
+        cls = type(self)
+        with cls._lock:
+            if cls._depth == 0:
+                cls._previous = sys.unraisablehook
+                sys.unraisablehook = cls._hook
+            cls._depth += 1
 
     def __exit__(self, *_: object) -> None:
-        if sys.unraisablehook == self._hook:
-            sys.unraisablehook = self._previous
+        cls = type(self)
+        with cls._lock:
+            cls._depth -= 1
+            if cls._depth == 0 and sys.unraisablehook is cls._hook:
+                sys.unraisablehook = cls._previous
 
-    def _hook(self, unraisable: Any) -> None:
+    @staticmethod
+    def _hook(unraisable: Any) -> None:
         fn = unraisable.object  # a failing __del__ is reported as the function itself
         if getattr(fn, "__name__", None) == "__del__" and _is_filesystem(_owner(fn)):
             return
-        self._previous(unraisable)
+        previous = _QuietFilesystemDel._previous or sys.__unraisablehook__
+        previous(unraisable)
 
 
 def _owner(fn: Any) -> Any:
