@@ -26,6 +26,10 @@ _LAZY = {
     "retain_in_background": "ckptstore.background",
     "SaveInfo": "ckptstore.dcp.writer",
     "SaveOptions": "ckptstore.store.options",
+    "Mirror": "ckptstore.store.options",
+    "MirrorReport": "ckptstore.store.mirror",
+    "wait_for_mirrors": "ckptstore.store.mirror",
+    "CopyReport": "ckptstore.store.copy",
     "CheckpointSummary": "ckptstore.store.catalog",
     # what Store.manifest() returns: a checkpoint's contents down to its chunks (read-only)
     "Manifest": "ckptstore.store.manifest",

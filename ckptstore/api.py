@@ -24,10 +24,11 @@ from ckptstore.errors import CkptStoreError, MismatchError
 from ckptstore.knobs import Settings
 from ckptstore.nested import walk
 from ckptstore.store.facade import Store
-from ckptstore.store.options import SaveOptions
+from ckptstore.store.options import Mirror, SaveOptions
 from ckptstore.store.repository import Repository
 from ckptstore.store.retention import Retention
 from ckptstore.store.session import LoadSession
+from ckptstore.store.tiers import open_tiered
 from ckptstore.tensors import iter_full_tensors
 
 StateDict = dict[str, Any]
@@ -133,6 +134,7 @@ def save(
     keep_last = opts.keep_last
     retention = None if keep_last is None else Retention(keep_last=keep_last)
     writer = _writer(state_dict, url, step, name, opts)
+    _decide_mirror(writer, process_group, no_dist)
     t0 = time.monotonic()
     try:
         _run(
@@ -153,10 +155,12 @@ def save(
     if _distributed(no_dist):  # only the coordinator saw every rank's results: share its figures
         info = _broadcast(info, process_group)
     assert info is not None
+    info.mirrored = writer.mirrored  # this rank's own upload
     if retention is not None and writer.is_coordinator:
         info.retention = retain_in_background(
             url, retention, storage_options=opts.storage_options, settings=writer.settings
         )
+    _raise_mirror_error(writer)
     return info
 
 
@@ -191,6 +195,7 @@ def async_save(
     keep_last = opts.keep_last
     retention = None if keep_last is None else Retention(keep_last=keep_last)
     writer = _writer(state_dict, url, step, name, opts)
+    _decide_mirror(writer, process_group, no_dist)
     t0 = time.monotonic()
     # GPU tensors are staged in pinned memory (or on the device, Settings.device_snapshot);
     # everything else exactly as DCP's default stager does (docs/gpu.md)
@@ -222,12 +227,14 @@ def async_save(
                 repo = writer._repository()  # the catalog entry has the figures
                 info = SaveInfo.from_summary(repo.summary(writer.name))
             info.seconds = time.monotonic() - t0
+            info.mirrored = writer.mirrored
             if retention is not None and (
                 not _distributed(no_dist) or dist.get_rank(process_group) == 0
             ):
                 info.retention = retain_in_background(
                     url, retention, storage_options=opts.storage_options, settings=writer.settings
                 )
+            _raise_mirror_error(writer)
             result.set_result(info)
         except CheckpointException as exc:
             writer.release_lease()
@@ -238,6 +245,30 @@ def async_save(
 
     upload.add_done_callback(finished)
     return result
+
+
+def _decide_mirror(writer: Writer, process_group: Any, no_dist: bool) -> None:
+    """With a mirror whose uploads are ``max_pending`` behind and ``when_behind="skip"``:
+    every rank skips mirroring this save, together (a rank that skipped alone would leave
+    the coordinator waiting for its chunks)."""
+    mirror = writer.mirror
+    if mirror is None or mirror.when_behind != "skip":
+        return
+    behind = writer.mirror_uploader().full()
+    if _distributed(no_dist):
+        flags: list[Any] = [None] * dist.get_world_size(process_group)
+        dist.all_gather_object(flags, behind, group=process_group)
+        behind = any(flags)
+    writer.mirror_skip = bool(behind)
+
+
+def _raise_mirror_error(writer: Writer) -> None:
+    """``Mirror(on_error="raise")``: an earlier upload's failure, raised after this
+    save's commit (which it does not affect)."""
+    if writer.mirror is not None and writer.mirror.on_error == "raise":
+        err = writer.mirror_uploader().take_error()
+        if err is not None:
+            raise err
 
 
 def _broadcast(value: Any, process_group: Any) -> Any:
@@ -274,6 +305,7 @@ def load(
     strict_dtype: bool = False,
     threads: int | None = None,
     settings: Settings | None = None,
+    mirror: str | Mirror | None = None,
 ) -> LoadInfo:
     """Load a checkpoint into ``state_dict`` in place (any sharding; like ``dcp.load``).
 
@@ -284,6 +316,10 @@ def load(
     :class:`~ckptstore.errors.MismatchError`. Non-tensor values load through an allow-list
     (docs/api.md, "Values other than tensors"); ``allow_pickle=True`` unpickles anything.
     ``no_dist=True``: this process loads alone even under torch.distributed.
+    ``mirror`` (a URL or :class:`ckptstore.Mirror`): the durable tier of a two-tier job;
+    "latest" is then the newest checkpoint committed in either store, and each rank reads
+    from ``url`` what is there and the rest from the mirror (copying those chunks to
+    ``url`` unless ``Mirror(read_through=False)``; docs/tiers.md).
     Returns what this rank read.
     """
     check_state_dict(state_dict, "load")
@@ -296,6 +332,7 @@ def load(
         strict_dtype=strict_dtype,
         threads=threads,
         settings=Settings.resolve(settings, threads=threads),
+        mirror=mirror,
     )
     # the coordinator resolves the checkpoint and reads its manifest once, for every rank:
     # a commit landing now must not make another rank load a different "latest", and no
@@ -385,16 +422,21 @@ def load_full(
     allow_pickle: bool = False,
     threads: int | None = None,
     settings: Settings | None = None,
+    mirror: str | Mirror | None = None,
 ) -> StateDict:
     """The saved state as nested dicts/lists of whole CPU tensors and Python values.
 
     Needs no template and no process group; reads every chunk of the checkpoint.
+    ``mirror`` as in :func:`load`.
     """
     url = store_url(url)  # a TypeError for url=123, before anything else
     settings = Settings.resolve(settings, threads=threads)
-    session = LoadSession(
-        Repository.open(url, storage_options, settings=settings), step=step, name=name
-    )
+    tier = Mirror.of(mirror)
+    if tier is not None:
+        repo = open_tiered(url, tier, storage_options, settings=settings)
+    else:
+        repo = Repository.open(url, storage_options, settings=settings)
+    session = LoadSession(repo, step=step, name=name)
     m, reader = session.manifest, session.reader
     flat: dict[str, Any] = {}
     with ThreadPoolExecutor(settings.threads) as pool:

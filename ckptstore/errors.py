@@ -147,4 +147,10 @@ class CheckpointBusyError(LeaseError):
     waits for the first. Try again once that save has finished (or its lease expired)."""
 
 
+class MirrorError(CkptStoreError):
+    """A checkpoint was not copied to the mirror (docs/tiers.md): the upload failed after
+    the backend's retries, a rank never reported its chunks, or the commit was refused. The
+    checkpoint in the primary store is not affected."""
+
+
 __all__ = [name for name in dir() if name.endswith("Error")]

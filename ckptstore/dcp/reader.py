@@ -37,8 +37,10 @@ from ckptstore.errors import (
 from ckptstore.knobs import Settings
 from ckptstore.store.blobs import BlobReader
 from ckptstore.store.manifest import Blob, ChunkRef, Manifest, Shard
+from ckptstore.store.options import Mirror
 from ckptstore.store.repository import Repository
 from ckptstore.store.session import LoadSession
+from ckptstore.store.tiers import open_tiered
 
 # what a rank needs of one saved item: (fqn, dtype name or None for objects, its record)
 Record = tuple[str, str | None, Shard | Blob]
@@ -72,6 +74,7 @@ class Reader(StorageReader):
         allow_pickle: bool = False,
         strict_dtype: bool = False,
         settings: Settings | None = None,
+        mirror: str | Mirror | None = None,
     ) -> None:
         super().__init__()
         url = store_url(url)  # a TypeError for url=123, before anything else
@@ -80,6 +83,9 @@ class Reader(StorageReader):
         self.step = step
         self.name = name
         self.storage_options = dict(storage_options or {})
+        self.mirror = Mirror.of(mirror)
+        """The durable tier: what the store at ``url`` lacks is read from it
+        (docs/tiers.md)."""
         self.threads = threads
         self.allow_pickle = allow_pickle
         self.strict_dtype = strict_dtype
@@ -104,7 +110,12 @@ class Reader(StorageReader):
 
     def _repository(self) -> Repository:
         if self._repo is None:
-            self._repo = Repository.open(self.url, self.storage_options, settings=self.settings)
+            if self.mirror is not None:
+                self._repo = open_tiered(
+                    self.url, self.mirror, self.storage_options, settings=self.settings
+                )
+            else:
+                self._repo = Repository.open(self.url, self.storage_options, settings=self.settings)
         return self._repo
 
     # -- DCP protocol -------------------------------------------------------------------

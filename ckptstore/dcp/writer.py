@@ -35,6 +35,7 @@ from ckptstore.store import layout
 from ckptstore.store.blobs import BlobWriter, ChunkIndex
 from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.manifest import Blob, Manifest
+from ckptstore.store.mirror import MirrorJob, MirrorReport, MirrorUploader, uploader_for
 from ckptstore.store.options import SaveOptions
 from ckptstore.store.repository import Repository
 from ckptstore.store.session import ParentIndex, SaveSession
@@ -49,6 +50,10 @@ class SaveInfo(CheckpointSummary):
     retention: Any = field(default=None, repr=False, compare=False, metadata={"data": False})
     """With ``keep_last``: on rank 0, the future of the gc started after this save (its
     ``GcReport``, or None when another gc was running); None elsewhere."""
+    mirrored: Any = field(default=None, repr=False, compare=False, metadata={"data": False})
+    """With ``mirror``: this rank's future of the upload (its ``MirrorReport``, whose
+    ``durable``/``seconds`` say when the checkpoint was committed in the mirror; a
+    ``MirrorError`` when it was not); None without a mirror."""
 
     @classmethod
     def of(cls, manifest: Manifest) -> SaveInfo:
@@ -101,6 +106,12 @@ class Writer(StorageWriter):
         self.step = step
         self.name = layout.resolve_name(step, name)
         self.storage_options = dict(opts.storage_options or {})
+        self.mirror = opts.mirror
+        """The durable tier each committed checkpoint is copied to in the background."""
+        self.mirror_skip = False
+        """This save is not mirrored (set by ``ckptstore.save`` when uploads are behind)."""
+        self.mirrored: ThreadFuture[MirrorReport] | None = None
+        """This rank's upload of the last checkpoint saved (with a mirror)."""
         self.int_keys = int_keys or []
         self.is_coordinator = True
         self.rank: int | None = None
@@ -133,8 +144,12 @@ class Writer(StorageWriter):
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
         self.save_info = None
+        self.mirrored = None
         self._t0 = time.monotonic()
         self._save_id = uuid.uuid4().hex
+        self._mirror_save = ""
+        self._world = 1
+        self._mirror_keys: tuple[set[bytes], set[bytes], dict[bytes, int]] | None = None
         self.release_lease()  # left by an earlier save that failed on another rank
 
     def _repository(self) -> Repository:
@@ -186,6 +201,8 @@ class Writer(StorageWriter):
                     boxes.append((item.index.fqn, list(chunk.offsets), list(chunk.sizes)))
             token = plan.storage_data if isinstance(plan.storage_data, str) else ""
             index = self._session.index_for(boxes, token)
+            index.save = self._save_id  # the save's id on every rank (mirror markers)
+            index.world = len(plans)
             out.append(dataclasses.replace(plan, storage_data=index))
         return out
 
@@ -301,9 +318,47 @@ class Writer(StorageWriter):
                         index=item.index, size_in_bytes=blob.stored_bytes, storage_data=blob
                     )
                 )
+        self._mirror_save = parent.save
+        self._world = parent.world if parent.save else _world_size()
+        if self.mirror is not None:
+            self._mirror_keys = _share_keys(r.storage_data for r in results)
+            if not self.is_coordinator:  # the coordinator queues its share after the commit
+                self._queue_mirror()
         done: Future[list[WriteResult]] = Future()
         done.set_result(results)
         return done
+
+    def _queue_mirror(self) -> None:
+        """Hand this rank's share of the checkpoint to the mirror uploader."""
+        assert self.mirror is not None
+        keys, new, sizes = self._mirror_keys or (set(), set(), {})
+        world = self._world
+        rank = 0 if world == 1 else self.rank
+        if rank is None:  # a torch that does not pass rank= to the writer
+            rank = torch.distributed.get_rank()
+        job = MirrorJob(
+            self.name,
+            rank=rank,
+            world=world,
+            save_id=self._mirror_save if world > 1 else self._save_id,
+            keys=keys,
+            new_keys=new,
+            sizes=sizes,
+            coordinator=self.is_coordinator,
+            started=self._t0,
+            skip=self.mirror_skip,
+        )
+        self.mirrored = self.mirror_uploader().submit(job)
+
+    def mirror_uploader(self) -> MirrorUploader:
+        """This process's uploader from this store to ``mirror``."""
+        assert self.mirror is not None
+        return uploader_for(
+            self._repository(),
+            self.mirror,
+            storage_options=self.storage_options,
+            settings=self.settings,
+        )
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         blobs = {}
@@ -331,6 +386,9 @@ class Writer(StorageWriter):
         session.commit(manifest)  # releases the lease, whatever happens
         self.save_info = SaveInfo.of(manifest)
         self.save_info.seconds = time.monotonic() - self._t0
+        if self.mirror is not None:
+            self._queue_mirror()
+            self.save_info.mirrored = self.mirrored
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=f"{self.where}#{self.name}", save_id=self._save_id)
@@ -377,6 +435,28 @@ def _submit_on_device(
         rows=rows,
         first_row=first_row,
     )
+
+
+def _world_size() -> int:
+    """The default group's size, for a plan DCP cached (which carries no index of ours)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _share_keys(blobs: Any) -> tuple[set[bytes], set[bytes], dict[bytes, int]]:
+    """A rank's share for the mirror: every chunk key its blobs reference (delta bases
+    included), those it wrote new, and their stored sizes."""
+    keys: set[bytes] = set()
+    new: set[bytes] = set()
+    sizes: dict[bytes, int] = {}
+    for blob in blobs:
+        for c in blob.chunks:
+            keys.add(c.key)
+            keys.update(c.base)
+            sizes[c.key] = c.stored
+            if c.new:
+                new.add(c.key)
+    return keys, new, sizes
 
 
 def _one_writer_per_chunk(manifest: Manifest) -> None:

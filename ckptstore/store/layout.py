@@ -11,6 +11,7 @@ MANIFEST_SUFFIX = ".msgpack"
 LEASES = "leases"
 TRASH = "trash"
 CATALOG = "catalog"
+UPLOADS = "uploads"
 FORMAT_VERSION = 1
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -123,3 +124,18 @@ def parse_trash_key(key: str) -> tuple[str, int] | None:
     if not _NAME.match(parts[0]):
         return None
     return parts[0], int(parts[1])
+
+
+def upload_prefix(name: str) -> str:
+    """``uploads/<name>/``: the markers of a mirror upload of checkpoint ``name`` in flight."""
+    return f"{UPLOADS}/{name}/"
+
+
+def upload_marker_key(name: str, rank: int) -> str:
+    """A rank's marker: its chunks of checkpoint ``name`` are in this store (or it failed)."""
+    return f"{upload_prefix(name)}rank-{int(rank):06d}.json"
+
+
+def upload_abort_key(name: str) -> str:
+    """The coordinator's marker: the mirror commit of ``name`` was given up."""
+    return f"{upload_prefix(name)}abort.json"

@@ -249,7 +249,7 @@ class Repository:
     def exists(self, name: str) -> bool:
         return self.backend.exists(layout.manifest_key(name))
 
-    def commit_manifest(self, manifest: Manifest) -> int:
+    def commit_manifest(self, manifest: Manifest, *, data: bytes | None = None) -> int:
         """Write ``manifest`` with a create-only put: the commit. Returns its size; raises
         :class:`~ckptstore.errors.CheckpointExistsError` when its name is taken.
 
@@ -259,9 +259,11 @@ class Repository:
         replicating or synthesising checkpoints in a store for tests and benchmarks
         (:func:`ckptstore.testing.history.add_checkpoint`) — where no gc runs beside and
         the chunks it names are in the store or will not be read: it takes no lease, runs
-        no commit check and writes no catalog entry (:meth:`write_catalog_entry`)."""
+        no commit check and writes no catalog entry (:meth:`write_catalog_entry`).
+        ``data``: the bytes to put, when they are ``manifest``'s as read elsewhere."""
         key = layout.manifest_key(manifest.name)
-        data = manifest.encode()
+        if data is None:
+            data = manifest.encode()
         try:
             self.backend.put(key, data, create_only=True)
         except ObjectExistsError:

@@ -83,6 +83,10 @@ class ParentIndex:
     parent: str | None
     chunks: list[ParentChunk] = field(default_factory=list)
     token: str = ""
+    save: str = ""
+    """The coordinator's id of this save, the same in every rank's index."""
+    world: int = 1
+    """How many ranks write this save."""
 
     def sizes(self) -> dict[bytes, int]:
         return {c.key: c.stored for c in self.chunks}
@@ -315,9 +319,10 @@ class SaveSession:
                 chunks.setdefault((c.key, c.fqn, c.row_start, c.inner), c)
         return ParentIndex(self.name, parent.name if parent else None, list(chunks.values()), token)
 
-    def commit(self, manifest: Manifest) -> int:
+    def commit(self, manifest: Manifest, *, data: bytes | None = None) -> int:
         """S3–S4: commit check, create-only put of the manifest, catalog entry, release.
-        Returns the manifest's size. The lease is released whatever happens."""
+        Returns the manifest's size. The lease is released whatever happens. ``data``: the
+        manifest's bytes as another store holds them (a copy commits them unchanged)."""
         if manifest.name != self.name:
             raise ValueError(f"session of {self.name!r} cannot commit {manifest.name!r}")
         if self.lease is None:
@@ -340,7 +345,7 @@ class SaveSession:
             if self.overwrite:
                 size = self.repo._replace_manifest(manifest)
             else:
-                size = self.repo.commit_manifest(manifest)
+                size = self.repo.commit_manifest(manifest, data=data)
             # C1, under the lease: no rm or gc drops the checkpoint (G10) before its entry
             # exists, so a drop always finds the entry it must delete first (C3)
             try:

@@ -1,0 +1,501 @@
+"""The mirror uploader: copies each committed checkpoint from the primary store to the
+mirror in the background, per rank, and commits it there once every rank's chunks arrived.
+
+One :class:`MirrorUploader` per (primary, mirror) pair in a process, with one worker thread
+and a bounded queue of :class:`MirrorJob` (chunk keys, never chunk bytes). A job on rank r
+(docs/tiers.md, docs/format.md "Mirror uploads"):
+
+1. when queued, right after the primary commit (or, on other ranks, after their chunks are
+   written): a save lease on the *primary* naming the checkpoint, so a gc there (retention
+   ``keep_last``) neither drops it (G10) nor deletes its chunks before they are sent;
+2. a save lease on the mirror (S1) — the coordinator's is its :class:`SaveSession`'s;
+3. the rank's chunks the mirror lacks, read from the primary, checked, put;
+4. the commit check on the rank's keys (S3), then its marker ``uploads/<name>/rank-r.json``;
+5. the coordinator waits for every rank's marker, then commits the manifest — the same
+   bytes as in the primary — create-only, writes its catalog entry and deletes the markers;
+   the other ranks hold their leases until they see that commit (or an abort marker).
+
+A reader of the mirror therefore sees a checkpoint whole or not at all, whichever process
+dies when. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptstore.errors import CheckpointExistsError, CkptStoreError, GcBusyError, MirrorError
+from ckptstore.knobs import Settings
+from ckptstore.store import layout, leases
+from ckptstore.store.copy import chunk_exists, send_chunks
+from ckptstore.store.gc_run import collect
+from ckptstore.store.manifest import Manifest
+from ckptstore.store.options import Mirror
+from ckptstore.store.repository import Repository
+from ckptstore.store.retention import Retention
+from ckptstore.store.session import SaveSession
+
+__all__ = ["MirrorJob", "MirrorReport", "MirrorUploader", "uploader_for", "wait_for_mirrors"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MirrorReport:
+    """What mirroring one checkpoint did on this rank."""
+
+    name: str
+    url: str
+    """The mirror's URL."""
+    rank: int = 0
+    durable: bool = False
+    """The checkpoint is committed in the mirror."""
+    skipped: bool = False
+    """Not mirrored: uploads were behind (``Mirror.when_behind="skip"``)."""
+    seconds: float = 0.0
+    """From the save call to the mirror commit (seen by this rank)."""
+    objects_sent: int = 0
+    """Objects this rank put into the mirror (chunks; the coordinator: and the manifest)."""
+    bytes_sent: int = 0
+    objects_skipped: int = 0
+    """Chunks of this rank's share that the mirror held already."""
+    bytes_skipped: int = 0
+    manifest_bytes: int = 0
+    """The manifest's size (coordinator only; 0 elsewhere)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 3) if k == "seconds" else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class MirrorJob:
+    """One checkpoint to mirror from one rank: its share's chunk keys, not their bytes."""
+
+    name: str
+    rank: int
+    world: int
+    save_id: str
+    """The save's id, the same on every rank (the coordinator's): markers of another
+    attempt at the same name are not this save's."""
+    keys: set[bytes]
+    """Every chunk this rank's share of the checkpoint references (with delta bases)."""
+    new_keys: set[bytes] = field(default_factory=set)
+    """Those this rank wrote to the primary in this save: put to the mirror unprobed."""
+    sizes: dict[bytes, int] = field(default_factory=dict)
+    coordinator: bool = False
+    """The coordinator's job commits the manifest in the mirror (read from the primary)."""
+    started: float = field(default_factory=time.monotonic)
+    """When the save call began (monotonic), for ``MirrorReport.seconds``."""
+    skip: bool = False
+
+
+class MirrorUploader:
+    """The uploads of this process from ``primary`` to ``mirror`` (see the module)."""
+
+    def __init__(
+        self,
+        primary: Repository,
+        mirror: Mirror,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.primary = primary
+        self.config = mirror
+        self.settings = settings if settings is not None else primary.settings
+        self.storage_options = mirror.options_for(primary.url, storage_options)
+        self._mirror: Repository | None = None
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[MirrorJob, Future[MirrorReport], Any]] = deque()
+        self._busy = 0  # jobs taken by the worker and not finished
+        self._errors: list[MirrorError] = []  # failures not yet raised (on_error="raise")
+        self._thread: threading.Thread | None = None
+        # what this rank's previous mirrored checkpoint held: chunks known to be in the
+        # mirror while that checkpoint is there (checked under the next job's lease)
+        self._confirmed: tuple[str, set[bytes]] | None = None
+
+    # -- the training side ---------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Checkpoints queued or uploading (skipped ones do not count)."""
+        with self._cond:
+            return self._busy + sum(1 for j, _, _ in self._queue if not j.skip)
+
+    def full(self) -> bool:
+        """Would a new job wait (or be skipped)?"""
+        return self.pending >= self.config.max_pending
+
+    def submit(self, job: MirrorJob) -> Future[MirrorReport]:
+        """Queue ``job``; waits while ``max_pending`` jobs are pending (``when_behind``
+        "wait"), unless ``job.skip``. Takes the primary lease first (step 1)."""
+        out: Future[MirrorReport] = Future()
+        lease = None
+        if job.skip:
+            log.warning(
+                "checkpoint %r not mirrored to %s: %d upload(s) still pending",
+                job.name,
+                self.config.url,
+                self.pending,
+            )
+        else:
+            lease = leases.Lease.acquire(
+                self.primary.backend,
+                "save",
+                checkpoint=job.name,
+                ttl=self.settings.lease_ttl,
+                skew=self.settings.clock_skew,
+            )
+        with self._cond:
+            while not job.skip and self.pending >= self.config.max_pending:
+                self._cond.wait()
+            self._queue.append((job, out, lease))
+            self._start()
+            self._cond.notify_all()
+        _register_exit_hook()
+        return out
+
+    def take_error(self) -> MirrorError | None:
+        """The oldest failure not yet raised (for ``on_error="raise"``), once."""
+        with self._cond:
+            return self._errors.pop(0) if self._errors else None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no job is pending; False when ``timeout`` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    # -- the worker ----------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, name="ckptstore-mirror", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                job, out, lease = self._queue.popleft()
+                self._busy += 1
+            try:
+                if job.skip:
+                    out.set_result(MirrorReport(job.name, self.config.url, job.rank, skipped=True))
+                    self._skip(job)
+                else:
+                    out.set_result(self._run(job))
+            except BaseException as exc:  # noqa: BLE001 - reported on the future, logged
+                err = (
+                    exc
+                    if isinstance(exc, MirrorError)
+                    else MirrorError(
+                        f"checkpoint {job.name!r} not mirrored to {self.config.url} "
+                        f"(rank {job.rank}): {exc}"
+                    )
+                )
+                if err is not exc:
+                    err.__cause__ = exc
+                log.error("%s", err)
+                out.set_exception(err)
+                if self.config.on_error == "raise":
+                    with self._cond:
+                        self._errors.append(err)
+            finally:
+                if lease is not None:
+                    lease.release()
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def _repo(self) -> Repository:
+        if self._mirror is None:
+            self._mirror = Repository.open(
+                self.config.url, self.storage_options, create=True, settings=self.settings
+            )
+        return self._mirror
+
+    def _skip(self, job: MirrorJob) -> None:
+        """A skipped step: the coordinator will wait for nobody (every rank skips it, the
+        save decided together); a lone rank's skip tells the coordinator by its marker."""
+        if job.world > 1:
+            try:
+                self._marker(self._repo(), job, "skipped")
+            except CkptStoreError as exc:
+                log.warning("mirror marker of skipped %r not written: %s", job.name, exc)
+
+    def _run(self, job: MirrorJob) -> MirrorReport:
+        mirror = self._repo()
+        report = MirrorReport(job.name, mirror.url, job.rank)
+        session: SaveSession | None = None
+        lease: leases.Lease | None = None
+        data = b""
+        if job.coordinator:
+            # under the primary lease, which no drop or overwrite passes (G10, O1)
+            data = self.primary.backend.get(layout.manifest_key(job.name))
+            try:
+                session = SaveSession(mirror, job.name, parent=None).begin()
+            except CheckpointExistsError:
+                return self._already(mirror, job, report, data)
+            lease = session.lease
+        else:
+            lease = leases.Lease.acquire(
+                mirror.backend,
+                "save",
+                checkpoint=job.name,
+                ttl=self.settings.lease_ttl,
+                skew=self.settings.clock_skew,
+            )
+        assert lease is not None
+        try:
+            self._send(mirror, job, report)
+            leases.check_commit(
+                mirror.backend, lease, job.keys, checkpoint=job.name, wait=self.settings.gc_wait
+            )
+            self._marker(mirror, job, "done")
+            if session is not None:
+                self._wait_for_ranks(mirror, job, lease)
+                manifest = Manifest.decode(data, self.primary.backend.describe(job.name))
+                report.manifest_bytes = session.commit(manifest, data=data)
+                report.objects_sent += 1
+                report.bytes_sent += report.manifest_bytes
+                self._tidy(mirror, job.name)
+            else:
+                self._wait_for_commit(mirror, job, lease)
+        except BaseException:
+            if session is not None:
+                self._abort(mirror, job)
+            else:
+                try:
+                    self._marker(mirror, job, "failed")
+                except CkptStoreError:
+                    pass
+            raise
+        finally:
+            if session is not None:
+                session.release()
+            else:
+                lease.release()
+        self._confirmed = (job.name, set(job.keys))
+        report.durable = True
+        report.seconds = time.monotonic() - job.started
+        if session is not None and self.config.keep_last is not None:
+            self._retain(mirror)
+        return report
+
+    def _already(
+        self, mirror: Repository, job: MirrorJob, report: MirrorReport, data: bytes
+    ) -> MirrorReport:
+        """The mirror holds ``job.name`` already (a copy, or a retried upload)."""
+        if mirror.backend.get(layout.manifest_key(job.name)) != data:
+            raise MirrorError(
+                f"checkpoint {job.name!r} exists in the mirror {mirror.url} with another "
+                "manifest than in the primary; not mirrored (remove it there first)"
+            )
+        report.durable = True
+        report.seconds = time.monotonic() - job.started
+        return report
+
+    def _send(self, mirror: Repository, job: MirrorJob, report: MirrorReport) -> None:
+        known: set[bytes] = set()
+        if self._confirmed is not None and mirror.exists(self._confirmed[0]):
+            known = self._confirmed[1]  # committed there, and kept while our lease lives
+        probe = chunk_exists(mirror)
+        new = job.new_keys
+
+        def present(key: bytes) -> bool:
+            return key in known or (key not in new and probe(key))
+
+        part = send_chunks(
+            self.primary,
+            mirror,
+            sorted(job.keys),
+            present=present,
+            sizes=job.sizes,
+            threads=self.settings.threads,
+        )
+        report.objects_sent += part.objects_sent
+        report.bytes_sent += part.bytes_sent
+        report.objects_skipped += part.objects_skipped
+        report.bytes_skipped += part.bytes_skipped
+
+    def _marker(self, mirror: Repository, job: MirrorJob, status: str) -> None:
+        body = {
+            "save": job.save_id,
+            "status": status,
+            "rank": job.rank,
+            "world": job.world,
+            "chunks": len(job.keys),
+            "time": time.time(),
+            "pid": os.getpid(),
+        }
+        mirror.backend.put(layout.upload_marker_key(job.name, job.rank), json.dumps(body).encode())
+
+    def _markers(self, mirror: Repository, name: str) -> dict[str, dict[str, Any]]:
+        out = {}
+        for key in mirror.backend.list(layout.upload_prefix(name)):
+            try:
+                body = json.loads(mirror.backend.get(key))
+            except (CkptStoreError, ValueError):
+                continue  # removed meanwhile, or half-written by a crashed rank
+            if isinstance(body, dict):
+                out[key] = body
+        return out
+
+    def _poll(self, job: MirrorJob, lease: leases.Lease, done: Any, what: str) -> None:
+        deadline = time.monotonic() + self.config.ranks_wait
+        pause = 0.02
+        while True:
+            lease.check(f"mirror checkpoint {job.name!r}")
+            if done():
+                return
+            if time.monotonic() >= deadline:
+                raise MirrorError(
+                    f"checkpoint {job.name!r} not mirrored to {self.config.url}: {what} "
+                    f"within {self.config.ranks_wait:.0f}s (a rank died or cannot reach it)"
+                )
+            time.sleep(pause)
+            pause = min(pause * 1.5, 2.0)
+
+    def _wait_for_ranks(self, mirror: Repository, job: MirrorJob, lease: leases.Lease) -> None:
+        """The coordinator: until every rank's marker says done (MirrorError when one says
+        it failed or skipped)."""
+
+        def done() -> bool:
+            markers = self._markers(mirror, job.name)
+            ranks = {}
+            for key, body in markers.items():
+                if key.endswith("abort.json") or body.get("save") not in (job.save_id, ""):
+                    continue  # (a marker left by an earlier attempt at this name)
+                ranks[body.get("rank")] = body.get("status")
+            bad = {r: s for r, s in ranks.items() if s != "done"}
+            if bad:
+                rank, status = next(iter(sorted(bad.items(), key=lambda x: str(x[0]))))
+                raise MirrorError(
+                    f"checkpoint {job.name!r} not mirrored to {self.config.url}: rank {rank} "
+                    f"reports its upload {status}"
+                )
+            return all(ranks.get(r) == "done" for r in range(job.world))
+
+        self._poll(job, lease, done, "not every rank's chunks arrived")
+
+    def _wait_for_commit(self, mirror: Repository, job: MirrorJob, lease: leases.Lease) -> None:
+        """Other ranks: hold the lease until the coordinator committed (or gave up)."""
+
+        def done() -> bool:
+            if mirror.exists(job.name):
+                return True
+            try:
+                body = json.loads(mirror.backend.get(layout.upload_abort_key(job.name)))
+            except (CkptStoreError, ValueError):
+                return False
+            if isinstance(body, dict) and body.get("save") == job.save_id:
+                raise MirrorError(
+                    f"checkpoint {job.name!r} not mirrored to {self.config.url}: the "
+                    f"coordinator gave the commit up ({body.get('why', '?')})"
+                )
+            return False
+
+        self._poll(job, lease, done, "the coordinator did not commit it")
+
+    def _abort(self, mirror: Repository, job: MirrorJob) -> None:
+        """The coordinator gave up: tell waiting ranks (best effort; they time out else)."""
+        try:
+            body = {"save": job.save_id, "time": time.time(), "why": "an upload failed"}
+            mirror.backend.put(layout.upload_abort_key(job.name), json.dumps(body).encode())
+            keys = mirror.backend.list(layout.upload_prefix(job.name))
+            mirror.backend.map(
+                mirror.backend.delete, [k for k in keys if not k.endswith("abort.json")]
+            )
+        except CkptStoreError as exc:
+            log.warning("abort marker of %r not written: %s", job.name, exc)
+
+    def _tidy(self, mirror: Repository, name: str) -> None:
+        """After the commit: the markers of ``name`` are done with."""
+        try:
+            keys = mirror.backend.list(layout.upload_prefix(name))
+            mirror.backend.map(mirror.backend.delete, keys)
+        except CkptStoreError as exc:
+            log.info("upload markers of %r left in %s: %s", name, mirror.url, exc)
+
+    def _retain(self, mirror: Repository) -> None:
+        try:
+            collect(mirror, Retention(keep_last=self.config.keep_last))
+        except GcBusyError as exc:
+            log.info("mirror retention skipped: %s", exc)
+        except CkptStoreError as exc:
+            log.warning("mirror retention on %s failed: %s", mirror.url, exc)
+
+
+_uploaders: dict[tuple[str, str], MirrorUploader] = {}
+_uploaders_lock = threading.Lock()
+_hook_registered = False
+
+
+def uploader_for(
+    primary: Repository,
+    mirror: Mirror,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    settings: Settings | None = None,
+) -> MirrorUploader:
+    """This process's uploader from ``primary`` to ``mirror`` (made at first use). A new
+    ``Mirror`` value for the same pair replaces its settings for later jobs."""
+    key = (primary.url, mirror.url)
+    with _uploaders_lock:
+        up = _uploaders.get(key)
+        if up is None:
+            up = MirrorUploader(primary, mirror, storage_options=storage_options, settings=settings)
+            _uploaders[key] = up
+        else:
+            up.config = mirror
+        return up
+
+
+def wait_for_mirrors(timeout: float | None = None) -> bool:
+    """Block until every upload of this process finished (committed or failed); False
+    when ``timeout`` passed first. Failures are on each save's ``mirrored`` future."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _uploaders_lock:
+        ups = list(_uploaders.values())
+    for up in ups:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not up.wait(left):
+            return False
+    return True
+
+
+def _finish_uploads() -> None:
+    """At interpreter exit: let pending uploads finish (their failures are logged), while
+    thread pools still take work (see ckptstore.background)."""
+    with _uploaders_lock:
+        ups = list(_uploaders.values())
+    pending = sum(up.pending for up in ups)
+    if pending:
+        log.warning("waiting for %d checkpoint upload(s) to the mirror before exit", pending)
+    wait_for_mirrors()
+
+
+def _register_exit_hook() -> None:
+    global _hook_registered
+    with _uploaders_lock:
+        if _hook_registered:
+            return
+        import concurrent.futures.thread  # noqa: F401 - its hook must be registered before ours
+
+        threading._register_atexit(_finish_uploads)  # type: ignore[attr-defined]
+        _hook_registered = True
