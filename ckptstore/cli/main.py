@@ -12,7 +12,7 @@ import sys
 import click
 from rich.table import Table
 
-from ckptstore.cli import lifecycle, report, transfer
+from ckptstore.cli import copy, lifecycle, report, transfer
 from ckptstore.cli.common import (
     EXIT_CORRUPT,
     EXIT_DAMAGED,
@@ -273,7 +273,7 @@ def _bench_cuda(url: str | None, gb: float, repeat: int, fsync: bool, as_json: b
         emit_json(results)
 
 
-for _command in (*lifecycle.COMMANDS, *transfer.COMMANDS, *report.COMMANDS):
+for _command in (*lifecycle.COMMANDS, *transfer.COMMANDS, *copy.COMMANDS, *report.COMMANDS):
     cli.add_command(_command)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from ckptstore.backend import Backend
 from ckptstore.codecs.pipeline import Pipeline
 from ckptstore.knobs import Settings
-from ckptstore.store import gc_plan, gc_run, removal, reports, usage
+from ckptstore.store import copy, gc_plan, gc_run, removal, reports, usage
 from ckptstore.store.blobs import BlobReader
 from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.manifest import Blob, Manifest
@@ -193,5 +193,49 @@ class Store:
         targets = [self.resolve(r) for r in refs]
         return removal.remove(self.repo, targets, wait=wait)
 
+    # -- copying ----------------------------------------------------------------------------
+    def copy_to(
+        self,
+        dst: str | Backend | Store,
+        which: Ref | list[Ref] | None = None,
+        *,
+        all: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+        progress: copy.Progress | None = None,
+    ) -> copy.CopyReport:
+        """Copy checkpoints into the store ``dst`` (created if needed): the latest, the one
+        ``which`` names (or each of a list), or ``all=True`` every one, oldest first.
+
+        Sends only the chunks ``dst`` lacks, then each manifest with a create-only put, as
+        a save commits: ``dst`` never holds half a checkpoint, and a copy killed part-way
+        is finished by the next without re-sending what arrived. A checkpoint ``dst``
+        holds already with the same manifest is counted in ``present``; with another
+        manifest it is a ``CheckpointExistsError``. ``storage_options`` are ``dst``'s (its
+        fsspec options; default this store's when both share a protocol)."""
+        if all and which is not None:
+            raise ValueError("give checkpoints to copy or all=True, not both")
+        if isinstance(dst, Store):
+            target = dst.repo
+        else:
+            if storage_options is None and _same_protocol(self.url, dst):
+                storage_options = self.storage_options
+            target = Repository.open(dst, storage_options, create=True, settings=self.settings)
+        if all:
+            names = [s.name for s in self.list()]
+        elif isinstance(which, list):
+            names = [self.resolve(w) for w in which]
+        else:
+            names = [self.resolve(which)]
+        return copy.copy_checkpoints(
+            self.repo, target, names, progress=progress, threads=self.settings.threads
+        )
+
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
+
+
+def _same_protocol(a: str, b: str | Backend) -> bool:
+    if isinstance(b, Backend):
+        return False
+    proto = lambda u: u.split("://", 1)[0] if "://" in u else "file"  # noqa: E731
+    return proto(a) == proto(b)
