@@ -40,7 +40,7 @@ from ckptstore.store.manifest import Blob, ChunkRef, Manifest, Shard
 from ckptstore.store.options import Mirror
 from ckptstore.store.repository import Repository
 from ckptstore.store.session import LoadSession
-from ckptstore.store.tiers import open_tiered
+from ckptstore.store.tiers import TieredBackend, open_tiered
 
 # what a rank needs of one saved item: (fqn, dtype name or None for objects, its record)
 Record = tuple[str, str | None, Shard | Blob]
@@ -54,6 +54,9 @@ class LoadInfo:
     bytes_read: int
     objects_read: int
     seconds: float
+    objects_from_mirror: int = 0
+    """Of ``objects_read``, those the store lacked and the mirror served (with
+    ``mirror=``; docs/tiers.md)."""
 
 
 class Reader(StorageReader):
@@ -194,6 +197,7 @@ class Reader(StorageReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         t0 = time.monotonic()
         repo = self._repository()
+        mirror_before = getattr(repo.backend, "from_mirror", 0)
         reader = BlobReader(repo, threads=self.threads)
         storage = plan.storage_data if isinstance(plan.storage_data, dict) else {}
         records: dict[Any, Record] = storage.get("records") or {}
@@ -349,11 +353,15 @@ class Reader(StorageReader):
         for req, target in targets:
             planner.commit_tensor(req, target)
         self._preset = False  # a later load through this reader resolves anew
+        tiered = repo.backend
         self.load_info = LoadInfo(
             name=ckpt,
             bytes_read=reader.bytes_fetched,
             objects_read=reader.objects_fetched,
             seconds=time.monotonic() - t0,
+            objects_from_mirror=(
+                tiered.from_mirror - mirror_before if isinstance(tiered, TieredBackend) else 0
+            ),
         )
         done: Future[None] = Future()
         done.set_result(None)

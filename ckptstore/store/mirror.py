@@ -21,13 +21,14 @@ dies when. No torch here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +119,7 @@ class MirrorUploader:
         self._busy = 0  # jobs taken by the worker and not finished
         self._errors: list[MirrorError] = []  # failures not yet raised (on_error="raise")
         self._thread: threading.Thread | None = None
+        self._paused = 0
         # what this rank's previous mirrored checkpoint held: chunks known to be in the
         # mirror while that checkpoint is there (checked under the next job's lease)
         self._confirmed: tuple[str, set[bytes]] | None = None
@@ -127,7 +129,7 @@ class MirrorUploader:
     def pending(self) -> int:
         """Checkpoints queued or uploading (skipped ones do not count)."""
         with self._cond:
-            return self._busy + sum(1 for j, _, _ in self._queue if not j.skip)
+            return self._busy + len(self._queue)
 
     def full(self) -> bool:
         """Would a new job wait (or be skipped)?"""
@@ -135,9 +137,9 @@ class MirrorUploader:
 
     def submit(self, job: MirrorJob) -> Future[MirrorReport]:
         """Queue ``job``; waits while ``max_pending`` jobs are pending (``when_behind``
-        "wait"), unless ``job.skip``. Takes the primary lease first (step 1)."""
+        "wait"). A ``job.skip`` (every rank skips that save together) resolves at once,
+        not mirrored. Takes the primary lease first (step 1)."""
         out: Future[MirrorReport] = Future()
-        lease = None
         if job.skip:
             log.warning(
                 "checkpoint %r not mirrored to %s: %d upload(s) still pending",
@@ -145,20 +147,25 @@ class MirrorUploader:
                 self.config.url,
                 self.pending,
             )
-        else:
-            lease = leases.Lease.acquire(
-                self.primary.backend,
-                "save",
-                checkpoint=job.name,
-                ttl=self.settings.lease_ttl,
-                skew=self.settings.clock_skew,
-            )
-        with self._cond:
-            while not job.skip and self.pending >= self.config.max_pending:
-                self._cond.wait()
-            self._queue.append((job, out, lease))
-            self._start()
-            self._cond.notify_all()
+            out.set_result(MirrorReport(job.name, self.config.url, job.rank, skipped=True))
+            return out
+        lease = leases.Lease.acquire(
+            self.primary.backend,
+            "save",
+            checkpoint=job.name,
+            ttl=self.settings.lease_ttl,
+            skew=self.settings.clock_skew,
+        )
+        try:
+            with self._cond:
+                while self.pending >= self.config.max_pending:
+                    self._cond.wait()
+                self._queue.append((job, out, lease))
+                self._start()
+                self._cond.notify_all()
+        except BaseException:
+            lease.release()
+            raise
         _register_exit_hook()
         return out
 
@@ -166,6 +173,20 @@ class MirrorUploader:
         """The oldest failure not yet raised (for ``on_error="raise"``), once."""
         with self._cond:
             return self._errors.pop(0) if self._errors else None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Start no new upload inside the block (the one running finishes): a maintenance
+        window, or a test of a queue that falls behind. Saves still queue (and wait or
+        skip when ``max_pending`` are pending)."""
+        with self._cond:
+            self._paused += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._paused -= 1
+                self._cond.notify_all()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no job is pending; False when ``timeout`` passed first."""
@@ -187,40 +208,39 @@ class MirrorUploader:
     def _work(self) -> None:
         while True:
             with self._cond:
+                while self._paused and self._queue:
+                    self._cond.wait()
                 if not self._queue:
                     self._thread = None
                     self._cond.notify_all()
                     return
                 job, out, lease = self._queue.popleft()
                 self._busy += 1
+            report: MirrorReport | None = None
+            err: MirrorError | None = None
             try:
-                if job.skip:
-                    out.set_result(MirrorReport(job.name, self.config.url, job.rank, skipped=True))
-                    self._skip(job)
-                else:
-                    out.set_result(self._run(job))
+                report = self._run(job)
             except BaseException as exc:  # noqa: BLE001 - reported on the future, logged
-                err = (
-                    exc
-                    if isinstance(exc, MirrorError)
-                    else MirrorError(
+                if isinstance(exc, MirrorError):
+                    err = exc
+                else:
+                    err = MirrorError(
                         f"checkpoint {job.name!r} not mirrored to {self.config.url} "
                         f"(rank {job.rank}): {exc}"
                     )
-                )
-                if err is not exc:
                     err.__cause__ = exc
                 log.error("%s", err)
-                out.set_exception(err)
-                if self.config.on_error == "raise":
-                    with self._cond:
-                        self._errors.append(err)
             finally:
-                if lease is not None:
-                    lease.release()
-                with self._cond:
+                lease.release()
+                with self._cond:  # no longer pending once its future resolves
                     self._busy -= 1
+                    if err is not None and self.config.on_error == "raise":
+                        self._errors.append(err)
                     self._cond.notify_all()
+            if err is not None:
+                out.set_exception(err)
+            else:
+                out.set_result(report)  # type: ignore[arg-type]
 
     def _repo(self) -> Repository:
         if self._mirror is None:
@@ -228,15 +248,6 @@ class MirrorUploader:
                 self.config.url, self.storage_options, create=True, settings=self.settings
             )
         return self._mirror
-
-    def _skip(self, job: MirrorJob) -> None:
-        """A skipped step: the coordinator will wait for nobody (every rank skips it, the
-        save decided together); a lone rank's skip tells the coordinator by its marker."""
-        if job.world > 1:
-            try:
-                self._marker(self._repo(), job, "skipped")
-            except CkptStoreError as exc:
-                log.warning("mirror marker of skipped %r not written: %s", job.name, exc)
 
     def _run(self, job: MirrorJob) -> MirrorReport:
         mirror = self._repo()
