@@ -387,8 +387,7 @@ class Writer(StorageWriter):
         self.save_info = SaveInfo.of(manifest)
         self.save_info.seconds = time.monotonic() - self._t0
         if self.mirror is not None:
-            self._queue_mirror()
-            self.save_info.mirrored = self.mirrored
+            self._queue_mirror()  # (ckptstore.save puts the future on its SaveInfo)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=f"{self.where}#{self.name}", save_id=self._save_id)
