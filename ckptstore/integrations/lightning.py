@@ -531,6 +531,7 @@ class CkptStoreIO(*_BASES):  # type: ignore[misc]
                 storage_options=self.storage_options,
                 allow_pickle=self.allow_pickle,
                 settings=self.settings,
+                mirror=self.options.mirror,  # a node that lost its disk resumes from it
             )
         except CheckpointNotFoundError as exc:
             raise CheckpointNotFoundError(

@@ -31,7 +31,7 @@ except ImportError as exc:
 
 import torch.distributed as dist
 
-from ckptstore import GcReport, SaveInfo, SaveOptions, Store, load_full, save
+from ckptstore import GcReport, Mirror, SaveInfo, SaveOptions, Store, load_full, save
 from ckptstore.errors import CheckpointNotFoundError, GcBusyError, StoreNotFoundError
 from ckptstore.integrations.folder_archive import (
     FOLDER_NAME,
@@ -282,6 +282,7 @@ def restore_checkpoint(
     overwrite: bool = False,
     with_best: bool = True,
     threads: int | None = None,
+    mirror: str | Mirror | None = None,
 ) -> Path:
     """Write checkpoint ``step`` (or ``name``; default the latest) of the store at ``url``
     back as ``out_dir/checkpoint-N/``, every file byte for byte as the Trainer wrote it
@@ -293,18 +294,21 @@ def restore_checkpoint(
     checkpoint under ``out_dir`` that is in the store, restore that one too (an existing
     folder of that name is kept unless ``overwrite``), so ``load_best_model_at_end`` keeps
     tracking it. A missing store or step raises StoreNotFoundError /
-    CheckpointNotFoundError naming the store.
+    CheckpointNotFoundError naming the store. ``mirror``: the durable tier of a two-tier
+    run (docs/tiers.md), read for what ``url`` lacks (a new machine, a lost disk).
 
     The index is checked before anything is written: a checkpoint is written back only as
     ``out_dir/<its name>`` (``checkpoint-N``, which its index must name), every file path
     in it must be relative and plain (no ``..``, no empty part, no NUL), else ValueError.
     File modes come back as permission bits only, less the umask's (no setuid/setgid)."""
     url = os.fspath(url)
-    store = Store(url, storage_options)
+    store = Store(url, storage_options, mirror=mirror)
     ckpt = _resolve(store, url, step, name)
-    path = _restore_one(url, store, ckpt, Path(out_dir), overwrite, storage_options, threads)
+    path = _restore_one(
+        url, store, ckpt, Path(out_dir), overwrite, storage_options, threads, mirror
+    )
     if with_best:
-        _restore_best(url, store, path, overwrite, storage_options, threads)
+        _restore_best(url, store, path, overwrite, storage_options, threads, mirror)
     return path
 
 
@@ -316,6 +320,7 @@ def _restore_one(
     overwrite: bool,
     storage_options: Mapping[str, Any] | None,
     threads: int | None,
+    mirror: str | Mirror | None = None,
 ) -> Path:
     where = f"checkpoint {ckpt} of store {url}"
     if INDEX_KEY not in store.inspect(ckpt).objects:
@@ -328,7 +333,9 @@ def _restore_one(
     target = out_dir / ckpt  # the checkpoint's own name: never a name from the store's data
     if os.path.lexists(target) and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
-    state = load_full(url, name=ckpt, storage_options=storage_options, threads=threads)
+    state = load_full(
+        url, name=ckpt, storage_options=storage_options, threads=threads, mirror=mirror
+    )
     index = read_index(state, ckpt, where)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
@@ -371,6 +378,7 @@ def _restore_best(
     overwrite: bool,
     storage_options: Mapping[str, Any] | None,
     threads: int | None,
+    mirror: str | Mirror | None = None,
 ) -> None:
     try:
         recorded = json.loads((path / "trainer_state.json").read_text())
@@ -395,4 +403,4 @@ def _restore_best(
     if name not in {c.name for c in store.list()}:
         log.warning("restore_checkpoint: the best checkpoint %s is not in %s", best, url)
         return
-    _restore_one(url, store, name, path.parent, overwrite, storage_options, threads)
+    _restore_one(url, store, name, path.parent, overwrite, storage_options, threads, mirror)

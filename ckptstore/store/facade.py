@@ -16,14 +16,19 @@ from ckptstore.store import copy, gc_plan, gc_run, removal, reports, usage
 from ckptstore.store.blobs import BlobReader
 from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.manifest import Blob, Manifest
+from ckptstore.store.options import Mirror
 from ckptstore.store.repository import Repository
 from ckptstore.store.retention import Retention
+from ckptstore.store.tiers import open_tiered
 
 Ref = str | int
 
 
 class Store:
-    """A store at ``url`` (any fsspec URL, or a Backend object)."""
+    """A store at ``url`` (any fsspec URL, or a Backend object). With ``mirror`` (a URL or
+    :class:`ckptstore.Mirror`): the two tiers read as one (docs/tiers.md) — listings of
+    both, each object from ``url`` where it is there; write operations (gc, delete) are for
+    one store at a time: open it without ``mirror``."""
 
     def __init__(
         self,
@@ -31,8 +36,13 @@ class Store:
         storage_options: Mapping[str, Any] | None = None,
         *,
         settings: Settings | None = None,
+        mirror: str | Mirror | None = None,
     ) -> None:
-        self.repo = Repository.open(url, storage_options, settings=settings)
+        tier = Mirror.of(mirror)
+        if tier is not None:  # read both tiers: the newest in either, objects where they are
+            self.repo = open_tiered(url, tier, storage_options, settings=settings)
+        else:
+            self.repo = Repository.open(url, storage_options, settings=settings)
         self.url = self.repo.url
         self.storage_options = dict(storage_options or {})
         self.settings: Settings = self.repo.settings
