@@ -16,6 +16,8 @@ Suites (docs/benchmarks.md says what each measures and where its figures are):
     gpu            save/async_save/load of CUDA tensors vs DCP (needs a CUDA device)
     delta          delta saves on a MiniLM full fine-tune and a GPT pretraining run: stored
                    ratio, save/load time, load time vs chain depth
+    tiers          a local save with a loopback-S3 mirror vs no mirror, a save straight to
+                   S3 and DCP's FsspecWriter: blocked time, time to durable, bytes uploaded
 
 Without a suite name the arguments go to ``compare`` (the older form
 ``python -m ckptstore.bench [--chunk-sweep] [URL]``). The building blocks:
@@ -48,6 +50,7 @@ SUITES = {
     "keycheck": "ckptstore.bench.keycheck",
     "gpu": "ckptstore.bench.gpu",
     "delta": "ckptstore.bench.delta",
+    "tiers": "ckptstore.bench.tiers",
 }
 
 __all__ = ["SUITES", "main", "suite"]

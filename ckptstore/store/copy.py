@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from ckptstore.errors import CheckpointExistsError, CheckpointNotFoundError, ObjectNotFoundError
@@ -99,8 +100,9 @@ def send_chunks(
 ) -> ChunkTransfer:
     """Put into ``dst`` each chunk of ``keys`` that it lacks, read from ``src`` and checked
     (magic and checksum: a corrupt source object is a ``CorruptChunkError`` naming it, never
-    copied). ``present``: the keys ``dst`` is known to hold, or a per-key check. The caller
-    holds a save lease on ``dst`` (S1) so that a gc keeps what arrives."""
+    copied); ``threads`` puts at once (default the ``io_requests`` knob), none started after
+    the first failure. ``present``: the keys ``dst`` is known to hold, or a per-key check.
+    The caller holds a save lease on ``dst`` (S1) so that a gc keeps what arrives."""
     out = ChunkTransfer()
     todo: list[bytes] = []
     unique = list(dict.fromkeys(keys))
@@ -132,10 +134,29 @@ def send_chunks(
             progress(len(data))
         return len(data)
 
-    sent = dst.backend.map(one, todo, threads=threads)
+    sent = _run_stopping_at_first_error(one, todo, threads or dst.settings.io_requests)
     out.objects_sent += len(sent)
     out.bytes_sent += sum(sent)
     return out
+
+
+def _run_stopping_at_first_error(
+    fn: Callable[[bytes], int], args: list[bytes], threads: int
+) -> list[int]:
+    """``fn`` over ``args`` on ``threads`` threads; at the first error no new call starts
+    (those queued are cancelled, those running end), then it is raised."""
+    if not args:
+        return []
+    pool = ThreadPoolExecutor(min(threads, len(args)), thread_name_prefix="ckptstore-copy")
+    try:
+        futures = [pool.submit(fn, a) for a in args]
+        for f in as_completed(futures):
+            if f.exception() is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise f.exception()  # type: ignore[misc]
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def chunk_exists(repo: Repository) -> Callable[[bytes], bool]:

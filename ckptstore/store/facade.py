@@ -237,7 +237,7 @@ class Store:
         else:
             names = [self.resolve(which)]
         return copy.copy_checkpoints(
-            self.repo, target, names, progress=progress, threads=self.settings.threads
+            self.repo, target, names, progress=progress, threads=self.settings.io_requests
         )
 
     def __repr__(self) -> str:

@@ -272,24 +272,30 @@ class MirrorUploader:
                 skew=self.settings.clock_skew,
             )
         assert lease is not None
+        alone = job.world == 1  # no other rank to wait for: no markers
         try:
             self._send(mirror, job, report)
-            leases.check_commit(
-                mirror.backend, lease, job.keys, checkpoint=job.name, wait=self.settings.gc_wait
-            )
-            self._marker(mirror, job, "done")
+            if session is None:  # (the coordinator's commit checks every key under its lease)
+                leases.check_commit(
+                    mirror.backend, lease, job.keys, checkpoint=job.name, wait=self.settings.gc_wait
+                )
+            if not alone:
+                self._marker(mirror, job, "done")
             if session is not None:
-                self._wait_for_ranks(mirror, job, lease)
+                if not alone:
+                    self._wait_for_ranks(mirror, job, lease)
                 manifest = Manifest.decode(data, self.primary.backend.describe(job.name))
                 report.manifest_bytes = session.commit(manifest, data=data)
                 report.objects_sent += 1
                 report.bytes_sent += report.manifest_bytes
-                self._tidy(mirror, job.name)
+                if not alone:
+                    self._tidy(mirror, job.name)
             else:
                 self._wait_for_commit(mirror, job, lease)
         except BaseException:
             if session is not None:
-                self._abort(mirror, job)
+                if not alone:
+                    self._abort(mirror, job)
             else:
                 try:
                     self._marker(mirror, job, "failed")
@@ -337,7 +343,7 @@ class MirrorUploader:
             sorted(job.keys),
             present=present,
             sizes=job.sizes,
-            threads=self.settings.threads,
+            threads=self.settings.io_requests,
         )
         report.objects_sent += part.objects_sent
         report.bytes_sent += part.bytes_sent
