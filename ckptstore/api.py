@@ -147,6 +147,9 @@ def save(
             ),
             no_dist,
         )
+    except BaseException:
+        writer.abandon_mirror()  # nothing of a save that did not commit goes to the mirror
+        raise
     finally:
         writer.release_lease()  # (the commit released it already when all went well)
     info = writer.save_info
@@ -214,6 +217,7 @@ def async_save(
         )
     except BaseException:
         stager.done()
+        writer.abandon_mirror()
         raise
     upload = getattr(started, "upload_completion", started)  # AsyncSaveResponse or Future
     result: Future[SaveInfo] = Future()
@@ -238,9 +242,11 @@ def async_save(
             result.set_result(info)
         except CheckpointException as exc:
             writer.release_lease()
+            writer.abandon_mirror()
             result.set_exception(_unwrap(exc, no_dist))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller via the future
             writer.release_lease()
+            writer.abandon_mirror()
             result.set_exception(exc)
 
     upload.add_done_callback(finished)
@@ -266,7 +272,7 @@ def _raise_mirror_error(writer: Writer) -> None:
     """``Mirror(on_error="raise")``: an earlier upload's failure, raised after this
     save's commit (which it does not affect)."""
     if writer.mirror is not None and writer.mirror.on_error == "raise":
-        err = writer.mirror_uploader().take_error()
+        err = writer.mirror_uploader().take_error(besides=writer.name)
         if err is not None:
             raise err
 

@@ -320,3 +320,35 @@ def test_cli_cp(tmp_path):
     env = dict(os.environ, COLUMNS="200")
     plain = subprocess.run([*cli, "cp", src, dst], capture_output=True, text=True, env=env)
     assert plain.returncode == 0 and "already present" in plain.stdout
+
+
+def test_a_save_that_fails_sends_no_checkpoint_to_the_mirror(tmp_path):
+    primary, mirror = tmp_path / "nvme", tmp_path / "bucket"
+    ckptstore.save(_state(), str(primary), step=1, mirror=str(mirror))
+    big = {"w": torch.randn(2048, 512), "b": torch.randn(16), "step": 2}
+    with failing_puts(after=2, match="chunks/"), pytest.raises(Exception, match="injected"):
+        ckptstore.save(big, str(primary), step=2, mirror=str(mirror), chunk_bytes=CHUNK)
+    assert ckptstore.wait_for_mirrors(timeout=120)
+    assert [s.step for s in ckptstore.Store(str(mirror)).list()] == [1]
+    assert not list((mirror / layout.LEASES).glob("save-*"))
+    assert not list((primary / layout.LEASES).glob("save-*"))
+    # and the next save mirrors as usual
+    ok = ckptstore.save(big, str(primary), step=3, mirror=str(mirror), chunk_bytes=CHUNK)
+    assert ok.mirrored.result(timeout=60).durable
+
+
+def test_streamed_upload_starts_during_the_save_and_commits_after_it(tmp_path):
+    primary, mirror = tmp_path / "nvme", tmp_path / "bucket"
+    tier = ckptstore.Mirror(str(mirror), stream=True)
+    sd = _state()
+    for step in (1, 2):
+        sd["w"][step] += 1
+        info = ckptstore.save(sd, str(primary), step=step, mirror=tier, chunk_bytes=CHUNK)
+        report = info.mirrored.result(timeout=60)
+        assert report.durable
+    assert report.objects_sent == 2  # the changed chunk and the manifest
+    out = _template()
+    ckptstore.load(out, str(mirror))
+    assert torch.equal(out["w"], sd["w"])
+    name = layout.manifest_key("step-000000000002")
+    assert (mirror / name).read_bytes() == (primary / name).read_bytes()

@@ -112,6 +112,7 @@ class Writer(StorageWriter):
         """This save is not mirrored (set by ``ckptstore.save`` when uploads are behind)."""
         self.mirrored: ThreadFuture[MirrorReport] | None = None
         """This rank's upload of the last checkpoint saved (with a mirror)."""
+        self._mirror_job: MirrorJob | None = None
         self.int_keys = int_keys or []
         self.is_coordinator = True
         self.rank: int | None = None
@@ -125,6 +126,8 @@ class Writer(StorageWriter):
         state = self.__dict__.copy()
         state["_repo"] = None
         state["_session"] = None
+        state["_mirror_job"] = None
+        state["mirrored"] = None
         return state
 
     @property
@@ -149,7 +152,7 @@ class Writer(StorageWriter):
         self._save_id = uuid.uuid4().hex
         self._mirror_save = ""
         self._world = 1
-        self._mirror_keys: tuple[set[bytes], set[bytes], dict[bytes, int]] | None = None
+        self.abandon_mirror("a later save started before this one finished")
         self.release_lease()  # left by an earlier save that failed on another rank
 
     def _repository(self) -> Repository:
@@ -212,6 +215,7 @@ class Writer(StorageWriter):
             return self._write_data(plan, planner)
         except BaseException:
             self.release_lease()
+            self.abandon_mirror()
             raise
 
     def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -231,7 +235,12 @@ class Writer(StorageWriter):
             for item in plan.items
             if item.type == WriteItemType.BYTE_IO
         }
+        self._mirror_save = parent.save
+        self._world = parent.world if parent.save else _world_size()
+        job = self._queue_mirror() if self.mirror is not None else None
         pending: list[tuple[Any, ThreadFuture[Blob]]] = []
+        if job is not None and self.mirror.stream:  # each blob's chunks go up as written
+            pending = _Feeding(job)
         with BlobWriter(
             repo,
             ChunkIndex(repo, parent.sizes()),
@@ -318,20 +327,18 @@ class Writer(StorageWriter):
                         index=item.index, size_in_bytes=blob.stored_bytes, storage_data=blob
                     )
                 )
-        self._mirror_save = parent.save
-        self._world = parent.world if parent.save else _world_size()
-        if self.mirror is not None:
-            self._mirror_keys = _share_keys(r.storage_data for r in results)
-            if not self.is_coordinator:  # the coordinator queues its share after the commit
-                self._queue_mirror()
+        if job is not None:
+            if not isinstance(pending, _Feeding):  # the share's chunks go up now
+                job.add([e for _, fut in pending for e in _chunk_entries(fut.result())])
+            job.close()
         done: Future[list[WriteResult]] = Future()
         done.set_result(results)
         return done
 
-    def _queue_mirror(self) -> None:
-        """Hand this rank's share of the checkpoint to the mirror uploader."""
+    def _queue_mirror(self) -> MirrorJob:
+        """Queue this rank's share of the checkpoint with the mirror uploader (its chunks
+        follow as they are written; waits while ``max_pending`` uploads are pending)."""
         assert self.mirror is not None
-        keys, new, sizes = self._mirror_keys or (set(), set(), {})
         world = self._world
         rank = 0 if world == 1 else self.rank
         if rank is None:  # a torch that does not pass rank= to the writer
@@ -341,14 +348,21 @@ class Writer(StorageWriter):
             rank=rank,
             world=world,
             save_id=self._mirror_save if world > 1 else self._save_id,
-            keys=keys,
-            new_keys=new,
-            sizes=sizes,
             coordinator=self.is_coordinator,
             started=self._t0,
             skip=self.mirror_skip,
+            streamed=True,
         )
         self.mirrored = self.mirror_uploader().submit(job)
+        self._mirror_job = job
+        return job
+
+    def abandon_mirror(self, why: str = "the save failed") -> None:
+        """The save did not commit: upload no more of it, commit nothing (idempotent; a
+        no-op once the primary commit is done)."""
+        job, self._mirror_job = self._mirror_job, None
+        if job is not None:
+            job.cancel(why)
 
     def mirror_uploader(self) -> MirrorUploader:
         """This process's uploader from this store to ``mirror``."""
@@ -386,8 +400,9 @@ class Writer(StorageWriter):
         session.commit(manifest)  # releases the lease, whatever happens
         self.save_info = SaveInfo.of(manifest)
         self.save_info.seconds = time.monotonic() - self._t0
-        if self.mirror is not None:
-            self._queue_mirror()  # (ckptstore.save puts the future on its SaveInfo)
+        job, self._mirror_job = self._mirror_job, None
+        if job is not None:
+            job.committed()  # the mirror commit may follow (ckptstore.save hands out the future)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=f"{self.where}#{self.name}", save_id=self._save_id)
@@ -442,20 +457,32 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _share_keys(blobs: Any) -> tuple[set[bytes], set[bytes], dict[bytes, int]]:
-    """A rank's share for the mirror: every chunk key its blobs reference (delta bases
-    included), those it wrote new, and their stored sizes."""
-    keys: set[bytes] = set()
-    new: set[bytes] = set()
-    sizes: dict[bytes, int] = {}
-    for blob in blobs:
-        for c in blob.chunks:
-            keys.add(c.key)
-            keys.update(c.base)
-            sizes[c.key] = c.stored
-            if c.new:
-                new.add(c.key)
-    return keys, new, sizes
+class _Feeding(list):  # type: ignore[type-arg]
+    """The write futures of a save with a mirror: each blob, once written, hands its chunks
+    (delta bases included) to the rank's mirror job."""
+
+    def __init__(self, job: MirrorJob) -> None:
+        super().__init__()
+        self.job = job
+
+    def append(self, pair: tuple[Any, ThreadFuture[Blob]]) -> None:
+        super().append(pair)
+        pair[1].add_done_callback(self._done)
+
+    def _done(self, fut: ThreadFuture[Blob]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return  # the save fails; write_data abandons the job
+        self.job.add(_chunk_entries(fut.result()))
+
+
+def _chunk_entries(blob: Blob) -> list[tuple[bytes, bool, int]]:
+    """A blob's chunks for the mirror job: (key, written new, stored size), delta bases
+    included (a load of the chunk reads them)."""
+    entries = []
+    for c in blob.chunks:
+        entries.append((c.key, c.new, c.stored))
+        entries.extend((b, False, 0) for b in c.base)
+    return entries
 
 
 def _one_writer_per_chunk(manifest: Manifest) -> None:

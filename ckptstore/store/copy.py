@@ -121,18 +121,10 @@ def send_chunks(
             todo.append(key)
 
     def one(key: bytes) -> int:
-        name = layout.chunk_key(key.hex())
-        try:
-            data = src.backend.get(name)
-        except ObjectNotFoundError:
-            raise ObjectNotFoundError(
-                f"chunk {src.backend.describe(name)} is missing: cannot copy it to {dst.url}"
-            ) from None
-        chunks.unframe(data, src.backend.describe(name))
-        dst.backend.put(name, data)
+        size = copy_chunk(src, dst, key)
         if progress is not None:
-            progress(len(data))
-        return len(data)
+            progress(size)
+        return size
 
     sent = _run_stopping_at_first_error(one, todo, threads or dst.settings.io_requests)
     out.objects_sent += len(sent)
@@ -157,6 +149,20 @@ def _run_stopping_at_first_error(
         return [f.result() for f in futures]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def copy_chunk(src: Repository, dst: Repository, key: bytes) -> int:
+    """Put chunk ``key`` of ``src`` into ``dst`` after checking it; returns its size."""
+    name = layout.chunk_key(key.hex())
+    try:
+        data = src.backend.get(name)
+    except ObjectNotFoundError:
+        raise ObjectNotFoundError(
+            f"chunk {src.backend.describe(name)} is missing: cannot copy it to {dst.url}"
+        ) from None
+    chunks.unframe(data, src.backend.describe(name))
+    dst.backend.put(name, data)
+    return len(data)
 
 
 def chunk_exists(repo: Repository) -> Callable[[bytes], bool]:

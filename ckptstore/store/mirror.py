@@ -25,18 +25,19 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ckptstore.errors import CheckpointExistsError, CkptStoreError, GcBusyError, MirrorError
 from ckptstore.knobs import Settings
 from ckptstore.store import layout, leases
-from ckptstore.store.copy import chunk_exists, send_chunks
+from ckptstore.store.copy import chunk_exists, copy_chunk
 from ckptstore.store.gc_run import collect
 from ckptstore.store.manifest import Manifest
 from ckptstore.store.options import Mirror
@@ -76,9 +77,19 @@ class MirrorReport:
         return {k: (round(v, 3) if k == "seconds" else v) for k, v in self.__dict__.items()}
 
 
+ChunkEntry = tuple[bytes, bool, int]
+"""(chunk key, written new by this save, stored size)."""
+
+
 @dataclass
 class MirrorJob:
-    """One checkpoint to mirror from one rank: its share's chunk keys, not their bytes."""
+    """One checkpoint to mirror from one rank: its share's chunk keys, not their bytes.
+
+    A job may be queued before its chunks exist (``streamed``): the writer then calls
+    :meth:`add` with each blob's chunks as it is written (the upload starts while the save
+    still runs), :meth:`close` when all are in and, on the coordinator, :meth:`committed`
+    once the primary commit is done — or :meth:`cancel` when the save failed. A job made
+    with ``keys`` is complete (closed, committed) from the start."""
 
     name: str
     rank: int
@@ -86,7 +97,7 @@ class MirrorJob:
     save_id: str
     """The save's id, the same on every rank (the coordinator's): markers of another
     attempt at the same name are not this save's."""
-    keys: set[bytes]
+    keys: set[bytes] = field(default_factory=set)
     """Every chunk this rank's share of the checkpoint references (with delta bases)."""
     new_keys: set[bytes] = field(default_factory=set)
     """Those this rank wrote to the primary in this save: put to the mirror unprobed."""
@@ -96,6 +107,57 @@ class MirrorJob:
     started: float = field(default_factory=time.monotonic)
     """When the save call began (monotonic), for ``MirrorReport.seconds``."""
     skip: bool = False
+    streamed: bool = False
+    """Keys come by :meth:`add` until :meth:`close` (else ``keys`` is all of them)."""
+    cancelled: str | None = None
+    _feed: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
+    _committed: threading.Event = field(default_factory=threading.Event, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.streamed:
+            self._feed.put([(k, k in self.new_keys, self.sizes.get(k, 0)) for k in self.keys])
+            self._feed.put(None)
+            self._committed.set()
+
+    def add(self, entries: list[ChunkEntry]) -> None:
+        """More chunks of this rank's share (from a writer thread)."""
+        if not entries or self.skip:
+            return
+        with self._lock:
+            for key, new, size in entries:
+                self.keys.add(key)
+                self.sizes[key] = size
+                if new:
+                    self.new_keys.add(key)
+        self._feed.put(entries)
+
+    def close(self) -> None:
+        """Every chunk of the share has been added."""
+        self._feed.put(None)
+
+    def committed(self) -> None:
+        """The coordinator's primary commit is done: the mirror commit may follow."""
+        self._committed.set()
+
+    def cancel(self, why: str) -> None:
+        """The save failed (or this rank's part of it): upload nothing more, commit
+        nothing; the future gets a MirrorError saying ``why``."""
+        if self.cancelled is None:
+            self.cancelled = why
+        self._feed.put(None)
+        self._committed.set()
+
+    def batches(self) -> Iterator[list[ChunkEntry]]:
+        """The chunks as they are added, until closed or cancelled."""
+        while True:
+            batch = self._feed.get()
+            if batch is None or self.cancelled is not None:
+                return
+            yield batch
+
+    def wait_committed(self, timeout: float) -> bool:
+        return self._committed.wait(timeout)
 
 
 class MirrorUploader:
@@ -117,7 +179,7 @@ class MirrorUploader:
         self._cond = threading.Condition()
         self._queue: deque[tuple[MirrorJob, Future[MirrorReport], Any]] = deque()
         self._busy = 0  # jobs taken by the worker and not finished
-        self._errors: list[MirrorError] = []  # failures not yet raised (on_error="raise")
+        self._errors: list[tuple[str, MirrorError]] = []  # not yet raised (on_error="raise")
         self._thread: threading.Thread | None = None
         self._paused = 0
         # what this rank's previous mirrored checkpoint held: chunks known to be in the
@@ -169,10 +231,15 @@ class MirrorUploader:
         _register_exit_hook()
         return out
 
-    def take_error(self) -> MirrorError | None:
-        """The oldest failure not yet raised (for ``on_error="raise"``), once."""
+    def take_error(self, *, besides: str | None = None) -> MirrorError | None:
+        """The oldest failure not yet raised (for ``on_error="raise"``), once; not that of
+        checkpoint ``besides`` (the save asking: its own upload may still be running)."""
         with self._cond:
-            return self._errors.pop(0) if self._errors else None
+            for i, (name, err) in enumerate(self._errors):
+                if name != besides:
+                    del self._errors[i]
+                    return err
+            return None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -235,7 +302,7 @@ class MirrorUploader:
                 with self._cond:  # no longer pending once its future resolves
                     self._busy -= 1
                     if err is not None and self.config.on_error == "raise":
-                        self._errors.append(err)
+                        self._errors.append((job.name, err))
                     self._cond.notify_all()
             if err is not None:
                 out.set_exception(err)
@@ -254,14 +321,11 @@ class MirrorUploader:
         report = MirrorReport(job.name, mirror.url, job.rank)
         session: SaveSession | None = None
         lease: leases.Lease | None = None
-        data = b""
         if job.coordinator:
-            # under the primary lease, which no drop or overwrite passes (G10, O1)
-            data = self.primary.backend.get(layout.manifest_key(job.name))
             try:
                 session = SaveSession(mirror, job.name, parent=None).begin()
             except CheckpointExistsError:
-                return self._already(mirror, job, report, data)
+                return self._already(mirror, job, report)
             lease = session.lease
         else:
             lease = leases.Lease.acquire(
@@ -284,6 +348,8 @@ class MirrorUploader:
             if session is not None:
                 if not alone:
                     self._wait_for_ranks(mirror, job, lease)
+                self._wait_for_primary(job, lease)
+                data = self.primary.backend.get(layout.manifest_key(job.name))
                 manifest = Manifest.decode(data, self.primary.backend.describe(job.name))
                 report.manifest_bytes = session.commit(manifest, data=data)
                 report.objects_sent += 1
@@ -314,10 +380,23 @@ class MirrorUploader:
             self._retain(mirror)
         return report
 
-    def _already(
-        self, mirror: Repository, job: MirrorJob, report: MirrorReport, data: bytes
-    ) -> MirrorReport:
+    def _wait_for_primary(self, job: MirrorJob, lease: leases.Lease) -> None:
+        """The coordinator: until the primary commit is done (the manifest is read from
+        there, under the primary lease, which no drop or overwrite passes: G10, O1)."""
+        deadline = time.monotonic() + self.config.ranks_wait
+        while not job.wait_committed(1.0):
+            lease.check(f"mirror checkpoint {job.name!r}")
+            if time.monotonic() >= deadline:
+                raise MirrorError(f"checkpoint {job.name!r}: its primary commit never came")
+        if job.cancelled is not None:
+            raise MirrorError(
+                f"checkpoint {job.name!r} not mirrored to {self.config.url}: {job.cancelled}"
+            )
+
+    def _already(self, mirror: Repository, job: MirrorJob, report: MirrorReport) -> MirrorReport:
         """The mirror holds ``job.name`` already (a copy, or a retried upload)."""
+        self._wait_for_primary(job, _NO_LEASE)
+        data = self.primary.backend.get(layout.manifest_key(job.name))
         if mirror.backend.get(layout.manifest_key(job.name)) != data:
             raise MirrorError(
                 f"checkpoint {job.name!r} exists in the mirror {mirror.url} with another "
@@ -328,27 +407,51 @@ class MirrorUploader:
         return report
 
     def _send(self, mirror: Repository, job: MirrorJob, report: MirrorReport) -> None:
+        """Send the job's chunks the mirror lacks as they come (``io_requests`` at once);
+        at the first failure no new put starts and it is raised."""
         known: set[bytes] = set()
         if self._confirmed is not None and mirror.exists(self._confirmed[0]):
             known = self._confirmed[1]  # committed there, and kept while our lease lives
         probe = chunk_exists(mirror)
-        new = job.new_keys
+        seen: set[bytes] = set()
+        failed: list[BaseException] = []
+        lock = threading.Lock()
 
-        def present(key: bytes) -> bool:
-            return key in known or (key not in new and probe(key))
+        def one(entry: ChunkEntry) -> None:
+            key, new, size = entry
+            if failed or job.cancelled is not None:
+                return
+            try:
+                if key in known or (not new and probe(key)):
+                    with lock:
+                        report.objects_skipped += 1
+                        report.bytes_skipped += size
+                    return
+                sent = copy_chunk(self.primary, mirror, key)
+            except BaseException as exc:  # noqa: BLE001 - raised by _send below
+                with lock:
+                    failed.append(exc)
+                return
+            with lock:
+                report.objects_sent += 1
+                report.bytes_sent += sent
 
-        part = send_chunks(
-            self.primary,
-            mirror,
-            sorted(job.keys),
-            present=present,
-            sizes=job.sizes,
-            threads=self.settings.io_requests,
-        )
-        report.objects_sent += part.objects_sent
-        report.bytes_sent += part.bytes_sent
-        report.objects_skipped += part.objects_skipped
-        report.bytes_skipped += part.bytes_skipped
+        with ThreadPoolExecutor(
+            self.settings.io_requests, thread_name_prefix="ckptstore-mirror-io"
+        ) as pool:
+            for batch in job.batches():
+                if failed:
+                    break
+                fresh = [e for e in batch if e[0] not in seen]
+                seen.update(e[0] for e in fresh)
+                for entry in fresh:
+                    pool.submit(one, entry)
+        if failed:
+            raise failed[0]
+        if job.cancelled is not None:
+            raise MirrorError(
+                f"checkpoint {job.name!r} not mirrored to {mirror.url}: {job.cancelled}"
+            )
 
     def _marker(self, mirror: Repository, job: MirrorJob, status: str) -> None:
         body = {
@@ -457,6 +560,13 @@ class MirrorUploader:
         except CkptStoreError as exc:
             log.warning("mirror retention on %s failed: %s", mirror.url, exc)
 
+
+class _NoLease:
+    def check(self, doing: str = "") -> None:
+        pass
+
+
+_NO_LEASE: Any = _NoLease()
 
 _uploaders: dict[tuple[str, str], MirrorUploader] = {}
 _uploaders_lock = threading.Lock()

@@ -143,6 +143,10 @@ class Mirror:
     read_through: bool = True
     """Loads: chunks read from the mirror are written to the primary (a read-through
     cache), so the next load of them is local."""
+    stream: bool = False
+    """Upload each chunk as soon as it is written, while the save still runs: durable
+    sooner, but the upload shares the CPUs and the disk with the save. False: chunks go
+    up once this rank has written all of its share."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url:
@@ -170,6 +174,8 @@ class Mirror:
             raise ValueError(f"mirror ranks_wait must be positive seconds, got {self.ranks_wait!r}")
         if not isinstance(self.read_through, bool):
             raise TypeError(f"mirror read_through must be True or False, not {self.read_through!r}")
+        if not isinstance(self.stream, bool):
+            raise TypeError(f"mirror stream must be True or False, not {self.stream!r}")
 
     @classmethod
     def of(cls, value: str | Mirror | None) -> Mirror | None:
