@@ -352,3 +352,20 @@ def test_streamed_upload_starts_during_the_save_and_commits_after_it(tmp_path):
     assert torch.equal(out["w"], sd["w"])
     name = layout.manifest_key("step-000000000002")
     assert (mirror / name).read_bytes() == (primary / name).read_bytes()
+
+
+def test_async_save_and_plain_dcp_writer_take_a_mirror(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    primary, mirror = tmp_path / "nvme", tmp_path / "bucket"
+    sd = _state()
+    fut = ckptstore.async_save(sd, str(primary), step=1, mirror=str(mirror))
+    info = fut.result(timeout=120)
+    assert info.mirrored.result(timeout=60).durable
+    writer = ckptstore.Writer(str(primary), step=2, mirror=str(mirror))
+    dcp.save(sd, storage_writer=writer, no_dist=True)
+    assert writer.mirrored.result(timeout=60).durable
+    assert [s.step for s in ckptstore.Store(str(mirror)).list()] == [1, 2]
+    out = _template()
+    ckptstore.load(out, str(mirror), step=2)
+    assert torch.equal(out["w"], sd["w"]) and out["step"] == 0
