@@ -369,3 +369,16 @@ def test_async_save_and_plain_dcp_writer_take_a_mirror(tmp_path):
     out = _template()
     ckptstore.load(out, str(mirror), step=2)
     assert torch.equal(out["w"], sd["w"]) and out["step"] == 0
+
+
+def test_two_tiers_read_as_one_store_refuse_changes(tmp_path):
+    primary, mirror = tmp_path / "nvme", tmp_path / "bucket"
+    ckptstore.save(_state(), str(primary), step=1, mirror=str(mirror))
+    ckptstore.wait_for_mirrors()
+    ckptstore.save(_state(2), str(mirror), step=2)
+    both = ckptstore.Store(str(primary), mirror=str(mirror))
+    assert [s.step for s in both.list()] == [1, 2]
+    assert both.verify().ok
+    with pytest.raises(TypeError, match="open one of them alone"):
+        both.gc(keep_last=1)
+    assert [s.step for s in ckptstore.Store(str(mirror)).list()] == [1, 2]

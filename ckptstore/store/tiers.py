@@ -98,6 +98,18 @@ class TieredBackend(WrappedBackend):
     def list(self, prefix: str) -> list[str]:
         return sorted(set(self.inner.list(prefix)) | set(self.mirror.list(prefix)))
 
+    def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
+        raise TypeError(self._read_only(f"write {key}"))
+
+    def delete(self, key: str) -> None:
+        raise TypeError(self._read_only(f"delete {key}"))
+
+    def _read_only(self, what: str) -> str:
+        return (
+            f"cannot {what}: {self.inner.url} with its mirror {self.mirror.url} is read as "
+            "one store (loads, listings); open one of them alone to change it"
+        )
+
     def list_info(self, prefix: str) -> list[ObjectInfo]:
         out = {i.key: i for i in self.mirror.list_info(prefix)}
         out.update({i.key: i for i in self.inner.list_info(prefix)})
