@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,32 @@ def test_two_tiers_read_as_one_store_refuse_changes(tmp_path):
     with pytest.raises(TypeError, match="open one of them alone"):
         both.gc(keep_last=1)
     assert [s.step for s in ckptstore.Store(str(mirror)).list()] == [1, 2]
+
+
+def test_gc_on_the_mirror_beside_an_upload_keeps_what_it_needs(tmp_path, monkeypatch):
+    from ckptstore.store import mirror as mirror_module
+
+    primary, mirror = tmp_path / "nvme", tmp_path / "bucket"
+    sd = _state()
+    ckptstore.save(sd, str(primary), step=1, mirror=str(mirror), chunk_bytes=CHUNK)
+    ckptstore.wait_for_mirrors()
+    original = mirror_module.copy_chunk
+    reports = []
+    once = threading.Lock()
+
+    def copy_then_gc(src, dst, key):
+        size = original(src, dst, key)
+        if once.acquire(blocking=False):  # a gc of all it may delete, after the first chunk
+            reports.append(ckptstore.Store(str(mirror)).gc(keep_last=1, grace="0s"))
+        return size
+
+    monkeypatch.setattr(mirror_module, "copy_chunk", copy_then_gc)
+    sd["w"] += 1
+    info = ckptstore.save(sd, str(primary), step=2, mirror=str(mirror), chunk_bytes=CHUNK)
+    assert info.mirrored.result(timeout=60).durable
+    assert reports and reports[0].saves_in_flight >= 1
+    assert [s.step for s in ckptstore.Store(str(mirror)).list()] == [1, 2]
+    assert ckptstore.Store(str(mirror)).verify().ok
+    out = _template()
+    ckptstore.load(out, str(mirror), step=2)
+    assert torch.equal(out["w"], sd["w"])
