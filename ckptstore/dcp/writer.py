@@ -152,7 +152,9 @@ class Writer(StorageWriter):
         self._save_id = uuid.uuid4().hex
         self._mirror_save = ""
         self._world = 1
-        self.abandon_mirror("a later save started before this one finished")
+        # a job of an earlier save is left to finish: ckptstore.save abandoned it if that
+        # save failed (else, under plain dcp.save, it waits up to Mirror.ranks_wait)
+        self._mirror_job = None
         self.release_lease()  # left by an earlier save that failed on another rank
 
     def _repository(self) -> Repository:
