@@ -34,12 +34,13 @@ def save_worker(
 
     _init(rank, world, port)
     tier = ckptstore.Mirror(mirror, storage_options=options)
-    reports = []
-    for step in (1, 2):
+    futures = []
+    for step in (1, 2):  # the second save starts while the first may still be uploading
         info = ckptstore.save(
             tier_state(world, step), f"{root}/node{rank}", step=step, mirror=tier, chunk_bytes=CHUNK
         )
-        reports.append(info.mirrored.result(timeout=120).to_dict())
+        futures.append(info.mirrored)
+    reports = [f.result(timeout=120).to_dict() for f in futures]
     _dump(out, "save", rank, {"reports": reports})
     _finish()
 
