@@ -19,7 +19,7 @@ from ckptstore.render import progress as progress_bar
 @click.option(
     "-o",
     "--storage-option",
-    "src_options",
+    "storage_options",
     multiple=True,
     metavar="KEY=VALUE",
     help="fsspec option for SRC (repeatable); also DST's when --dst-option is not given "
@@ -40,7 +40,7 @@ def cp_cmd(
     step: int | None,
     name: str | None,
     copy_all: bool,
-    src_options: tuple[str, ...],
+    storage_options: tuple[str, ...],
     dst_options: tuple[str, ...],
     as_json: bool,
 ) -> None:
@@ -52,7 +52,7 @@ def cp_cmd(
 
     if copy_all and (step is not None or name is not None):
         raise click.UsageError("give --all or --step/--name, not both")
-    store = Store(src, _options(src_options))
+    store = Store(src, _options(storage_options))
     which = None if copy_all else store.resolve(step=step, name=name)
     with progress_bar(hide=as_json) as progress:
         task = progress.add_task(f"copying to {dst}", total=None)
