@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 
 from ckptstore.codecs.base import Buffer, Codec
-from ckptstore.codecs.bytegroup import ByteGroup
+from ckptstore.codecs.bytegroup import ByteGroup, group_into, scratch
 from ckptstore.codecs.quantize import Cast, Int8Block, LossyCodec
 from ckptstore.codecs.registry import get_codec
 from ckptstore.codecs.zstd import Zstd
@@ -85,7 +85,17 @@ class Pipeline:
         return None, self
 
     def encode(self, data: Buffer) -> Buffer:
-        for codec in self.codecs:
+        codecs = self.codecs
+        if len(codecs) == 2 and type(codecs[0]) is ByteGroup and type(codecs[1]) is Zstd:
+            # the default chains: the planes go to this thread's scratch buffer (no fresh
+            # chunk-sized allocation), which zstd's container copies out of before returning
+            group, zstd = codecs
+            arr = np.frombuffer(data, dtype=np.uint8)
+            if group.width > 1 and arr.size and arr.size % group.width == 0:
+                planes = scratch(arr.size, "planes")
+                group_into(arr, group.width, group.rotate, planes)
+                return zstd.encode(planes)
+        for codec in codecs:
             data = codec.encode(data)
         return data
 
