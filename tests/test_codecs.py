@@ -78,6 +78,36 @@ def test_bytegroup_kernels_match_the_spec_across_blocks(width, rotate):
         assert bytes(chain.codecs[1].decode(chain.encode(raw))) == planes
 
 
+def test_large_frames_decode_into_place_and_refuse_trailing_bytes():
+    from ckptstore.codecs.pipeline import default_pipeline
+
+    rng = np.random.default_rng(3)
+    raw = (rng.standard_normal(1 << 18) * 0.02).astype(np.float32)  # 1 MiB: 256 KiB planes
+    chain = default_pipeline("float32")
+    enc = bytes(chain.encode(raw))
+    out = np.empty(raw.nbytes, np.uint8)
+    chain.decode_into(enc, out)
+    assert out.tobytes() == raw.tobytes()
+    # the exponent plane is a frame; append bytes after it inside its segment
+    zstd = chain.codecs[1]
+    n = enc[0]
+    entries = [struct.unpack_from("<BQ", enc, 1 + 9 * i) for i in range(n)]
+    assert any(kind == 1 and length >= 1 for kind, length in entries)
+    pos, pieces, header = 1 + 9 * n, [], bytearray([n])
+    for kind, length in entries:
+        piece = enc[pos : pos + length]
+        pos += length
+        if kind == 1 and zstandard.frame_content_size(piece) >= (1 << 16):
+            piece += b"\0\0\0"
+        header += struct.pack("<BQ", kind, len(piece))
+        pieces.append(piece)
+    bad = bytes(header) + b"".join(pieces)
+    with pytest.raises(CodecError):
+        chain.decode_into(bad, out)
+    with pytest.raises(CodecError):
+        zstd.decode_segments(bad)
+
+
 def test_bytegroup_groups_planes():
     data = bytes([1, 2, 3, 4, 5, 6, 7, 8])
     assert bytes(ByteGroup(4).encode(data)) == bytes([1, 5, 2, 6, 3, 7, 4, 8])

@@ -28,7 +28,7 @@ from ckptstore.errors import (
     UnknownCodecError,
 )
 from ckptstore.store import layout
-from ckptstore.store.chunks import content_key, frame, row_ranges, unframe
+from ckptstore.store.chunks import content_key, frame, frame_parts, row_ranges, unframe
 from ckptstore.store.delta import apply_delta
 from ckptstore.store.delta_choice import PROCESS_DELTA_STATE, DeltaBases, DeltaState, Parent
 from ckptstore.store.manifest import Blob, ChunkRef
@@ -333,7 +333,7 @@ class BlobWriter:
             out.set_exception(exc)
 
         try:
-            stored = frame(tail.encode(body) if encoded is None else encoded)
+            stored = frame(encoded) if encoded is not None else frame_parts(tail.encode_parts(body))
             # put even when it exists: under the lease, so gc keeps it (ChunkIndex)
             upload = self.repo.backend.put_fresh_async(
                 layout.chunk_key(key.hex()), stored, cancel=self.cancel
