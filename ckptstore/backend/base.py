@@ -140,6 +140,9 @@ def again(exc: BaseException) -> BaseException:
     failed. (Raising one object from many threads would tangle its traceback.)"""
     try:
         new = type(exc)(*exc.args)
+        new.__dict__.update(exc.__dict__)
+        if isinstance(exc, OSError) and isinstance(new, OSError):
+            new.errno = exc.errno  # (set after construction by some raisers: not in args)
     except Exception:
         new = BackendError(str(exc))
     new.__cause__ = exc
