@@ -8,12 +8,18 @@ import pytest
 from ckptstore.backend import (
     Backend,
     BackendWrapper,
+    Cancel,
     FsspecBackend,
     ObjectInfo,
     WrappedBackend,
     open_backend,
 )
-from ckptstore.errors import BackendError, ObjectExistsError, UnknownSchemeError
+from ckptstore.errors import (
+    BackendError,
+    ObjectExistsError,
+    StorageFullError,
+    UnknownSchemeError,
+)
 from ckptstore.store import Repository
 from ckptstore.testing.backend_suite import BackendSuite
 from ckptstore.testing.faulty import FaultyBackend
@@ -309,3 +315,20 @@ def test_filesystem_del_filter_is_removed_after_interleaved_opens():
     assert sys.unraisablehook is not original  # the second still filters
     second.__exit__(None, None, None)
     assert sys.unraisablehook is original
+
+
+def test_a_cancelled_batch_sends_nothing_after_its_first_failure(tmp_path):
+    backend = FaultyBackend(open_backend(str(tmp_path / "s")))
+    backend.storage_full("c/1")
+    cancel = Cancel()
+    with pytest.raises(StorageFullError) as first:
+        backend.put_async("c/1", b"x", cancel=cancel).result(60)
+    assert cancel.error is first.value
+    later = backend.put_fresh_async("c/2", b"y", cancel=cancel)
+    with pytest.raises(StorageFullError) as again:
+        later.result(60)
+    # the request never started, and its error is the first failure's, naming its object
+    assert backend.count("put", "c/2") == 0 and not backend.exists("c/2")
+    assert str(again.value) == str(first.value) and "c/1" in str(again.value)
+    assert again.value.errno == errno.ENOSPC and again.value.__cause__ is first.value
+    assert backend.put_fresh_async("c/3", b"z").result(60) is True  # no cancel: runs

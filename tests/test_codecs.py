@@ -32,6 +32,82 @@ def test_bytegroup_roundtrip(data, width, rotate):
     assert bytes(codec.decode(codec.encode(data))) == data
 
 
+def _planes_by_the_spec(data: bytes, width: int, rotate: bool) -> bytes:
+    """docs/format.md's bytegroup, element by element in plain Python: the reference."""
+    out = bytearray(len(data))
+    n, bits = len(data) // width, 8 * width
+    for e in range(n):
+        v = int.from_bytes(data[e * width : (e + 1) * width], "little")
+        if rotate:
+            v = ((v << 1) | (v >> (bits - 1))) % (1 << bits)
+        for j, b in enumerate(v.to_bytes(width, "little")):
+            out[j * n + e] = b
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("width", "rotate"), [(2, True), (4, True), (8, True), (4, False), (3, False), (16, False)]
+)
+def test_bytegroup_kernels_match_the_spec_across_blocks(width, rotate):
+    # sizes around the block boundaries of the word kernels, and an unaligned input
+    from ckptstore.codecs import bytegroup
+    from ckptstore.codecs.pipeline import Pipeline
+
+    rng = np.random.default_rng(width)
+    block = max(bytegroup._ENCODE_BLOCK, bytegroup._DECODE_BLOCK)
+    for n in (1, 7, block - 1, block + 3):
+        raw = rng.integers(0, 256, n * width + 1, dtype=np.uint8)[1:]  # offset by one byte
+        codec = ByteGroup(width, rotate=rotate)
+        planes = bytes(codec.encode(raw))
+        if n < 100:
+            assert planes == _planes_by_the_spec(raw.tobytes(), width, rotate)
+        else:  # the reference on a sample of elements: each plane's bytes at those indices
+            grid = raw.reshape(n, width)
+            if rotate:
+                u = grid.copy().view(bytegroup._UINT[width]).reshape(-1)
+                u = (u << 1) | (u >> (8 * width - 1))
+                grid = u.view(np.uint8).reshape(n, width)
+            want = np.ascontiguousarray(grid.T).tobytes()
+            assert planes == want
+        assert bytes(codec.decode(planes)) == raw.tobytes()
+        out = np.empty(raw.size, np.uint8)
+        codec.decode_into([planes[i * n : (i + 1) * n] for i in range(width)], out)
+        assert out.tobytes() == raw.tobytes()
+        # the fused default chain writes the same planes as the codec alone
+        chain = Pipeline([codec, Zstd(segments=width, entropy=True)])
+        assert bytes(chain.codecs[1].decode(chain.encode(raw))) == planes
+
+
+def test_large_frames_decode_into_place_and_refuse_trailing_bytes():
+    from ckptstore.codecs.pipeline import default_pipeline
+
+    rng = np.random.default_rng(3)
+    raw = (rng.standard_normal(1 << 18) * 0.02).astype(np.float32)  # 1 MiB: 256 KiB planes
+    chain = default_pipeline("float32")
+    enc = bytes(chain.encode(raw))
+    out = np.empty(raw.nbytes, np.uint8)
+    chain.decode_into(enc, out)
+    assert out.tobytes() == raw.tobytes()
+    # the exponent plane is a frame; append bytes after it inside its segment
+    zstd = chain.codecs[1]
+    n = enc[0]
+    entries = [struct.unpack_from("<BQ", enc, 1 + 9 * i) for i in range(n)]
+    assert any(kind == 1 and length >= 1 for kind, length in entries)
+    pos, pieces, header = 1 + 9 * n, [], bytearray([n])
+    for kind, length in entries:
+        piece = enc[pos : pos + length]
+        pos += length
+        if kind == 1 and zstandard.frame_content_size(piece) >= (1 << 16):
+            piece += b"\0\0\0"
+        header += struct.pack("<BQ", kind, len(piece))
+        pieces.append(piece)
+    bad = bytes(header) + b"".join(pieces)
+    with pytest.raises(CodecError):
+        chain.decode_into(bad, out)
+    with pytest.raises(CodecError):
+        zstd.decode_segments(bad)
+
+
 def test_bytegroup_groups_planes():
     data = bytes([1, 2, 3, 4, 5, 6, 7, 8])
     assert bytes(ByteGroup(4).encode(data)) == bytes([1, 5, 2, 6, 3, 7, 4, 8])

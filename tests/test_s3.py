@@ -56,6 +56,25 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture
+def s3_calls(monkeypatch) -> list[tuple[str, str]]:
+    """Every S3 request s3fs sends from here on, as (operation, object key or prefix)."""
+    import s3fs
+
+    calls: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    original = s3fs.S3FileSystem._call_s3
+
+    async def counted(fs, method, *args, **kwargs):
+        name = method if isinstance(method, str) else getattr(method, "__name__", "?")
+        with lock:
+            calls.append((name, str(kwargs.get("Key") or kwargs.get("Prefix") or "")))
+        return await original(fs, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    return calls
+
+
 def chunk_keys(url: str, options: dict) -> list[str]:
     return open_backend(url, options).list(layout.CHUNKS)
 
@@ -355,6 +374,77 @@ def test_server_killed_mid_save(own_server, monkeypatch):
     info2 = ckptstore.save(second, url, step=2, storage_options=opts, chunk_bytes=1 << 20)
     assert info2.new_chunks > 0
     assert_same(second, ckptstore.load_full(url, step=2, storage_options=opts))
+
+
+def _serial_io(monkeypatch, threads: int = 1) -> None:
+    """Short retries; one upload at a time and ``threads`` encoders/readers, so what a
+    failure stops can be counted exactly."""
+    monkeypatch.setenv("CKPTSTORE_RETRIES", "2")
+    monkeypatch.setenv("CKPTSTORE_RETRY_BASE_MS", "10")
+    monkeypatch.setenv("CKPTSTORE_IO_REQUESTS", "1")
+    monkeypatch.setenv("CKPTSTORE_THREADS", str(threads))
+
+
+def test_save_stops_at_its_first_definitive_failure(own_server, monkeypatch, s3_calls):
+    _serial_io(monkeypatch)
+    opts = own_server.storage_options()
+    url = f"s3://{S3_BUCKET}/stops"
+    faulty = FaultyBackend(CountingBackend(open_backend(url, opts)))
+    faulty.on("put", "chunks/*", lambda key: own_server.kill(), after=3, times=1)
+    s3_calls.clear()
+    with pytest.raises(StorageUnavailableError) as info:  # 32 chunks of 1 MiB
+        ckptstore.save({"w": torch.randn(8192, 1024)}, faulty, step=1, chunk_bytes=1 << 20)
+    chunk_puts = [key for op, key in faulty.log if op == "put" and key.startswith("chunks/")]
+    # three chunks stored, the fourth tried 1 + RETRIES times against the dead server, and
+    # not one request for the 28 encoded or queued behind it
+    assert len(chunk_puts) == 4
+    sent = [op for op, key in s3_calls if "/chunks/" in key]
+    assert sent == ["put_object"] * (3 + 3)
+    assert chunk_puts[3] in str(info.value) and "gave up after 3 tries" in str(info.value)
+    assert any(op == "delete" and key.startswith("leases/") for op, key in faulty.log)
+
+
+def test_load_stops_at_its_first_definitive_failure(own_server, monkeypatch, s3_calls):
+    opts = own_server.storage_options()
+    url = f"s3://{S3_BUCKET}/load-stops"
+    sd = {"w": torch.randn(8192, 1024)}  # 32 chunks of 1 MiB
+    ckptstore.save(sd, url, step=1, storage_options=opts, chunk_bytes=1 << 20)
+    threads = 4
+    _serial_io(monkeypatch, threads)
+    faulty = FaultyBackend(CountingBackend(open_backend(url, opts)))
+    faulty.on("get", "chunks/*", lambda key: own_server.kill(), after=3, times=1)
+    s3_calls.clear()
+    with pytest.raises(StorageUnavailableError) as info:
+        ckptstore.load({"w": torch.empty(8192, 1024)}, faulty)
+    chunk_gets = [key for op, key in faulty.log if op == "get" and key.startswith("chunks/")]
+    # the reads in flight when the server died (one per reader thread) end, none queued
+    # behind them starts: not 32 reads of 1 + RETRIES tries each
+    assert len(chunk_gets) <= 3 + 2 * threads
+    assert len([1 for _, key in s3_calls if "/chunks/" in key]) <= 3 + 2 * threads * 3
+    assert "/chunks/" in str(info.value) and "127.0.0.1" in str(info.value)
+
+
+def test_requests_per_new_chunk(s3_url, s3_options, s3_calls):
+    """A save sends one request per new chunk (a create-only put: no existence probe) and a
+    constant for lease, manifest and catalog; a load one per chunk and a constant."""
+    rest = {}
+    for n in (4, 12):
+        sd = {f"t{i}": torch.randn(256, 1024) for i in range(n)}  # 1 MiB each
+        url = f"{s3_url}/n{n}"
+        s3_calls.clear()
+        info = ckptstore.save(sd, url, step=1, storage_options=s3_options, chunk_bytes=1 << 20)
+        assert info.new_chunks == n
+        save_chunks = sorted(op for op, key in s3_calls if "/chunks/" in key)
+        assert save_chunks == ["put_object"] * n
+        save_rest = sorted(op for op, key in s3_calls if "/chunks/" not in key)
+        s3_calls.clear()
+        tpl = {k: torch.empty_like(v) for k, v in sd.items()}
+        ckptstore.load(tpl, url, storage_options=s3_options)
+        assert_same(sd, tpl)
+        assert sorted(op for op, key in s3_calls if "/chunks/" in key) == ["get_object"] * n
+        rest[n] = (save_rest, sorted(op for op, key in s3_calls if "/chunks/" not in key))
+    assert rest[4] == rest[12]  # the same constant, whatever the number of chunks
+    assert len(rest[4][0]) <= 16 and len(rest[4][1]) <= 4
 
 
 def test_server_down_at_load(own_server, monkeypatch):

@@ -4,6 +4,7 @@ that knows fsspec and its exceptions), and the wrapper base that test doubles bu
 from ckptstore.backend.base import (
     Backend,
     BackendWrapper,
+    Cancel,
     Capabilities,
     ObjectInfo,
     Stats,
@@ -15,6 +16,7 @@ from ckptstore.backend.fsspec_backend import Failure, FsspecBackend, classify, o
 __all__ = [
     "Backend",
     "BackendWrapper",
+    "Cancel",
     "Capabilities",
     "Failure",
     "FsspecBackend",

@@ -30,14 +30,15 @@ An exception that is not a storage failure (a ``TypeError`` from a bug) is not t
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
-from ckptstore.errors import ObjectNotFoundError
+from ckptstore.errors import BackendError, ObjectNotFoundError
 from ckptstore.knobs import DEFAULTS, Settings
 
 T = TypeVar("T")
@@ -101,6 +102,70 @@ class ObjectInfo(NamedTuple):
     key: str
     size: int
     mtime: float | None
+
+
+class Cancel:
+    """The stop signal of one save's or one load's requests, shared by all of them: set with
+    the first definitive failure (an error that outlasted its retries, or one never
+    retried). From then on none of them starts (:meth:`Backend.put_async` and the store's
+    readers check it first) and none that is running tries again (the retry loop checks
+    it), so a dead server costs one request's retries, not every queued request's.
+    Thread-safe; the first error set stays."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def set(self, exc: BaseException) -> bool:
+        """Record ``exc`` as the failure that stops the batch; False if one already did."""
+        with self._lock:
+            if self.error is not None:
+                return False
+            self.error = exc
+            return True
+
+    def is_set(self) -> bool:
+        return self.error is not None
+
+    def check(self) -> None:
+        """Raise (a copy of) the recorded failure, if any: a request about to start does not."""
+        err = self.error
+        if err is not None:
+            raise again(err)
+
+
+def again(exc: BaseException) -> BaseException:
+    """A fresh exception of ``exc``'s class and message (caused by ``exc``), for the requests
+    a :class:`Cancel` stopped: whichever of them a caller sees first names the object that
+    failed. (Raising one object from many threads would tangle its traceback.)"""
+    try:
+        new = type(exc)(*exc.args)
+        new.__dict__.update(exc.__dict__)
+        if isinstance(exc, OSError) and isinstance(new, OSError):
+            new.errno = exc.errno  # (set after construction by some raisers: not in args)
+    except Exception:
+        new = BackendError(str(exc))
+    new.__cause__ = exc
+    return new
+
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def cancel_scope(cancel: Cancel | None) -> Iterator[None]:
+    """Within the ``with``, on this thread: retry loops give up once ``cancel`` is set."""
+    previous = getattr(_scope, "cancel", None)
+    _scope.cancel = cancel
+    try:
+        yield
+    finally:
+        _scope.cancel = previous
+
+
+def current_cancel() -> Cancel | None:
+    """The :class:`Cancel` of the :func:`cancel_scope` this thread runs in, or None."""
+    return getattr(_scope, "cancel", None)
 
 
 class _ByteBudget:
@@ -226,6 +291,20 @@ class Backend(abc.ABC):
         BucketNotFoundError, StorageUnavailableError, BackendError.
         """
 
+    def put_fresh(self, key: str, data: bytes | memoryview) -> bool:
+        """:meth:`put` (overwriting, so the object's modification time is now) that also
+        says whether no object was under ``key`` before: True when this put created it.
+
+        The answer is for figures only (a chunk a save wrote vs. one it found), and may say
+        False for an object an earlier, failed try of this very call created. The default
+        asks first (:meth:`exists`, then :meth:`put`: two requests); an implementation that
+        can tell from one create-only request overrides it (an object store: a conditional
+        PUT, then a plain one only when the key was taken).
+        """
+        existed = self.exists(key)
+        self.put(key, data)
+        return not existed
+
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object under ``key``. An absent key is not an error (a delete is
@@ -274,20 +353,47 @@ class Backend(abc.ABC):
 
     # -- batches and concurrency -----------------------------------------------------------
     def put_async(
-        self, key: str, data: bytes | memoryview, *, create_only: bool = False
+        self,
+        key: str,
+        data: bytes | memoryview,
+        *,
+        create_only: bool = False,
+        cancel: Cancel | None = None,
     ) -> Future[None]:
         """Start :meth:`put` on the process's I/O pool and return its future (the future
         raises what ``put`` raises).
 
         At most ``IO_REQUESTS`` requests run at once, and the caller waits here while the
         uploads already started hold ``IO_BYTES`` bytes: encoders stay ahead of the network
-        by a bounded amount of memory.
+        by a bounded amount of memory. With ``cancel``, a put whose turn comes after
+        ``cancel`` was set sends nothing and raises its error, and a put that fails for good
+        sets it (see :class:`Cancel`).
         """
+        return self._submit(len(data), lambda: self.put(key, data, create_only=create_only), cancel)
+
+    def put_fresh_async(
+        self, key: str, data: bytes | memoryview, *, cancel: Cancel | None = None
+    ) -> Future[bool]:
+        """:meth:`put_fresh` on the I/O pool, bounded and cancelled as :meth:`put_async`."""
+        return self._submit(len(data), lambda: self.put_fresh(key, data), cancel)
+
+    def _submit(self, n: int, fn: Callable[[], T], cancel: Cancel | None) -> Future[T]:
         pool, budget = io_pool(self.settings)
-        n = len(data)
         budget.acquire(n)
+
+        def run() -> T:
+            if cancel is None:
+                return fn()
+            cancel.check()
+            try:
+                with cancel_scope(cancel):
+                    return fn()
+            except BaseException as exc:
+                cancel.set(exc)
+                raise
+
         try:
-            fut = pool.submit(self.put, key, data, create_only=create_only)
+            fut = pool.submit(run)
         except BaseException:
             budget.release(n)
             raise
@@ -369,6 +475,11 @@ class WrappedBackend(Backend):
 
     def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
         self.inner.put(key, data, create_only=create_only)
+
+    def put_fresh(self, key: str, data: bytes | memoryview) -> bool:
+        # the inner backend's own (one request where it can); a wrapper that changes puts
+        # overrides this too
+        return self.inner.put_fresh(key, data)
 
     def delete(self, key: str) -> None:
         self.inner.delete(key)

@@ -42,6 +42,7 @@ from ckptstore.backend.base import (
     Capabilities,
     ObjectInfo,
     Stats,
+    current_cancel,
     io_pool,
     is_temp,
 )
@@ -357,6 +358,35 @@ class FsspecBackend(Backend):
         self._guard(key, once, create_only, "puts")
         self.stats.add(bytes_out=len(payload))
 
+    def put_fresh(self, key: str, data: bytes | memoryview) -> bool:
+        """One create-only put (S3: ``If-None-Match: *``; locally a link), and only where
+        the key was taken a plain put after it, so a new object costs one request, not an
+        existence probe (s3fs's ``exists`` is a HEAD and, on a miss, a LIST) and a put.
+
+        Unlike :meth:`put` with ``create_only``, a retry that finds the object is not taken
+        for success: the object may predate this call, so it is put again (its modification
+        time must be this put's; docs/format.md rule 7) and reported as found."""
+        if self.capabilities.local:
+            created = self._guard(key, lambda: self._put_local(key, data, None), op="puts")
+            self.stats.add(bytes_out=len(data))
+            return bool(created)
+        payload = bytes(data)
+        try:
+            self._guard(
+                key,
+                lambda: self.fs.pipe_file(self.path(key), payload, mode="create"),
+                True,
+                "puts",
+            )
+            created = True
+        except ObjectExistsError:
+            self._guard(
+                key, lambda: self.fs.pipe_file(self.path(key), payload, mode="overwrite"), op="puts"
+            )
+            created = False
+        self.stats.add(bytes_out=len(payload))
+        return created
+
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are not an error."""
         try:
@@ -384,7 +414,10 @@ class FsspecBackend(Backend):
         return sorted(keys)
 
     # -- internals ----------------------------------------------------------------------
-    def _put_local(self, key: str, data: bytes | memoryview, create_only: bool) -> None:
+    def _put_local(self, key: str, data: bytes | memoryview, create_only: bool | None) -> bool:
+        """Write ``data`` to a temporary file and link (``create_only``) or rename it into
+        place. ``create_only=None``: link, and where the name is taken rename over it; the
+        result says whether the link made the object."""
         dst = self.fs._strip_protocol(self.path(key))
         folder = os.path.dirname(dst)
         os.makedirs(folder, exist_ok=True)
@@ -396,10 +429,18 @@ class FsspecBackend(Backend):
                     f.flush()
                     os.fsync(f.fileno())
             try:
+                if create_only is None:
+                    try:
+                        os.link(tmp, dst)
+                        return True
+                    except FileExistsError:
+                        os.replace(tmp, dst)
+                        return False
                 if create_only:
                     os.link(tmp, dst)  # atomic, fails if dst exists
                 else:
                     os.replace(tmp, dst)
+                return True
             except FileExistsError as exc:
                 raise ObjectExistsError(f"{self.describe(key)} already exists") from exc
             except FileNotFoundError as exc:
@@ -460,7 +501,10 @@ class FsspecBackend(Backend):
         tries = 1 + max(0, self.settings.retries)
         base = max(0, self.settings.retry_base_ms) / 1000
         t0 = time.monotonic()
+        cancel = current_cancel()
         for attempt in range(tries):
+            if cancel is not None and attempt == 0:
+                cancel.check()  # the batch failed already: this request does not start
             if op is not None:
                 self.stats.add(**{op: 1})
             try:
@@ -477,8 +521,12 @@ class FsspecBackend(Backend):
                     raise StorageUnavailableError(
                         f"{err} (gave up after {tries} tries in {time.monotonic() - t0:.1f}s)"
                     ) from exc
+                if cancel is not None and cancel.is_set():
+                    raise _stopped(err, attempt) from exc
                 self.stats.add(retries=1)
                 time.sleep(min(5.0, base * 2**attempt) * random.uniform(0.5, 1.0))
+                if cancel is not None and cancel.is_set():  # set while this one waited
+                    raise _stopped(err, attempt) from exc
         raise AssertionError("unreachable")
 
     # -- listing with metadata (gc, du) ----------------------------------------------------
@@ -511,6 +559,13 @@ class FsspecBackend(Backend):
         a process killed mid-put; on other filesystems a put leaves none, and only keys that
         something else stored under such names are found."""
         return self._find_info(prefix, temp=True)
+
+
+def _stopped(err: CkptStoreError, attempt: int) -> StorageUnavailableError:
+    return StorageUnavailableError(
+        f"{err} (not tried again after {attempt + 1}: another request of this operation "
+        "had failed for good)"
+    )
 
 
 def _walk_names(base: str, prefix: str) -> list[str]:

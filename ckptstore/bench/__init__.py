@@ -7,8 +7,10 @@ Suites (docs/benchmarks.md says what each measures and where its figures are):
     compare        ckptstore vs torch.save, DCP and DCP+zstd, one run (= ``ckptstore bench``);
                    ``--chunk-sweep`` compares chunk sizes
     gc             gc on 20 checkpoints of a MiniLM fine-tune, local and on loopback S3
+    codec          the lossless codec alone: one-thread MB/s and ratio, and 1 vs N threads
     quantize       stored ratio, error and codec speed per quantizer on real weights
     s3             ckptstore vs DCP's fsspec writer on loopback S3: seconds, requests, bytes
+    s3-kill        seconds from a kill -9 of the S3 server to the error of the save it cut
     distributed    a 4-rank FSDP2 save and 4→2 / 4→1 loads (gloo, CPU), vs DCP
     history        cost of save/load/ls/inspect/gc as a store grows to 1,000 checkpoints
     metadata-sim   metadata each rank reads and receives at up to 1,024 ranks (simulated)
@@ -42,8 +44,10 @@ from typing import Any
 SUITES = {
     "compare": "ckptstore.bench.compare",
     "gc": "ckptstore.bench.gc_suite",
+    "codec": "ckptstore.bench.codec",
     "quantize": "ckptstore.bench.quantize",
     "s3": "ckptstore.bench.s3",
+    "s3-kill": "ckptstore.bench.s3_kill",
     "distributed": "ckptstore.bench.distributed",
     "history": "ckptstore.bench.history",
     "metadata-sim": "ckptstore.bench.metadata_sim",

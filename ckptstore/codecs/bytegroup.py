@@ -21,18 +21,57 @@ from ckptstore.errors import CodecError
 
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _local = threading.local()
-_PAIRS = True
-_BLOCK = 256 * 1024
-"""Bytes decoded per block (fits a core's L2 cache with the planes it reads)."""
+_DECODE_BLOCK = 256 * 1024
+"""Elements interleaved per block (fewer, larger numpy calls beat smaller blocks here;
+measured on 4 MiB chunks of MiniLM weights)."""
+_ENCODE_BLOCK = 256 * 1024
+"""Elements grouped per block: the rotated block and one shifted copy stay in cache while
+each plane is cut from them."""
 
 
-def _scratch(nbytes: int) -> np.ndarray:
-    """This thread's reused scratch buffer of at least ``nbytes`` (a fresh large allocation
-    costs page faults at ~1 GB/s; see ../shared/FACTS.md)."""
-    buf = getattr(_local, "buf", None)
+def scratch(nbytes: int, name: str = "buf") -> np.ndarray:
+    """This thread's reused scratch buffer ``name`` of at least ``nbytes`` (a fresh large
+    allocation costs page faults at ~1 GB/s; see ../shared/FACTS.md)."""
+    buf = getattr(_local, name, None)
     if buf is None or buf.nbytes < nbytes:
-        buf = _local.buf = np.empty(nbytes, dtype=np.uint8)
+        buf = np.empty(nbytes, dtype=np.uint8)
+        setattr(_local, name, buf)
     return buf[:nbytes]
+
+
+def group_into(arr: np.ndarray, width: int, rotate: bool, out: np.ndarray) -> None:
+    """The byte planes of ``arr`` (uint8, a multiple of ``width`` bytes), each element
+    first rotated left by one bit if ``rotate``, written to ``out`` (a C-contiguous uint8
+    array of ``arr``'s size): what :meth:`ByteGroup.encode` returns, without its allocation.
+
+    For widths 2, 4 and 8 this works block by block on whole words: the rotation in place in
+    a cached block, then each plane cut by a shift and a narrowing cast (SIMD loops in
+    numpy, ~3x the strided byte copy of a transpose). Other widths transpose."""
+    n = arr.size // width
+    planes = out.reshape(width, n)
+    kind = _UINT.get(width)
+    if kind is None:
+        np.copyto(planes, arr.reshape(n, width).T)
+        return
+    words = arr.view(kind) if arr.ctypes.data % width == 0 else arr.copy().view(kind)
+    step = min(n, _ENCODE_BLOCK)
+    rot = scratch(step * width, "rot").view(kind)
+    tmp = scratch(step * width, "tmp").view(kind)
+    one, top = kind(1), kind(width * 8 - 1)
+    for j in range(0, n, step):
+        k = min(n, j + step)
+        x, m = words[j:k], k - j
+        if rotate:
+            a, b = rot[:m], tmp[:m]
+            np.left_shift(x, one, out=a)
+            np.right_shift(x, top, out=b)
+            np.bitwise_or(a, b, out=a)
+            x = a
+        np.copyto(planes[0, j:k], x, casting="unsafe")
+        for i in range(1, width):
+            b = tmp[:m]
+            np.right_shift(x, kind(8 * i), out=b)
+            np.copyto(planes[i, j:k], b, casting="unsafe")
 
 
 @register
@@ -62,12 +101,9 @@ class ByteGroup(Codec):
         self._check(arr)
         if self.width == 1 or arr.size == 0:
             return data
-        if self.rotate:
-            u = arr.view(_UINT[self.width])
-            bits = self.width * 8
-            arr = ((u << 1) | (u >> (bits - 1))).view(np.uint8)
-        planes = np.ascontiguousarray(arr.reshape(-1, self.width).T)
-        return byte_view(planes)
+        out = np.empty(arr.size, dtype=np.uint8)
+        group_into(arr, self.width, self.rotate, out)
+        return byte_view(out)
 
     def max_encoded_size(self, raw_size: int) -> int:
         return raw_size
@@ -109,38 +145,61 @@ class ByteGroup(Codec):
         else:
             flat = arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
             planes = flat.reshape(self.width, n)
-        grid = out.reshape(n, self.width)
-        kind = _UINT.get(self.width) if self.rotate else None
-        step = max(1, _BLOCK // self.width)
-        if n <= step:  # one block (small tensors: the common case by count)
-            for i in range(self.width):
-                grid[:, i] = planes[i]
-            if kind is not None:
-                u = out.view(kind)
-                high = u << kind(self.width * 8 - 1)
-                u >>= kind(1)
-                u |= high
-            return
-        # block by block, so each block is still in cache when the next plane and the
-        # rotation reach it (~1.2x one pass per plane over a whole chunk in cold memory)
-        words = None if kind is None else out.view(kind)
-        high = None if kind is None else _scratch(step * self.width).view(kind)
-        pairs = self.width == 2 and words is not None and high is not None and _PAIRS
-        for j in range(0, n, step):
-            k = min(n, j + step)
-            if pairs and words is not None and high is not None:
-                # two planes: widening casts, a shift and an or (SIMD loops) beat two
-                # strided byte copies (~2x in cache)
-                part, h = words[j:k], high[: k - j]
-                np.copyto(part, planes[0][j:k], casting="unsafe")
-                np.copyto(h, planes[1][j:k], casting="unsafe")
-                np.left_shift(h, kind(8), out=h)
-                np.bitwise_or(part, h, out=part)
-            else:
-                for i in range(self.width):  # one strided copy per plane: ~5x a transpose
-                    grid[j:k, i] = planes[i][j:k]
-            if kind is not None and words is not None and high is not None:
-                part, h = words[j:k], high[: k - j]  # rotate right by one bit, in place
-                np.left_shift(part, kind(self.width * 8 - 1), out=h)
-                np.right_shift(part, kind(1), out=part)
-                np.bitwise_or(part, h, out=part)
+        ungroup_into(planes, self.width, self.rotate, out)
+
+
+def ungroup_into(planes: Sequence[np.ndarray], width: int, rotate: bool, out: np.ndarray) -> None:
+    """Interleave ``width`` equal uint8 ``planes`` back into the elements they came from,
+    rotating each right by one bit if ``rotate``, into ``out`` (C-contiguous uint8 of their
+    total size): the inverse of :func:`group_into`.
+
+    Block by block, so each block is still in cache when the next plane and the rotation
+    reach it. Widths 2 and 4 build whole words with widening casts, shifts and ors (SIMD
+    loops in numpy, ~1.5-2x the strided byte copies that other widths use)."""
+    n = out.size // width
+    kind = _UINT.get(width)
+    words = None if kind is None else out.view(kind)
+    grid = out.reshape(n, width)
+    step = min(n, _DECODE_BLOCK)
+    if words is not None and kind is not None:
+        acc = scratch(step * width, "acc").view(kind)
+    for j in range(0, n, step):
+        k = min(n, j + step)
+        if width == 2 and words is not None and kind is not None:
+            part, h = words[j:k], acc[: k - j]
+            np.copyto(part, planes[0][j:k], casting="unsafe")
+            np.copyto(h, planes[1][j:k], casting="unsafe")
+            np.left_shift(h, kind(8), out=h)
+            np.bitwise_or(part, h, out=part)
+        elif width == 4 and words is not None:
+            _words4(planes, j, k, words[j:k])
+        else:
+            for i in range(width):  # one strided copy per plane: ~5x a transpose
+                grid[j:k, i] = planes[i][j:k]
+        if rotate and words is not None and kind is not None:
+            part, h = words[j:k], acc[: k - j]  # rotate right by one bit, in place
+            np.left_shift(part, kind(width * 8 - 1), out=h)
+            np.right_shift(part, kind(1), out=part)
+            np.bitwise_or(part, h, out=part)
+
+
+def _words4(planes: Sequence[np.ndarray], j: int, k: int, part: np.ndarray) -> None:
+    """Elements [j, k) of four planes as little-endian uint32 words into ``part``: two
+    uint16 halves (plane 2i | plane 2i+1 << 8), then high << 16 | low."""
+    m = k - j
+    lo = scratch(2 * m, "lo").view(np.uint16)
+    hi = scratch(2 * m, "hi").view(np.uint16)
+    tmp = scratch(4 * m, "tmp32").view(np.uint32)
+    eight = np.uint16(8)
+    np.copyto(lo, planes[2][j:k], casting="unsafe")
+    np.copyto(hi, planes[3][j:k], casting="unsafe")
+    np.left_shift(hi, eight, out=hi)
+    np.bitwise_or(lo, hi, out=lo)
+    np.copyto(part, lo, casting="unsafe")
+    np.left_shift(part, np.uint32(16), out=part)
+    np.copyto(lo, planes[0][j:k], casting="unsafe")
+    np.copyto(hi, planes[1][j:k], casting="unsafe")
+    np.left_shift(hi, eight, out=hi)
+    np.bitwise_or(lo, hi, out=lo)
+    np.copyto(tmp, lo, casting="unsafe")
+    np.bitwise_or(part, tmp, out=part)

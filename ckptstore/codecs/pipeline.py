@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 
 from ckptstore.codecs.base import Buffer, Codec
-from ckptstore.codecs.bytegroup import ByteGroup
+from ckptstore.codecs.bytegroup import ByteGroup, group_into, scratch
 from ckptstore.codecs.quantize import Cast, Int8Block, LossyCodec
 from ckptstore.codecs.registry import get_codec
 from ckptstore.codecs.zstd import Zstd
@@ -85,9 +85,28 @@ class Pipeline:
         return None, self
 
     def encode(self, data: Buffer) -> Buffer:
-        for codec in self.codecs:
+        parts = self.encode_parts(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def encode_parts(self, data: Buffer) -> list[Buffer]:
+        """:meth:`encode`'s output as pieces that, joined, make it — for a caller that adds
+        a header (a chunk's frame) with one copy instead of two. Pieces may be views of
+        this thread's scratch memory: join them before this thread encodes again."""
+        codecs = self.codecs
+        if len(codecs) == 2 and type(codecs[0]) is ByteGroup and type(codecs[1]) is Zstd:
+            # the default chains: the planes go to this thread's scratch buffer (no fresh
+            # chunk-sized allocation), which zstd compresses or hands back as raw views
+            group, zstd = codecs
+            arr = np.frombuffer(data, dtype=np.uint8)
+            if group.width > 1 and arr.size and arr.size % group.width == 0:
+                planes = scratch(arr.size, "planes")
+                group_into(arr, group.width, group.rotate, planes)
+                return zstd.encode_parts(planes)
+        if len(codecs) == 1 and type(codecs[0]) is Zstd:
+            return codecs[0].encode_parts(data)
+        for codec in codecs:
             data = codec.encode(data)
-        return data
+        return [data]
 
     def decode(self, data: Buffer, expected_size: int | None = None) -> Buffer:
         """Invert :meth:`encode`.
@@ -150,7 +169,11 @@ class Pipeline:
         try:
             if len(codecs) == 2 and type(codecs[0]) is ByteGroup and type(codecs[1]) is Zstd:
                 group, zstd = codecs
-                group.decode_into(zstd.decode_segments(data, group.max_encoded_size(expected)), out)
+                planes = scratch(expected, "dplanes")  # frames decode here, not fresh bytes
+                parts = zstd.decode_segments(
+                    data, group.max_encoded_size(expected), memoryview(planes)
+                )
+                group.decode_into(parts, out)
                 return out
             if len(codecs) == 1 and type(codecs[0]) is Zstd:
                 parts = codecs[0].decode_segments(data, expected)

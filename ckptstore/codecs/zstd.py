@@ -37,6 +37,8 @@ _ENTROPY_PARAMS = {
     "target_length": 0,
 }
 _local = threading.local()
+_INTO_MIN = 64 * 1024
+"""Frames at least this large decode into the caller's buffer (:meth:`Zstd.decode_segments`)."""
 
 
 def _compressor(level: int, entropy: bool) -> zstandard.ZstdCompressor:
@@ -88,10 +90,17 @@ class Zstd(Codec):
         return "zstd-entropy" if self.entropy else f"zstd{self.level}"
 
     def encode(self, data: Buffer) -> Buffer:
+        return b"".join(self.encode_parts(data))
+
+    def encode_parts(self, data: Buffer) -> list[Buffer]:
+        """:meth:`encode`'s container as the pieces that, joined, make it (header, then the
+        stored segments; raw ones are views of ``data``): a caller that frames the result
+        joins once instead of twice."""
         view = byte_view(data)
         n = self.segments if len(view) % self.segments == 0 else 1
         seg = len(view) // n
-        return self.encode_segments([view[i * seg : (i + 1) * seg] for i in range(n)])
+        pieces = [view[i * seg : (i + 1) * seg] for i in range(n)]
+        return self.container_parts([self.encode_segment(p) for p in pieces])
 
     def encode_segments(self, pieces: list[Buffer]) -> bytes:
         """The container of ``pieces`` as segments of any lengths (at most 255), each its own
@@ -110,16 +119,21 @@ class Zstd(Codec):
         return _RAW, view
 
     @staticmethod
+    def container_parts(segments: list[tuple[int, Buffer]]) -> list[Buffer]:
+        """The container of segments made by :meth:`encode_segment` as pieces to join:
+        its header, then each segment's stored bytes."""
+        if len(segments) > 255:
+            raise ValueError(f"zstd container of {len(segments)} segments (at most 255)")
+        header = bytearray([len(segments)])
+        for kind, stored in segments:
+            header += _ENTRY.pack(kind, byte_view(stored).nbytes)
+        return [bytes(header), *(stored for _, stored in segments)]
+
+    @staticmethod
     def join_segments(segments: list[tuple[int, Buffer]], prefix: bytes = b"") -> bytes:
         """The container of segments made by :meth:`encode_segment`, in order (after
         ``prefix``, which saves the caller a copy)."""
-        if len(segments) > 255:
-            raise ValueError(f"zstd container of {len(segments)} segments (at most 255)")
-        header = bytearray(prefix)
-        header.append(len(segments))
-        for kind, stored in segments:
-            header += _ENTRY.pack(kind, byte_view(stored).nbytes)
-        return b"".join([bytes(header), *(stored for _, stored in segments)])
+        return b"".join([prefix, *Zstd.container_parts(segments)])
 
     def max_encoded_size(self, raw_size: int) -> int:
         # header + per segment the larger of a raw copy and a zstd frame (compressBound)
@@ -138,11 +152,18 @@ class Zstd(Codec):
         out = self.decode_segments(data, max_size)
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def decode_segments(self, data: Buffer, max_size: int | None = None) -> list[Buffer]:
+    def decode_segments(
+        self, data: Buffer, max_size: int | None = None, into: memoryview | None = None
+    ) -> list[Buffer]:
         """The decoded segments of ``data`` in order, not joined (a reader that scatters
         byte planes into place needs no joined copy); raw segments are views of ``data``.
-        ``max_size`` bounds their total as :meth:`decode_bounded` does."""
+        ``max_size`` bounds their total as :meth:`decode_bounded` does.
+
+        ``into`` (a writable byte buffer of at least the decoded total): large frames are
+        decompressed into it, at their segment's offset, and returned as views of it — no
+        fresh allocation per frame (half the cost of decompressing an exponent plane)."""
         view = byte_view(data)
+        offset = 0
         left = max_size
         try:
             n = view[0]
@@ -163,11 +184,15 @@ class Zstd(Codec):
                             f"segment {i}: zstd frame declares {size} bytes, more than the "
                             f"{left} left of the expected {max_size} (a zstd bomb?)"
                         )
-                    piece = _decompressor().decompress(piece, allow_extra_data=False)
+                    if into is not None and size >= _INTO_MIN and offset + size <= len(into):
+                        piece = _decompress_into(piece, into[offset : offset + size], i)
+                    else:
+                        piece = _decompressor().decompress(piece, allow_extra_data=False)
                     if len(piece) != size:  # zstandard checks this; a guard all the same
                         raise ValueError(f"segment {i}: frame gave {len(piece)} of {size} bytes")
                 elif kind != _RAW:
                     raise ValueError(f"unknown segment kind {kind}")
+                offset += len(piece)
                 if left is not None:
                     left -= len(piece)
                     if left < 0:
@@ -178,3 +203,38 @@ class Zstd(Codec):
         except (IndexError, struct.error, ValueError, zstandard.ZstdError) as exc:
             raise CodecError(f"zstd payload cannot be decoded: {exc}") from exc
         return out
+
+
+def _decompress_into(piece: memoryview, dst: memoryview, i: int) -> memoryview:
+    """Decompress the single frame ``piece`` into ``dst`` (exactly its declared content
+    size), refusing what ``decompress(allow_extra_data=False)`` refuses: bytes after the
+    frame, and content of any other size."""
+    if _frame_length(piece) != len(piece):
+        raise ValueError(f"segment {i}: bytes after its zstd frame")
+    reader = _decompressor().stream_reader(piece, read_across_frames=False)
+    got = 0
+    while got < len(dst):
+        n = reader.readinto(dst[got:])
+        if not n:
+            break
+        got += n
+    if got != len(dst) or reader.read(1):
+        raise ValueError(f"segment {i}: frame content is not its declared {len(dst)} bytes")
+    return dst
+
+
+def _frame_length(piece: memoryview) -> int:
+    """Bytes of the zstd frame at the start of ``piece``, from its header and block headers
+    (what ZSTD_findFrameCompressedSize computes)."""
+    pos = zstandard.frame_header_size(piece)
+    checksum = zstandard.get_frame_parameters(piece).has_checksum
+    while True:
+        if pos + 3 > len(piece):
+            raise ValueError("truncated zstd frame")
+        head = piece[pos] | piece[pos + 1] << 8 | piece[pos + 2] << 16
+        kind, size = (head >> 1) & 3, head >> 3
+        if kind == 3:
+            raise ValueError("zstd block of the reserved type")
+        pos += 3 + (1 if kind == 1 else size)
+        if head & 1:
+            return pos + (4 if checksum else 0)

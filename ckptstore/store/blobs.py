@@ -15,10 +15,12 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
+from ckptstore.backend.base import Cancel, again, cancel_scope
 from ckptstore.codecs.base import Buffer, byte_view
 from ckptstore.codecs.pipeline import Pipeline
 from ckptstore.codecs.quantize import QuantStats
 from ckptstore.errors import (
+    BackendError,
     ChunkNotFoundError,
     CkptStoreError,
     CorruptChunkError,
@@ -26,7 +28,7 @@ from ckptstore.errors import (
     UnknownCodecError,
 )
 from ckptstore.store import layout
-from ckptstore.store.chunks import content_key, frame, row_ranges, unframe
+from ckptstore.store.chunks import content_key, frame, frame_parts, row_ranges, unframe
 from ckptstore.store.delta import apply_delta
 from ckptstore.store.delta_choice import PROCESS_DELTA_STATE, DeltaBases, DeltaState, Parent
 from ckptstore.store.manifest import Blob, ChunkRef
@@ -45,20 +47,16 @@ class ChunkIndex:
     put made under this save's lease gives the object a modification time that every gc
     honours while the save runs — an object found in storage and merely reused could be
     garbage that a gc starting after the commit check deletes. The put also heals an object
-    someone damaged. :meth:`existed` asks (one HEAD) only to tell written from reused in the
-    figures. Cost: one HEAD and one put per chunk the parent does not have — proportional to
-    what changed, never to the number of checkpoints in the store.
+    someone damaged. Whether the object existed (written vs. reused, for the figures) comes
+    from the put itself (:meth:`Backend.put_fresh`: on S3 a create-only PUT, and a plain one
+    only where the key was taken). Cost: one put per chunk the parent does not have —
+    proportional to what changed, never to the number of checkpoints in the store.
     """
 
-    def __init__(
-        self, repo: Repository, known: Mapping[bytes, int] | None = None, *, probe: bool = True
-    ) -> None:
+    def __init__(self, repo: Repository, known: Mapping[bytes, int] | None = None) -> None:
         self.repo = repo
-        self.probe = probe
         self._known: dict[bytes, int] = dict(known or {})
         self._lock = threading.Lock()
-        self.probes = 0
-        self.probe_hits = 0
 
     def get(self, key: bytes) -> int | None:
         """Stored size of a chunk this save may name without a put, or None."""
@@ -68,18 +66,6 @@ class ChunkIndex:
     def add(self, key: bytes, stored: int) -> None:
         with self._lock:
             self._known[key] = stored
-
-    def existed(self, key: bytes) -> bool:
-        """Whether chunk ``key`` is in storage before this save puts it (figures only)."""
-        if not self.probe:
-            return False
-        with self._lock:
-            self.probes += 1
-        found = self.repo.backend.exists(layout.chunk_key(key.hex()))
-        if found:
-            with self._lock:
-                self.probe_hits += 1
-        return found
 
 
 class BlobWriter:
@@ -119,7 +105,10 @@ class BlobWriter:
         self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckptstore-enc")
         self.chunks_written = 0
-        self._uploads: set[Future[None]] = set()
+        self._uploads: set[Future[bool]] = set()
+        self.cancel = Cancel()
+        """Set with the first chunk that fails for good: no chunk is encoded or sent after
+        it, and no request of the save is tried again (see :class:`Cancel`)."""
 
     def close(self) -> None:
         """Wait for every encode and upload this writer started."""
@@ -264,10 +253,11 @@ class BlobWriter:
 
         def run() -> None:
             try:
+                self.cancel.check()  # queued behind a chunk that failed: not even encoded
                 self._write_chunk(piece, pipeline, start, stop, out, pre, delta)
             except BaseException as exc:
                 if not out.done():
-                    out.set_exception(exc)
+                    out.set_exception(self._first(exc))
 
         self.pool.submit(run)
         return out
@@ -336,39 +326,50 @@ class BlobWriter:
             return
 
         def failed(exc: BaseException) -> None:
+            exc = self._first(exc)
             with self._lock:
                 self._pending.pop(key, None)
             mine.set_exception(exc)
             out.set_exception(exc)
 
         try:
-            stored = frame(tail.encode(body) if encoded is None else encoded)
+            stored = frame(encoded) if encoded is not None else frame_parts(tail.encode_parts(body))
             # put even when it exists: under the lease, so gc keeps it (ChunkIndex)
-            existed = self.index.existed(key)
-            upload = self.repo.backend.put_async(layout.chunk_key(key.hex()), stored)
+            upload = self.repo.backend.put_fresh_async(
+                layout.chunk_key(key.hex()), stored, cancel=self.cancel
+            )
         except BaseException as exc:
             failed(exc)
             raise
         with self._lock:
             self._uploads.add(upload)
 
-        def uploaded(f: Future[None]) -> None:
+        def uploaded(f: Future[bool]) -> None:
             with self._lock:
                 self._uploads.discard(f)
             exc = f.exception()
             if exc is not None:
                 failed(exc)
                 return
+            created = f.result()
             self.index.add(key, len(stored))
             with self._lock:
                 self._pending.pop(key, None)
                 self.chunks_written += 1
             mine.set_result(len(stored))
             out.set_result(
-                ChunkRef(key, start, stop, len(stored), new=not existed, stats=stats, base=chain)
+                ChunkRef(key, start, stop, len(stored), new=created, stats=stats, base=chain)
             )
 
         upload.add_done_callback(uploaded)
+
+    def _first(self, exc: BaseException) -> BaseException:
+        """What a failed chunk reports: ``exc`` if it is the save's first failure (which
+        then stops the rest), else a copy of that first one — so whichever chunk the caller
+        looks at first names the object that failed, not one stopped after it."""
+        self.cancel.set(exc)
+        first = self.cancel.error
+        return exc if first is exc or first is None else again(first)
 
     def _read_base(
         self, key: bytes, chain: tuple[bytes, ...], pipeline: Pipeline, nbytes: int
@@ -400,6 +401,10 @@ class BlobReader:
         self.bytes_fetched = 0
         self.objects_fetched = 0
         self._lock = threading.Lock()
+        self.cancel = Cancel()
+        """Set with the first read that fails for good on a storage error (a dead server,
+        refused credentials): no chunk read of this reader starts after it, and none is
+        tried again. A missing or damaged chunk does not set it (``verify`` reads on)."""
 
     def fetch_chunk(self, ref: ChunkRef, pipeline: Pipeline, row_bytes: int, where: str) -> Buffer:
         """Fetch, check and decode one chunk; returns its raw bytes."""
@@ -456,12 +461,18 @@ class BlobReader:
     def _fetch(self, key: bytes, where: str) -> tuple[memoryview, str]:
         """The checked payload of chunk object ``key`` and its name for messages."""
         name = layout.chunk_key(key.hex())
+        self.cancel.check()
         try:
-            stored = self.repo.backend.get(name)
+            with cancel_scope(self.cancel):
+                stored = self.repo.backend.get(name)
         except ObjectNotFoundError:
             raise ChunkNotFoundError(
                 f"chunk {self.repo.backend.describe(name)} of {where} is missing"
             ) from None
+        except BackendError as exc:
+            if not self.cancel.set(exc) and self.cancel.error is not exc:
+                raise again(self.cancel.error) from exc  # the read that failed first
+            raise
         with self._lock:
             self.bytes_fetched += len(stored)
             self.objects_fetched += 1

@@ -41,6 +41,16 @@ def frame(payload: Buffer) -> bytes:
     return b"".join([_HEADER.pack(CHUNK_MAGIC, checksum(payload)), payload])
 
 
+def frame_parts(parts: list[Buffer]) -> bytes:
+    """The stored object for a payload given as pieces (``Pipeline.encode_parts``): the
+    checksum hashes them in turn and one join makes the object, no payload-sized copy
+    before it."""
+    h = xxhash.xxh3_64()
+    for part in parts:
+        h.update(part)
+    return b"".join([_HEADER.pack(CHUNK_MAGIC, h.intdigest()), *parts])
+
+
 def unframe(stored: Buffer, where: str) -> memoryview:
     """The payload of a stored object, after checking magic and checksum."""
     view = memoryview(stored)

@@ -195,6 +195,19 @@ class BackendSuite:
         assert self._info(backend, "co/x") == first
         assert backend.get("co/x") == b"first"
 
+    def test_put_fresh_says_whether_it_created_and_always_writes(self, backend: Backend) -> None:
+        # what a save puts every chunk with (docs/format.md rule 7): the answer is for the
+        # figures, the write is for gc safety — a found object's time must move forward too
+        assert backend.put_fresh_async("pf/x", b"one").result(60) is True
+        first = self._info(backend, "pf/x")
+        time.sleep(self.mtime_resolution + 0.05)
+        assert backend.put_fresh("pf/x", b"again") is False
+        second = self._info(backend, "pf/x")
+        assert backend.get("pf/x") == b"again" and second.size == 5
+        assert first.mtime is not None and second.mtime is not None
+        assert second.mtime > first.mtime
+        assert backend.list("pf") == ["pf/x"]  # no temporary object left behind
+
     def test_temp_files_are_hidden(self, backend: Backend) -> None:
         for k in ["t/x", "t/.tmp-abc", "t/.tmp-dir/y", "t/z/.tmp-1"]:
             backend.put(k, b"1")

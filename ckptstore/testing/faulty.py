@@ -117,24 +117,34 @@ class failing_puts:  # noqa: N801 - used like a function: ``with failing_puts(af
         from ckptstore.backend import FsspecBackend as Backend
 
         self._original = original = Backend.put
+        self._original_fresh = original_fresh = Backend.put_fresh
         outer = self
 
-        def put(backend, key, data, *, create_only=False):
+        def check(backend, key):
             if outer.match in key:
                 with outer._lock:
                     outer.count += 1
                     n = outer.count
                 if n > outer.after:
                     raise BackendError(f"injected put failure #{n} on {backend.describe(key)}")
+
+        def put(backend, key, data, *, create_only=False):
+            check(backend, key)
             return original(backend, key, data, create_only=create_only)
 
+        def put_fresh(backend, key, data):
+            check(backend, key)
+            return original_fresh(backend, key, data)
+
         Backend.put = put  # type: ignore[method-assign]
+        Backend.put_fresh = put_fresh  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
         from ckptstore.backend import FsspecBackend as Backend
 
         Backend.put = self._original  # type: ignore[method-assign]
+        Backend.put_fresh = self._original_fresh  # type: ignore[method-assign]
 
 
 class failing_deletes:  # noqa: N801 - used like a function: ``with failing_deletes(after=2):``
@@ -458,6 +468,14 @@ class FaultyBackend(WrappedBackend):
         else:
             self.inner.put(key, data, create_only=create_only)
         self._after(active, "put", key)
+
+    def put_fresh(self, key: str, data: bytes | memoryview) -> bool:
+        if self._capacity is not None:  # a disk of this size: through put, which fills it
+            return Backend.put_fresh(self, key, data)
+        active = self._before("put", key)
+        created = self.inner.put_fresh(key, data)
+        self._after(active, "put", key)
+        return created
 
     def delete(self, key: str) -> None:
         active = self._before("delete", key)
