@@ -81,9 +81,7 @@ def dim0_boxes(shape: tuple[int, ...], world: int) -> list[tuple[list[int], list
     return out
 
 
-def synthetic_manifest(
-    state, world: int, name: str, step: int, key_base: int = 0
-) -> Manifest:
+def synthetic_manifest(state, world: int, name: str, step: int, key_base: int = 0) -> Manifest:
     """The manifest a W-rank save of ``state`` writes (fake chunk keys from ``key_base``
     on, real geometry)."""
     tensors = {}
@@ -347,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{s['peak_bytes'] / 1e6:>7.0f} {ld['peak_bytes'] / 1e6:>7.0f} "
             f"{r['peak_over_manifest']:>9.2f}"
         )
+
 
 if __name__ == "__main__":
     main()

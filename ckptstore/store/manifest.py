@@ -402,9 +402,7 @@ class Manifest:
         Inline data is not included: it lives in the manifest, whose size callers add.
         """
         tables, blobs = self._tables()
-        return sum(t.chunk_bytes() for t in tables) + sum(
-            c.stored for b in blobs for c in b.chunks
-        )
+        return sum(t.chunk_bytes() for t in tables) + sum(c.stored for b in blobs for c in b.chunks)
 
     @property
     def new_chunk_bytes(self) -> int:
