@@ -237,7 +237,7 @@ def simulate(world: int, history: int, layers: int, settings: Settings | None = 
         del out
         _, commit_s = _timed(lambda: writer.finish(metadata, results))
     new_manifest = repo.summary(writer.name).manifest_bytes
-    del plans, metadata, results, local
+    plans = metadata = results = local = None  # type: ignore[assignment]  # freed
 
     # load of the latest (the new checkpoint). DCP's share: unpickling its Metadata (what
     # its own readers do) and its global plan; ours: resolve the checkpoint, read and
@@ -246,7 +246,7 @@ def simulate(world: int, history: int, layers: int, settings: Settings | None = 
     with PeakRSS() as dcp_load_mem:
         _, dcp_unpickle_s = _timed(lambda: pickle.loads(pickled))
         _, dcp_lplan_s = _timed(lambda: DefaultLoadPlanner().create_global_plan(lplans))
-    del pickled
+    pickled = b""  # freed
     backend.reset()
     reader = Reader(backend, settings=settings)
     with PeakRSS() as load_mem:
