@@ -28,10 +28,11 @@ import gc
 import json
 import os
 import pickle
-import threading
 import time
+import tracemalloc
 from collections.abc import Sequence
 
+import fsspec
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
@@ -140,38 +141,25 @@ def load_plans(state, world: int) -> list[LoadPlan]:
     return [LoadPlan(items) for items in plans]
 
 
-class PeakRSS:
-    """Peak resident memory of this process above its level at entry, sampled every few
-    milliseconds from /proc (0 where there is none): what one phase adds, numpy buffers
-    included, which tracemalloc would slow down several times."""
+class PeakMem:
+    """Peak memory this process allocates during a phase, above its level at entry
+    (tracemalloc, which numpy reports to): what the phase adds. Off (0) unless the pass is
+    the memory pass — tracing slows Python code, so times come from a pass without it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on: bool) -> None:
+        self.on = on
         self.peak = 0
-        self._stop = threading.Event()
 
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return 0
-
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> PeakMem:
         gc.collect()
-        self.base = self.rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        if self.on:
+            tracemalloc.reset_peak()
+            self.base = tracemalloc.get_traced_memory()[0]
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.rss() - self.base)
-
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss() - self.base)
+        if self.on:
+            self.peak = tracemalloc.get_traced_memory()[1] - self.base
 
 
 def write_results(state, world: int, plans: list[SavePlan]) -> list[list[WriteResult]]:
@@ -199,13 +187,15 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def simulate(world: int, history: int, layers: int, settings: Settings | None = None) -> dict:
+def simulate(
+    world: int, history: int, layers: int, settings: Settings | None = None, memory: bool = False
+) -> dict:
     """One W-rank save and load of the ``layers``-layer state over a store with a parent
     and ``history`` more checkpoints: what the coordinator reads, what each rank receives,
     and the coordinator's time and memory, split into DCP's own share and ours."""
     settings = Settings.resolve(settings)
     state = llama_shapes(layers)
-    url = f"memory://sim-{world}-{history}-{os.getpid()}"
+    url = f"memory://sim-{world}-{history}-{os.getpid()}-{int(memory)}"
     repo = Repository.open(url, create=True, settings=settings)
     parent = synthetic_manifest(state, world, layout.step_name(0), 0)
     add_checkpoint(repo, parent)
@@ -222,14 +212,14 @@ def simulate(world: int, history: int, layers: int, settings: Settings | None = 
 
     # save. DCP's share: its global plan and Metadata, and pickling that Metadata (what its
     # own writers store); ours: the parent's chunks per rank, then the commit
-    with PeakRSS() as dcp_save_mem:
+    with PeakMem(memory) as dcp_save_mem:
         (plans, metadata), dcp_plan_s = _timed(
             lambda: DefaultSavePlanner(flatten_state_dict=False).create_global_plan(local)
         )
         pickled, dcp_pickle_s = _timed(lambda: pickle.dumps(metadata))
     writer = Writer(backend, step=10**6, settings=settings)
     writer.set_up_storage_writer(True, rank=0)
-    with PeakRSS() as save_mem:
+    with PeakMem(memory) as save_mem:
         writer.prepare_local_plan(plans[0])
         out, plan_s = _timed(lambda: writer.prepare_global_plan(plans))
         save = backend.summary()
@@ -243,17 +233,18 @@ def simulate(world: int, history: int, layers: int, settings: Settings | None = 
     # its own readers do) and its global plan; ours: resolve the checkpoint, read and
     # decode the manifest, build DCP's Metadata from it, hand each rank its records
     lplans = load_plans(state, world)
-    with PeakRSS() as dcp_load_mem:
+    with PeakMem(memory) as dcp_load_mem:
         _, dcp_unpickle_s = _timed(lambda: pickle.loads(pickled))
         _, dcp_lplan_s = _timed(lambda: DefaultLoadPlanner().create_global_plan(lplans))
     pickled = b""  # freed
     backend.reset()
     reader = Reader(backend, settings=settings)
-    with PeakRSS() as load_mem:
+    with PeakMem(memory) as load_mem:
         metadata, open_s = _timed(reader.open)
         lout, lplan_s = _timed(lambda: reader.prepare_global_plan(lplans))
     load = backend.summary()
     records = [len(pickle.dumps(p.storage_data)) for p in lout]
+    fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
     dcp_save = dcp_plan_s + dcp_pickle_s
     dcp_load = dcp_unpickle_s + dcp_lplan_s
     ours_save = plan_s + commit_s
@@ -307,9 +298,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--history", type=int, nargs="+", default=[10, 1000])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="a second pass per size for peak memory")
     args = ap.parse_args(argv)
     settings = Settings.resolve()
-    rows = [simulate(w, h, args.layers, settings) for w in args.world for h in args.history]
+    rows = []
+    for w in args.world:
+        for h in args.history:
+            row = simulate(w, h, args.layers, settings)
+            if args.memory:  # a second pass under tracemalloc, for the peaks only
+                tracemalloc.start()
+                try:
+                    mem = simulate(w, h, args.layers, settings, memory=True)
+                finally:
+                    tracemalloc.stop()
+                for phase in ("save", "load"):
+                    for k in ("dcp_peak_bytes", "peak_bytes"):
+                        row[phase][k] = mem[phase][k]
+                row["peak_over_manifest"] = mem["peak_over_manifest"]
+            rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
         return

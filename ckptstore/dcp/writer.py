@@ -398,6 +398,8 @@ def _one_writer_per_chunk(manifest: Manifest) -> None:
             new[p[~keep[at : at + len(p)]]] = 0
             t.new = new
             at += len(p)
+    if not any(b.chunks for b in manifest.objects.values()):
+        return
     seen = set(keys[first].tolist())
     for blob in manifest.objects.values():
         for c in blob.chunks:

@@ -567,11 +567,26 @@ class Manifest:
 
     def encode(self, format: int = 2) -> bytes:
         """The manifest object: frame and msgpack body, in format 2 (or 1, for tests and
-        tools that write for older readers)."""
+        tools that write for older readers). The body is packed tensor by tensor (the same
+        bytes as one ``packb`` of the whole map), so encoding holds about the manifest's
+        size twice — its parts, then the frame — not a growing buffer's copies."""
         d = self.to_dict_packed() if format == 2 else self.to_dict()
-        body = msgpack.packb(d, use_bin_type=True)
+        packer = msgpack.Packer(use_bin_type=True)
+        parts = [packer.pack_map_header(len(d))]
+        for k, v in d.items():
+            parts.append(packer.pack(k))
+            if k == "tensors":
+                parts.append(packer.pack_map_header(len(v)))
+                for fqn, entry in v.items():
+                    parts.append(packer.pack(fqn))
+                    parts.append(packer.pack(entry))
+            else:
+                parts.append(packer.pack(v))
         del d
-        return b"".join((_HEADER.pack(MANIFEST_MAGIC, xxhash.xxh3_64_intdigest(body)), body))
+        check = xxhash.xxh3_64()
+        for part in parts:
+            check.update(part)
+        return b"".join([_HEADER.pack(MANIFEST_MAGIC, check.intdigest()), *parts])
 
     @classmethod
     def decode(cls, data: bytes, where: str) -> Manifest:

@@ -470,6 +470,7 @@ class SaveSession:
                     chunks.setdefault((c.key, c.fqn, c.row_start, c.inner), c)
             packed = cols.packed(tids, los, his) if tids else None
             out.append(ParentIndex(self.name, parent.name, list(chunks.values()), token, packed))
+        del self.__dict__["_columns"]  # every rank has its share: free the columns
         return out
 
     def commit(self, manifest: Manifest) -> int:
@@ -489,7 +490,7 @@ class SaveSession:
             leases.check_commit(
                 self.repo.backend,
                 self.lease,
-                manifest.chunk_keys(),
+                manifest.chunk_keys,  # built only when a gc plan is to be compared
                 checkpoint=self.name,
                 wait=self.repo.settings.gc_wait if self.gc_wait is None else self.gc_wait,
             )

@@ -250,21 +250,27 @@ class ShardTable:
     def pack(self, codec_map: np.ndarray) -> dict[str, Any]:
         """The msgpack map of the table, its codec column mapped through ``codec_map``
         (this table's chain index → the manifest's codec table index)."""
+
+        def raw(a: np.ndarray) -> memoryview | bytes:  # packed as bin without a copy
+            if not a.size:
+                return b""
+            return memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B")
+
         out: dict[str, Any] = {
             "n": len(self),
-            "offsets": self.offsets.astype(I8, copy=False).tobytes(),
-            "sizes": self.sizes.astype(I8, copy=False).tobytes(),
-            "codec": codec_map[self.codec].astype(I8, copy=False).tobytes(),
-            "nbytes": self.nbytes.tobytes(),
-            "rows": self.rows.tobytes(),
-            "inline_len": self.inline_len.tobytes(),
-            "inline": bytes(self.inline),
-            "nchunks": self.nchunks.tobytes(),
-            "keys": bytes(self.keys),
-            "row_start": self.row_start.tobytes(),
-            "row_stop": self.row_stop.tobytes(),
-            "stored": self.stored.tobytes(),
-            "new": self.new.astype(np.uint8, copy=False).tobytes(),
+            "offsets": raw(self.offsets.astype(I8, copy=False)),
+            "sizes": raw(self.sizes.astype(I8, copy=False)),
+            "codec": raw(codec_map[self.codec].astype(I8, copy=False)),
+            "nbytes": raw(self.nbytes),
+            "rows": raw(self.rows),
+            "inline_len": raw(self.inline_len),
+            "inline": self.inline,
+            "nchunks": raw(self.nchunks),
+            "keys": self.keys,
+            "row_start": raw(self.row_start),
+            "row_stop": raw(self.row_stop),
+            "stored": raw(self.stored),
+            "new": raw(self.new.astype(np.uint8, copy=False)),
         }
         if self.nbases is not None and self.nbases.any():
             out["nbases"] = self.nbases.tobytes()
