@@ -697,9 +697,12 @@ class Manifest:
             "both inline",
             "delta chain lengths",
             "a negative count",
+            "codec: ",
         )
         if broken.startswith(table_only):  # counts that per-shard objects cannot express
-            raise SchemaError(f"{where}.shards: {broken}")
+            raise SchemaError(
+                f"{where}.shards{'.' if broken.startswith('codec') else ': '}{broken}"
+            )
         self._check_shards(where, t, itemsize, numel, pipelines)
         if broken != "grid":
             raise SchemaError(f"{where}.shards: {broken}")

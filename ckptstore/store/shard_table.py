@@ -374,9 +374,13 @@ class ShardTable:
             safe_rows = np.where(self.rows == 0, 1, self.rows)
             if np.any(nz & (self.nbytes % safe_rows != 0)):
                 return "bytes do not split into rows"
-            cmin = self.codec.min()
-            if cmin < 0 or self.codec.max() >= len(self.chains):
-                return "a codec index outside the codec table"
+            bad = np.flatnonzero((self.codec < 0) | (self.codec >= len(self.chains)))
+            if len(bad):
+                i = int(bad[0])
+                return (
+                    f"codec: shard {i}: index {int(self.codec[i])} is outside the codec table "
+                    f"({len(self.chains)} entries)"
+                )
             inl = il >= 0
             if np.any(inl & ((self.nbytes >> MAX_EXPANSION_LOG2) > il)) or np.any(
                 inl
