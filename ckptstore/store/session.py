@@ -41,7 +41,7 @@ from ckptstore.errors import (
     CkptStoreError,
     ManifestError,
 )
-from ckptstore.store import layout, leases
+from ckptstore.store import layout, leases, refs
 from ckptstore.store.blobs import BlobReader
 from ckptstore.store.columns import ManifestColumns, gather_keys, ranges
 from ckptstore.store.manifest import Blob, Manifest, Shard
@@ -505,6 +505,7 @@ class SaveSession:
                 self.repo.write_catalog_entry(manifest)
             except CkptStoreError as exc:  # committed: ls reads its manifest until gc tidies
                 log.warning("checkpoint %r committed, its catalog entry not: %s", self.name, exc)
+            refs.point(self.repo.backend, manifest.name, manifest.created, manifest.step)
         finally:
             self.release()
         with _last_commit_lock:
