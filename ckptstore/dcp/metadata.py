@@ -48,12 +48,13 @@ def manifest_from_metadata(
         if isinstance(md, TensorStorageMetadata):
             ndim = len(md.size)
             builder = TableBuilder(ndim)
-            for chunk in md.chunks:
-                blob = blobs.get((fqn, chunk.offsets))  # a torch.Size is a tuple
-                if blob is None:
-                    key = (fqn, tuple(int(x) for x in chunk.offsets))
+            get = blobs.get
+            found = [(c.offsets, c.sizes, get((fqn, c.offsets))) for c in md.chunks]
+            for c, (_, _, blob) in zip(md.chunks, found, strict=True):
+                if blob is None:  # a torch.Size is a tuple: it finds the tuple keys
+                    key = (fqn, tuple(int(x) for x in c.offsets))
                     raise ManifestError(f"no data was written for shard {key} of {fqn!r}")
-                builder.add(chunk.offsets, chunk.sizes, blob)
+            builder.add_many(found)
             try:
                 table: ShardTable | None = builder.build()
                 shards = None
@@ -99,7 +100,15 @@ def metadata_from_manifest(manifest: Manifest, checkpoint_id: str) -> Metadata:
     """DCP metadata for loading: what the planners need, no chunk lists or inline data
     (the Reader hands each rank the records of its own reads with its plan)."""
     sdm: dict[str, Any] = {}
-    size = torch.Size
+    sizes: dict[tuple[int, ...], torch.Size] = {}
+
+    def size(v: list[int]) -> torch.Size:  # one object per distinct box corner or extent:
+        k = tuple(v)  # tensors of one shape share them (a torch.Size costs ~2 µs to make)
+        got = sizes.get(k)
+        if got is None:
+            got = sizes[k] = torch.Size(k)
+        return got
+
     for fqn, t in manifest.tensors.items():
         table = t.packed
         if table is not None:  # from the columns: no shard objects

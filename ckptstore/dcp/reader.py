@@ -396,8 +396,8 @@ def _users_where(users: dict) -> str:
 
 def _index_key(req: ReadItem) -> tuple[str, tuple[int, ...] | None]:
     """A saved item's identity: fqn and shard corner (None for an object)."""
-    off = req.storage_index.offset
-    return req.storage_index.fqn, None if off is None else tuple(int(x) for x in off)
+    off = req.storage_index.offset  # a torch.Size: its elements are ints
+    return req.storage_index.fqn, None if off is None else tuple(off)
 
 
 def _row_span(req: ReadItem, shard: Shard) -> tuple[int, int]:

@@ -448,18 +448,22 @@ class SaveSession:
         if cols is None:
             cols = self.__dict__["_columns"] = _SlabChunks(ManifestColumns.of(parent))
         out = []
+        tid_of = cols.cols.tid_of
+        slab_ndim = [  # per tensor: its rank when it is a dim-0 slab, else -1
+            int(n) if ok else -1
+            for n, ok in zip(cols.cols.ndims.tolist(), cols.cols.slabs.tolist(), strict=True)
+        ]
         for boxes, token in ranks:
             tids: list[int] = []
             los: list[int] = []
             his: list[int] = []
             chunks: dict[tuple[object, ...], ParentChunk] = {}
             for fqn, offsets, sizes in boxes:
-                t = cols.cols.tid_of.get(fqn) if offsets else None
+                t = tid_of.get(fqn) if offsets else None
                 if (
                     t is not None
                     and sizes is not None
-                    and cols.cols.slabs[t]
-                    and len(offsets) == cols.cols.ndims[t]
+                    and len(offsets) == slab_ndim[t]
                     and all(sizes)
                 ):
                     tids.append(t)
