@@ -474,7 +474,9 @@ class SaveSession:
                     chunks.setdefault((c.key, c.fqn, c.row_start, c.inner), c)
             packed = cols.packed(tids, los, his) if tids else None
             out.append(ParentIndex(self.name, parent.name, list(chunks.values()), token, packed))
-        del self.__dict__["_columns"]  # every rank has its share: free the columns
+        # every rank has its share: free the parent (a later index_for reads it again)
+        del self.__dict__["_columns"]
+        self._parent, self._parent_read, self._lookup = None, False, None
         return out
 
     def commit(self, manifest: Manifest) -> int:
