@@ -171,8 +171,8 @@ def test_unknown_manifest_version_and_codec(saved):
         frame = b"CKM1" + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little") + body
         repo.backend.put(layout.manifest_key(name), frame)
 
-    rewrite(lambda d: d.update(format=2), "future")
-    with pytest.raises(errors.FormatVersionError, match="format version 2"):
+    rewrite(lambda d: d.update(format=3), "future")
+    with pytest.raises(errors.FormatVersionError, match="format version 3"):
         ckptstore.load_full(url, name="future")
     rewrite(lambda d: d["codecs"][0][0].update(id="brotli-9000"), "newcodec")
     with pytest.raises(errors.UnknownCodecError, match="brotli-9000") as info:

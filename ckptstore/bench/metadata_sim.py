@@ -13,19 +13,28 @@ reads inside its plan. Non-coordinator ranks read only ``store.json`` from the s
 
     python -m ckptstore.bench metadata-sim --world 8 64 1024 --history 10 1000 [--layers 32]
 
-Prints a table; ``--json`` for machine output. Results: docs/design.md.
+The coordinator's wall time and peak memory are split into DCP's own share (its global save
+plan and Metadata, pickling that Metadata as its own writers do, unpickling it and its
+global load plan) and ckptstore's (save: the parent's chunks per rank, the commit; load:
+resolve, manifest read and decode, DCP's Metadata from it, records per rank).
+
+Prints tables; ``--json`` for machine output. Results: docs/design.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import pickle
 import time
+import tracemalloc
 from collections.abc import Sequence
 
+import fsspec
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     MetadataIndex,
@@ -40,6 +49,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
+from torch.distributed.checkpoint.storage import WriteResult
 
 from ckptstore import Reader, Writer
 from ckptstore.backend import open_backend
@@ -72,10 +82,11 @@ def dim0_boxes(shape: tuple[int, ...], world: int) -> list[tuple[list[int], list
     return out
 
 
-def synthetic_manifest(state, world: int, name: str, step: int) -> Manifest:
-    """The manifest a W-rank save of ``state`` writes (fake chunk keys, real geometry)."""
+def synthetic_manifest(state, world: int, name: str, step: int, key_base: int = 0) -> Manifest:
+    """The manifest a W-rank save of ``state`` writes (fake chunk keys from ``key_base``
+    on, real geometry)."""
     tensors = {}
-    counter = 0
+    counter = key_base
     for fqn, shape in state.items():
         shards = []
         for offsets, sizes in dim0_boxes(shape, world):
@@ -130,12 +141,61 @@ def load_plans(state, world: int) -> list[LoadPlan]:
     return [LoadPlan(items) for items in plans]
 
 
-def simulate(world: int, history: int, layers: int, settings: Settings | None = None) -> dict:
+class PeakMem:
+    """Peak memory this process allocates during a phase, above its level at entry
+    (tracemalloc, which numpy reports to): what the phase adds. Off (0) unless the pass is
+    the memory pass — tracing slows Python code, so times come from a pass without it."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self.peak = 0
+
+    def __enter__(self) -> PeakMem:
+        gc.collect()
+        if self.on:
+            tracemalloc.reset_peak()
+            self.base = tracemalloc.get_traced_memory()[0]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on:
+            self.peak = tracemalloc.get_traced_memory()[1] - self.base
+
+
+def write_results(state, world: int, plans: list[SavePlan]) -> list[list[WriteResult]]:
+    """What every rank's ``write_data`` returns for ``plans``: one blob per item, with the
+    geometry a real save has (fresh fake chunk keys)."""
+    m = synthetic_manifest(state, world, "results", 1, key_base=1 << 64)
+    blobs = {(fqn, tuple(s.offsets)): s.blob for fqn, t in m.tensors.items() for s in t.shards}
+    return [
+        [
+            WriteResult(
+                item.index,
+                0,
+                blobs[(item.index.fqn, tuple(int(x) for x in item.index.offset))],
+            )
+            for item in plan.items
+        ]
+        for plan in plans
+    ]
+
+
+def _timed(fn):
+    gc.collect()
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def simulate(
+    world: int, history: int, layers: int, settings: Settings | None = None, memory: bool = False
+) -> dict:
     """One W-rank save and load of the ``layers``-layer state over a store with a parent
-    and ``history`` more checkpoints: what the coordinator reads, what each rank receives."""
+    and ``history`` more checkpoints: what the coordinator reads, what each rank receives,
+    and the coordinator's time and memory, split into DCP's own share and ours."""
     settings = Settings.resolve(settings)
     state = llama_shapes(layers)
-    url = f"memory://sim-{world}-{history}-{os.getpid()}"
+    url = f"memory://sim-{world}-{history}-{os.getpid()}-{int(memory)}"
     repo = Repository.open(url, create=True, settings=settings)
     parent = synthetic_manifest(state, world, layout.step_name(0), 0)
     add_checkpoint(repo, parent)
@@ -144,42 +204,69 @@ def simulate(world: int, history: int, layers: int, settings: Settings | None = 
         older.created = parent.created - 10
         add_checkpoint(repo, older)
         replicate(repo, older.name, history - 2, first_step=1)
+    del parent
     backend = CountingBackend(open_backend(url, settings=settings))
+    local = save_plans(state, world)
+    results = write_results(state, world, local)
+    gc.collect()
 
-    # save: the coordinator's steps, then what each rank receives in its plan
+    # save. DCP's share: its global plan and Metadata, and pickling that Metadata (what its
+    # own writers store); ours: the parent's chunks per rank, then the commit
+    with PeakMem(memory) as dcp_save_mem:
+        (plans, metadata), dcp_plan_s = _timed(
+            lambda: DefaultSavePlanner(flatten_state_dict=False).create_global_plan(local)
+        )
+        pickled, dcp_pickle_s = _timed(lambda: pickle.dumps(metadata))
     writer = Writer(backend, step=10**6, settings=settings)
     writer.set_up_storage_writer(True, rank=0)
-    plans = save_plans(state, world)
-    t0 = time.perf_counter()
-    writer.prepare_local_plan(plans[0])
-    out = writer.prepare_global_plan(plans)
-    save_s = time.perf_counter() - t0
-    save = backend.summary()
-    share = [len(pickle.dumps(p.storage_data)) for p in out]
-    writer.release_lease()
+    with PeakMem(memory) as save_mem:
+        writer.prepare_local_plan(plans[0])
+        out, plan_s = _timed(lambda: writer.prepare_global_plan(plans))
+        save = backend.summary()
+        share = [len(pickle.dumps(p.storage_data)) for p in out]
+        del out
+        _, commit_s = _timed(lambda: writer.finish(metadata, results))
+    new_manifest = repo.summary(writer.name).manifest_bytes
+    plans = metadata = results = local = None  # type: ignore[assignment]  # freed
 
-    # load of the latest (the parent): the coordinator resolves it, reads the manifest and
-    # hands out records
+    # load of the latest (the new checkpoint). DCP's share: unpickling its Metadata (what
+    # its own readers do) and its global plan; ours: resolve the checkpoint, read and
+    # decode the manifest, build DCP's Metadata from it, hand each rank its records
+    lplans = load_plans(state, world)
+    with PeakMem(memory) as dcp_load_mem:
+        _, dcp_unpickle_s = _timed(lambda: pickle.loads(pickled))
+        _, dcp_lplan_s = _timed(lambda: DefaultLoadPlanner().create_global_plan(lplans))
+    pickled = b""  # freed
     backend.reset()
     reader = Reader(backend, settings=settings)
-    t0 = time.perf_counter()
-    metadata = reader.open()
-    lout = reader.prepare_global_plan(load_plans(state, world))
-    load_s = time.perf_counter() - t0
+    with PeakMem(memory) as load_mem:
+        metadata, open_s = _timed(reader.open)
+        lout, lplan_s = _timed(lambda: reader.prepare_global_plan(lplans))
     load = backend.summary()
     records = [len(pickle.dumps(p.storage_data)) for p in lout]
+    fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
+    dcp_save = dcp_plan_s + dcp_pickle_s
+    dcp_load = dcp_unpickle_s + dcp_lplan_s
+    ours_save = plan_s + commit_s
+    ours_load = open_s + lplan_s
     return {
         "world": world,
         "history": history,
         "tensors": len(state),
-        "manifest_bytes": repo.summary(parent.name).manifest_bytes,
+        "shards": sum(len(dim0_boxes(shape, world)) for shape in state.values()),
+        "manifest_bytes": new_manifest,
         "save": {
             "coordinator_requests": save["metadata_requests"],
             "coordinator_metadata_bytes": save["metadata_bytes"],
             "coordinator_keys_listed": sum(save["keys_listed"].values()),
             "per_rank_plan_bytes_max": max(share),
             "per_rank_plan_bytes_mean": sum(share) / world,
-            "coordinator_seconds": round(save_s, 3),
+            "dcp_plan_seconds": round(dcp_plan_s, 3),
+            "dcp_pickle_seconds": round(dcp_pickle_s, 3),
+            "dcp_peak_bytes": dcp_save_mem.peak,
+            "plan_seconds": round(plan_s, 3),
+            "commit_seconds": round(commit_s, 3),
+            "peak_bytes": save_mem.peak,
         },
         "load": {
             "coordinator_requests": load["metadata_requests"],
@@ -187,8 +274,17 @@ def simulate(world: int, history: int, layers: int, settings: Settings | None = 
             "dcp_metadata_bytes_per_rank": len(pickle.dumps(metadata)),
             "per_rank_plan_bytes_max": max(records),
             "per_rank_plan_bytes_mean": sum(records) / world,
-            "coordinator_seconds": round(load_s, 3),
+            "dcp_unpickle_seconds": round(dcp_unpickle_s, 3),
+            "dcp_plan_seconds": round(dcp_lplan_s, 3),
+            "dcp_peak_bytes": dcp_load_mem.peak,
+            "open_seconds": round(open_s, 3),
+            "plan_seconds": round(lplan_s, 3),
+            "peak_bytes": load_mem.peak,
         },
+        "dcp_seconds": round(dcp_save + dcp_load, 3),
+        "ckptstore_seconds": round(ours_save + ours_load, 3),
+        "ratio": round((ours_save + ours_load) / (dcp_save + dcp_load), 3),
+        "peak_over_manifest": round(max(save_mem.peak, load_mem.peak) / new_manifest, 2),
         "other_ranks_store_reads": "store.json only (1 GET, ~160 B)",
     }
 
@@ -202,9 +298,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--history", type=int, nargs="+", default=[10, 1000])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="a second pass per size for peak memory")
     args = ap.parse_args(argv)
     settings = Settings.resolve()
-    rows = [simulate(w, h, args.layers, settings) for w in args.world for h in args.history]
+    rows = []
+    for w in args.world:
+        for h in args.history:
+            row = simulate(w, h, args.layers, settings)
+            if args.memory:  # a second pass under tracemalloc, for the peaks only
+                tracemalloc.start()
+                try:
+                    mem = simulate(w, h, args.layers, settings, memory=True)
+                finally:
+                    tracemalloc.stop()
+                for phase in ("save", "load"):
+                    for k in ("dcp_peak_bytes", "peak_bytes"):
+                        row[phase][k] = mem[phase][k]
+                row["peak_over_manifest"] = mem["peak_over_manifest"]
+            rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -221,6 +332,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{s['per_rank_plan_bytes_max']:>11} |       {ld['coordinator_requests']:>9} "
             f"{ld['coordinator_metadata_bytes']:>10} {ld['per_rank_plan_bytes_max']:>11} "
             f"{ld['dcp_metadata_bytes_per_rank']:>10}"
+        )
+
+    print()
+    print(
+        f"{'W':>5} {'shards':>8} | DCP s: {'save':>7} {'load':>7} | ckptstore s: {'plan':>7} "
+        f"{'commit':>7} {'open':>7} {'plan':>7} | {'ratio':>5} | peak MB: {'save':>7} "
+        f"{'load':>7} {'/manifest':>9}"
+    )
+    for r in rows:
+        s, ld = r["save"], r["load"]
+        print(
+            f"{r['world']:>5} {r['shards']:>8} |        "
+            f"{s['dcp_plan_seconds'] + s['dcp_pickle_seconds']:>7.2f} "
+            f"{ld['dcp_unpickle_seconds'] + ld['dcp_plan_seconds']:>7.2f} |              "
+            f"{s['plan_seconds']:>7.2f} {s['commit_seconds']:>7.2f} {ld['open_seconds']:>7.2f} "
+            f"{ld['plan_seconds']:>7.2f} | {r['ratio']:>5.2f} |          "
+            f"{s['peak_bytes'] / 1e6:>7.0f} {ld['peak_bytes'] / 1e6:>7.0f} "
+            f"{r['peak_over_manifest']:>9.2f}"
         )
 
 

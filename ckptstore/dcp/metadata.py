@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.metadata import (
 from ckptstore.dcp.bridge import dtype_name, torch_dtype
 from ckptstore.errors import ManifestError
 from ckptstore.store.manifest import Blob, Manifest, Shard, TensorEntry
+from ckptstore.store.shard_table import ShardTable, TableBuilder, TableError
 
 
 def _plain(value: Any) -> Any:
@@ -45,17 +46,34 @@ def manifest_from_metadata(
     objects: dict[str, Blob] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, TensorStorageMetadata):
-            shards = []
-            for chunk in md.chunks:
-                key = (fqn, tuple(int(x) for x in chunk.offsets))
-                if key not in blobs:
+            ndim = len(md.size)
+            builder = TableBuilder(ndim)
+            get = blobs.get
+            found = [(c.offsets, c.sizes, get((fqn, c.offsets))) for c in md.chunks]
+            for c, (_, _, blob) in zip(md.chunks, found, strict=True):
+                if blob is None:  # a torch.Size is a tuple: it finds the tuple keys
+                    key = (fqn, tuple(int(x) for x in c.offsets))
                     raise ManifestError(f"no data was written for shard {key} of {fqn!r}")
-                shards.append(Shard(list(key[1]), [int(x) for x in chunk.sizes], blobs[key]))
+            builder.add_many(found)
+            try:
+                table: ShardTable | None = builder.build()
+                shards = None
+            except TableError:  # the commit's validation names the field
+                table = None
+                shards = [
+                    Shard(
+                        [int(x) for x in c.offsets],
+                        [int(x) for x in c.sizes],
+                        blobs[(fqn, c.offsets)],
+                    )
+                    for c in md.chunks
+                ]
             tensors[fqn] = TensorEntry(
-                dtype=dtype_name(md.properties.dtype),
-                shape=[int(x) for x in md.size],
-                shards=shards,
-                requires_grad=bool(md.properties.requires_grad),
+                dtype_name(md.properties.dtype),
+                [int(x) for x in md.size],
+                shards,
+                bool(md.properties.requires_grad),
+                table=table,
             )
         elif isinstance(md, BytesStorageMetadata):
             if (fqn, None) not in blobs:
@@ -82,10 +100,24 @@ def metadata_from_manifest(manifest: Manifest, checkpoint_id: str) -> Metadata:
     """DCP metadata for loading: what the planners need, no chunk lists or inline data
     (the Reader hands each rank the records of its own reads with its plan)."""
     sdm: dict[str, Any] = {}
+    sizes: dict[tuple[int, ...], torch.Size] = {}
+
+    def size(v: list[int]) -> torch.Size:  # one object per distinct box corner or extent:
+        k = tuple(v)  # tensors of one shape share them (a torch.Size costs ~2 µs to make)
+        got = sizes.get(k)
+        if got is None:
+            got = sizes[k] = torch.Size(k)
+        return got
+
     for fqn, t in manifest.tensors.items():
-        chunks = []
-        for shard in t.shards:
-            chunks.append(ChunkStorageMetadata(torch.Size(shard.offsets), torch.Size(shard.sizes)))
+        table = t.packed
+        if table is not None:  # from the columns: no shard objects
+            chunks = [
+                ChunkStorageMetadata(size(o), size(s))
+                for o, s in zip(table.offsets.tolist(), table.sizes.tolist(), strict=True)
+            ]
+        else:
+            chunks = [ChunkStorageMetadata(size(s.offsets), size(s.sizes)) for s in t.shards]
         sdm[fqn] = TensorStorageMetadata(
             properties=TensorProperties(dtype=torch_dtype(t.dtype), requires_grad=t.requires_grad),
             size=torch.Size(t.shape),

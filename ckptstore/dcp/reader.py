@@ -36,6 +36,7 @@ from ckptstore.errors import (
 )
 from ckptstore.knobs import Settings
 from ckptstore.store.blobs import BlobReader
+from ckptstore.store.columns import ManifestColumns, RankRecords
 from ckptstore.store.manifest import Blob, ChunkRef, Manifest, Shard
 from ckptstore.store.options import Mirror
 from ckptstore.store.repository import Repository
@@ -166,27 +167,40 @@ class Reader(StorageReader):
             self.open()
         assert self.manifest is not None
         m = self.manifest
-        shards = {  # one dict, not a scan per item: W ranks × W shards would be W²
-            (fqn, tuple(s.offsets)): (t.dtype, s) for fqn, t in m.tensors.items() for s in t.shards
-        }
+        # every tensor's shard table as one set of columns: each rank's reads are found
+        # and its shards packed with numpy, no object per shard (docs/distributed.md)
+        cols = ManifestColumns.of(m)
         out = []
         for plan in plans:
-            records: dict[tuple[str, tuple[int, ...] | None], Record] = {}
+            objects: dict[tuple[str, tuple[int, ...] | None], Record] = {}
+            seen: set[tuple[str, tuple[int, ...] | None]] = set()
+            fqns: list[str] = []
+            offsets: list[tuple[int, ...]] = []
             for req in plan.items:
                 key = _index_key(req)
-                if key in records:
+                if key in seen:
                     continue
+                seen.add(key)
                 fqn, offset = key
-                if offset is None and fqn in m.objects:
-                    records[key] = (fqn, None, m.objects[fqn])
+                if offset is None:
+                    if fqn not in m.objects:
+                        raise MismatchError(
+                            f"{fqn!r} has no saved data for {req.storage_index} in checkpoint "
+                            f"{m.name!r}"
+                        )
+                    objects[key] = (fqn, None, m.objects[fqn])
                     continue
-                found = shards.get(key)
-                if found is None:
-                    raise MismatchError(
-                        f"{fqn!r} has no saved data for {req.storage_index} in checkpoint "
-                        f"{m.name!r}"
-                    )
-                records[key] = (fqn, found[0], found[1])
+                fqns.append(fqn)
+                offsets.append(offset)
+            found = cols.find(fqns, offsets)
+            missing = np.flatnonzero(found < 0)
+            if len(missing):
+                i = int(missing[0])
+                raise MismatchError(
+                    f"{fqns[i]!r} has no saved data for offset {list(offsets[i])} in "
+                    f"checkpoint {m.name!r}"
+                )
+            records = RankRecords(objects, cols.slice(found) if fqns else None)
             storage = {"checkpoint": m.name, "records": records}
             out.append(dataclasses.replace(plan, storage_data=storage))
         return out
@@ -200,7 +214,7 @@ class Reader(StorageReader):
         mirror_before = getattr(repo.backend, "from_mirror", 0)
         reader = BlobReader(repo, threads=self.threads)
         storage = plan.storage_data if isinstance(plan.storage_data, dict) else {}
-        records: dict[Any, Record] = storage.get("records") or {}
+        records: Any = storage.get("records") or {}
         ckpt = str(storage.get("checkpoint") or self.name or "?")
 
         # 1. objects: small, read whole, deserialized safely, on this thread
@@ -368,7 +382,7 @@ class Reader(StorageReader):
         return done
 
     # -- helpers ------------------------------------------------------------------------
-    def _record(self, req: ReadItem, records: dict[Any, Record]) -> Record:
+    def _record(self, req: ReadItem, records: Any) -> Record:
         rec = records.get(_index_key(req))
         if rec is None:
             raise MismatchError(
@@ -401,8 +415,8 @@ def _users_where(users: dict) -> str:
 
 def _index_key(req: ReadItem) -> tuple[str, tuple[int, ...] | None]:
     """A saved item's identity: fqn and shard corner (None for an object)."""
-    off = req.storage_index.offset
-    return req.storage_index.fqn, None if off is None else tuple(int(x) for x in off)
+    off = req.storage_index.offset  # a torch.Size: its elements are ints
+    return req.storage_index.fqn, None if off is None else tuple(off)
 
 
 def _row_span(req: ReadItem, shard: Shard) -> tuple[int, int]:

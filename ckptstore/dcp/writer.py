@@ -17,6 +17,7 @@ from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
@@ -34,6 +35,7 @@ from ckptstore.errors import UnsupportedValueError
 from ckptstore.store import layout
 from ckptstore.store.blobs import BlobWriter, ChunkIndex
 from ckptstore.store.catalog import CheckpointSummary
+from ckptstore.store.columns import gather_keys
 from ckptstore.store.manifest import Blob, Manifest
 from ckptstore.store.mirror import MirrorJob, MirrorReport, MirrorUploader, uploader_for
 from ckptstore.store.options import SaveOptions
@@ -195,7 +197,7 @@ class Writer(StorageWriter):
         the parent manifest once, no rank reads store metadata itself."""
         self._begin()
         assert self._session is not None
-        out = []
+        ranks = []
         for plan in plans:
             boxes = []
             for item in plan.items:
@@ -203,13 +205,16 @@ class Writer(StorageWriter):
                     boxes.append((item.index.fqn, None, None))
                 elif item.tensor_data is not None:
                     chunk = item.tensor_data.chunk
-                    boxes.append((item.index.fqn, list(chunk.offsets), list(chunk.sizes)))
-            token = plan.storage_data if isinstance(plan.storage_data, str) else ""
-            index = self._session.index_for(boxes, token)
+                    boxes.append((item.index.fqn, chunk.offsets, chunk.sizes))
+            ranks.append((boxes, plan.storage_data if isinstance(plan.storage_data, str) else ""))
+        indexes = self._session.indexes_for(ranks)  # all ranks at once, numpy over columns
+        for index in indexes:
             index.save = self._save_id  # the save's id on every rank (mirror markers)
             index.world = len(plans)
-            out.append(dataclasses.replace(plan, storage_data=index))
-        return out
+        return [
+            dataclasses.replace(plan, storage_data=index)
+            for plan, index in zip(plans, indexes, strict=True)
+        ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         self._begin()  # (begun already unless DCP skipped the planning steps)
@@ -379,11 +384,8 @@ class Writer(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         blobs = {}
         for rank_results in results:
-            for wr in rank_results:
-                offset = (
-                    tuple(int(x) for x in wr.index.offset) if wr.index.offset is not None else None
-                )
-                blobs[(wr.index.fqn, offset)] = wr.storage_data
+            for wr in rank_results:  # torch.Size hashes and compares as the tuple it is
+                blobs[(wr.index.fqn, wr.index.offset)] = wr.storage_data
         seconds = time.monotonic() - self._t0
         manifest = manifest_from_metadata(
             metadata,
@@ -488,9 +490,27 @@ def _chunk_entries(blob: Blob) -> list[tuple[bytes, bool, int]]:
 
 
 def _one_writer_per_chunk(manifest: Manifest) -> None:
-    """Ranks that wrote equal content at once each marked the chunk new; count it once."""
-    seen: set[bytes] = set()
-    for _, blob in manifest.blobs():
+    """Ranks that wrote equal content at once each marked the chunk new; count it once
+    (the first in manifest order keeps the mark): numpy over each tensor's table."""
+    tables = [t.table for t in manifest.tensors.values()]
+    picked = [np.flatnonzero(t.new) for t in tables]
+    keys = np.frombuffer(
+        b"".join(gather_keys(t.keys, p) for t, p in zip(tables, picked, strict=True)), "V16"
+    )
+    _, first = np.unique(keys, return_index=True)
+    keep = np.zeros(len(keys), bool)
+    keep[first] = True
+    at = 0
+    for t, p in zip(tables, picked, strict=True):
+        if len(p):
+            new = np.array(t.new, np.uint8)
+            new[p[~keep[at : at + len(p)]]] = 0
+            t.new = new
+            at += len(p)
+    if not any(b.chunks for b in manifest.objects.values()):
+        return
+    seen = set(keys[first].tolist())
+    for blob in manifest.objects.values():
         for c in blob.chunks:
             if c.new and c.key in seen:
                 c.new = False

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import numpy as np
 import xxhash
 
 from ckptstore.codecs.bytegroup import ByteGroup
@@ -27,9 +28,14 @@ from ckptstore.errors import (
     ManifestError,
     UnknownCodecError,
 )
-from ckptstore.store.layout import FORMAT_VERSION, check_name
+from ckptstore.store.layout import check_name
+from ckptstore.store.shard_table import ShardTable, TableError
 
 MANIFEST_MAGIC = b"CKM1"
+MANIFEST_FORMAT = 2
+"""The manifest format this ckptstore writes: per-tensor shard tables (docs/format.md)."""
+READ_FORMATS = (1, 2)
+"""Manifest formats this ckptstore reads: 1 (one map per shard, ckptstore ≤ 0.2) and 2."""
 _HEADER = struct.Struct("<4sQ")
 
 
@@ -263,20 +269,86 @@ class Shard:
     blob: Blob
 
 
-@dataclass
 class TensorEntry:
-    dtype: str
-    shape: list[int]
-    shards: list[Shard]
-    requires_grad: bool = False
+    """One tensor: dtype, global shape and its shards — held as a packed
+    :class:`~ckptstore.store.shard_table.ShardTable` (decoded format 2, or packed for a
+    commit) or as ``Shard`` objects (built by a writer, or asked for by a caller). Either
+    form is made from the other on first use; once a caller has the objects (which it may
+    change) they are the truth until the table is asked for again."""
+
+    def __init__(
+        self,
+        dtype: str,
+        shape: list[int],
+        shards: list[Shard] | None = None,
+        requires_grad: bool = False,
+        *,
+        table: ShardTable | None = None,
+    ) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self.requires_grad = requires_grad
+        self._shards = shards if shards is not None or table is not None else []
+        self._table = table
+
+    @property
+    def shards(self) -> list[Shard]:
+        if self._shards is None:
+            assert self._table is not None
+            self._shards = self._table.to_shards()
+        self._table = None  # the caller may change the objects
+        return self._shards
+
+    @shards.setter
+    def shards(self, value: list[Shard]) -> None:
+        self._shards, self._table = value, None
+
+    @property
+    def table(self) -> ShardTable:
+        """The shards as columns (raises ``TableError`` for shards the format cannot
+        hold: a caller validates first)."""
+        if self._table is None:
+            assert self._shards is not None
+            self._table = ShardTable.from_shards(self._shards, len(self.shape))
+            self._shards = None
+        return self._table
+
+    @property
+    def packed(self) -> ShardTable | None:
+        """The table when that is the form held (no objects handed out), else None."""
+        return self._table if self._shards is None else None
+
+    @property
+    def shard_count(self) -> int:
+        return len(self._shards) if self._shards is not None else len(self._table)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorEntry):
+            return NotImplemented
+        return (self.dtype, self.shape, self.requires_grad, self.shards) == (
+            other.dtype,
+            other.shape,
+            other.requires_grad,
+            other.shards,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorEntry({self.dtype!r}, {self.shape!r}, <{self.shard_count} shards>, "
+            f"requires_grad={self.requires_grad})"
+        )
 
     @property
     def logical_bytes(self) -> int:
+        if (t := self.packed) is not None:
+            return t.logical_bytes()
         return sum(s.blob.nbytes for s in self.shards)
 
     @property
     def error(self) -> QuantStats | None:
         """Quantization error over all shards, or None for a lossless tensor."""
+        if (t := self.packed) is not None:
+            return t.error()
         total: QuantStats | None = None
         for s in self.shards:
             if s.blob.qstats is not None:
@@ -313,18 +385,32 @@ class Manifest:
     def logical_bytes(self) -> int:
         return sum(t.logical_bytes for t in self.tensors.values())
 
+    def _tables(self) -> tuple[list[ShardTable], list[Blob]]:
+        """The packed tables, and the blobs of everything held as objects."""
+        tables, blobs = [], []
+        for t in self.tensors.values():
+            if (tab := t.packed) is not None:
+                tables.append(tab)
+            else:
+                blobs += [s.blob for s in t.shards]
+        return tables, blobs + list(self.objects.values())
+
     @property
     def chunk_bytes(self) -> int:
         """Stored bytes of the chunk objects this checkpoint names (each use counted).
 
         Inline data is not included: it lives in the manifest, whose size callers add.
         """
-        return sum(c.stored for _, b in self.blobs() for c in b.chunks)
+        tables, blobs = self._tables()
+        return sum(t.chunk_bytes() for t in tables) + sum(c.stored for b in blobs for c in b.chunks)
 
     @property
     def new_chunk_bytes(self) -> int:
         """Stored bytes of the chunk objects this checkpoint's save uploaded."""
-        return sum(c.stored for _, b in self.blobs() for c in b.chunks if c.new)
+        tables, blobs = self._tables()
+        return sum(t.new_chunk_bytes() for t in tables) + sum(
+            c.stored for b in blobs for c in b.chunks if c.new
+        )
 
     @property
     def stored_bytes(self) -> int:
@@ -340,23 +426,37 @@ class Manifest:
     @property
     def chunk_count(self) -> int:
         """Chunk references (each use counted)."""
-        return sum(len(b.chunks) for _, b in self.blobs())
+        tables, blobs = self._tables()
+        return sum(t.chunk_count for t in tables) + sum(len(b.chunks) for b in blobs)
 
     @property
     def new_chunk_count(self) -> int:
         """Chunk objects its save uploaded."""
-        return sum(1 for _, b in self.blobs() for c in b.chunks if c.new)
+        tables, blobs = self._tables()
+        return sum(t.new_chunk_count() for t in tables) + sum(
+            1 for b in blobs for c in b.chunks if c.new
+        )
 
     def chunk_sizes(self) -> dict[bytes, int]:
         """Stored size of each distinct chunk it names."""
-        return {c.key: c.stored for _, b in self.blobs() for c in b.chunks}
+        tables, blobs = self._tables()
+        out: dict[bytes, int] = {}
+        for t in tables:
+            out.update(zip(t.key_list(), t.stored.tolist(), strict=True))
+        out.update((c.key, c.stored) for b in blobs for c in b.chunks)
+        return out
 
     def chunk_keys(self) -> set[bytes]:
         """Every chunk object a load of this checkpoint reads: the chunks it names and the
         bases of their delta chains — what gc keeps, trash protects and a commit checks."""
-        out = {c.key for _, b in self.blobs() for c in b.chunks}
-        for _, b in self.blobs():
+        tables, blobs = self._tables()
+        out: set[bytes] = set()
+        for t in tables:
+            out.update(t.key_list())
+            out.update(t.base_list())
+        for b in blobs:
             for c in b.chunks:
+                out.add(c.key)
                 if c.base:
                     out.update(c.base)
         return out
@@ -364,15 +464,24 @@ class Manifest:
     @property
     def delta_chunk_bytes(self) -> int:
         """Stored bytes of the delta chunks it names (each use counted)."""
-        return sum(c.stored for _, b in self.blobs() for c in b.chunks if c.base)
+        tables, blobs = self._tables()
+        return sum(t.delta_chunk_bytes() for t in tables) + sum(
+            c.stored for b in blobs for c in b.chunks if c.base
+        )
 
     @property
     def max_chain(self) -> int:
         """Longest delta chain of its chunks (0: none is a delta)."""
-        return max((len(c.base) for _, b in self.blobs() for c in b.chunks), default=0)
+        tables, blobs = self._tables()
+        return max(
+            [t.max_chain() for t in tables] + [len(c.base) for b in blobs for c in b.chunks],
+            default=0,
+        )
 
     # -- encoding -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The manifest as format-1 maps (one map per shard): what ckptstore 0.2 wrote,
+        and what tests edit to build manifests a reader must refuse."""
         codecs: list[list[dict[str, Any]]] = []
         index: dict[bytes, int] = {}
 
@@ -401,7 +510,7 @@ class Manifest:
         }
         objects = {fqn: b.pack(codec_index(b.codec)) for fqn, b in self.objects.items()}
         return {
-            "format": FORMAT_VERSION,
+            "format": 1,
             "name": self.name,
             "step": self.step,
             "created": self.created,
@@ -416,9 +525,68 @@ class Manifest:
             "objects": objects,
         }
 
-    def encode(self) -> bytes:
-        body = msgpack.packb(self.to_dict(), use_bin_type=True)
-        return _HEADER.pack(MANIFEST_MAGIC, xxhash.xxh3_64_intdigest(body)) + body
+    def to_dict_packed(self) -> dict[str, Any]:
+        """The manifest as format-2 maps: each tensor's shards as one shard table of
+        packed columns (docs/format.md, "Shard tables")."""
+        codecs: list[list[dict[str, Any]]] = []
+        index: dict[bytes, int] = {}
+
+        def codec_index(cfg: list[dict[str, Any]]) -> int:
+            k = msgpack.packb(cfg)
+            if k not in index:
+                index[k] = len(codecs)
+                codecs.append(cfg)
+            return index[k]
+
+        tensors = {}
+        for fqn, t in self.tensors.items():
+            table = t.table
+            remap = np.array([codec_index(c) for c in table.chains] or [0], np.int64)
+            tensors[fqn] = {
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "requires_grad": t.requires_grad,
+                "shards": table.pack(remap),
+            }
+        objects = {fqn: b.pack(codec_index(b.codec)) for fqn, b in self.objects.items()}
+        return {
+            "format": MANIFEST_FORMAT,
+            "name": self.name,
+            "step": self.step,
+            "created": self.created,
+            "writer": self.writer,
+            "dcp_version": self.dcp_version,
+            "seconds": self.seconds,
+            "planner_data": self.planner_data,
+            "user": self.user,
+            "int_keys": self.int_keys,
+            "codecs": codecs,
+            "tensors": tensors,
+            "objects": objects,
+        }
+
+    def encode(self, format: int = 2) -> bytes:
+        """The manifest object: frame and msgpack body, in format 2 (or 1, for tests and
+        tools that write for older readers). The body is packed tensor by tensor (the same
+        bytes as one ``packb`` of the whole map), so encoding holds about the manifest's
+        size twice — its parts, then the frame — not a growing buffer's copies."""
+        d = self.to_dict_packed() if format == 2 else self.to_dict()
+        packer = msgpack.Packer(use_bin_type=True)
+        parts = [packer.pack_map_header(len(d))]
+        for k, v in d.items():
+            parts.append(packer.pack(k))
+            if k == "tensors":
+                parts.append(packer.pack_map_header(len(v)))
+                for fqn, entry in v.items():
+                    parts.append(packer.pack(fqn))
+                    parts.append(packer.pack(entry))
+            else:
+                parts.append(packer.pack(v))
+        del d
+        check = xxhash.xxh3_64()
+        for part in parts:
+            check.update(part)
+        return b"".join([_HEADER.pack(MANIFEST_MAGIC, check.intdigest()), *parts])
 
     @classmethod
     def decode(cls, data: bytes, where: str) -> Manifest:
@@ -442,19 +610,21 @@ class Manifest:
                 f"manifest {where} does not follow the v1 schema: format: expected an int, "
                 f"got {_type_name(version)}"
             )
-        if version != FORMAT_VERSION:
+        if version not in READ_FORMATS:
             raise FormatVersionError(
                 f"manifest {where} has format version {version!r}; this ckptstore reads "
-                f"version {FORMAT_VERSION} — upgrade ckptstore to read it"
+                f"versions {', '.join(map(str, READ_FORMATS))} — upgrade ckptstore to read it"
             )
         try:
-            manifest = cls._from_dict(d)
+            manifest = cls._from_dict(d, version)
             manifest.validate()
             return manifest
         except UnknownCodecError as exc:
             raise ManifestCodecError(f"manifest {where}: {exc}") from exc
         except SchemaError as exc:
-            raise ManifestError(f"manifest {where} does not follow the v1 schema: {exc}") from exc
+            raise ManifestError(
+                f"manifest {where} does not follow the v{version} schema: {exc}"
+            ) from exc
         except (
             KeyError,
             TypeError,
@@ -464,7 +634,9 @@ class Manifest:
             OverflowError,
             RecursionError,
         ) as exc:  # a safety net: the checks above are meant to leave nothing for it
-            raise ManifestError(f"manifest {where} does not follow the v1 schema: {exc!r}") from exc
+            raise ManifestError(
+                f"manifest {where} does not follow the v{version} schema: {exc!r}"
+            ) from exc
 
     # -- validation ---------------------------------------------------------------------
     def validate(self) -> None:
@@ -480,6 +652,7 @@ class Manifest:
             if info is None:
                 raise SchemaError(f"{where}.dtype: unknown dtype {t.dtype!r:.60}")
             itemsize = info[0]
+            _list(t.shape, f"{where}.shape")
             for d, dim in enumerate(t.shape):
                 _int(dim, f"{where}.shape[{d}]")
             numel = math.prod(t.shape)
@@ -488,28 +661,7 @@ class Manifest:
                     f"{where}.shape: {t.shape} of {t.dtype} is {numel * itemsize} bytes, more "
                     "than any tensor can hold"
                 )
-            for k, s in enumerate(t.shards):
-                sw = f"{where}.shards[{k}]"
-                if len(s.offsets) != len(t.shape) or len(s.sizes) != len(t.shape):
-                    raise SchemaError(
-                        f"{sw}: box {s.offsets}+{s.sizes} has a rank unlike shape {t.shape}"
-                    )
-                for d, (off, size, dim) in enumerate(zip(s.offsets, s.sizes, t.shape, strict=True)):
-                    _int(off, f"{sw}.offsets[{d}]")
-                    _int(size, f"{sw}.sizes[{d}]")
-                    if off + size > dim:
-                        raise SchemaError(f"{sw}: box {s.offsets}+{s.sizes} exceeds {t.shape}")
-                expect = math.prod(s.sizes) * itemsize
-                if s.blob.nbytes != expect:
-                    raise SchemaError(
-                        f"{sw}.nbytes: holds {s.blob.nbytes} bytes, expected {expect} "
-                        f"({s.sizes} of {t.dtype})"
-                    )
-                rows = s.sizes[0] if s.sizes else 1
-                if s.blob.rows != rows and s.blob.nbytes:
-                    raise SchemaError(f"{sw}.rows: {s.blob.rows} rows, expected {rows}")
-                self._check_blob(sw, s.blob, t.dtype, pipelines)
-            _check_tiling(where, t.shape, t.shards, numel)
+            self._check_tensor(where, t, itemsize, numel, pipelines)
         for fqn, blob in self.objects.items():
             where = f"objects[{_q(fqn)}]"
             if blob.nbytes and blob.rows != blob.nbytes:
@@ -518,6 +670,110 @@ class Manifest:
                 )
             self._check_blob(where, blob, None, pipelines)
         self._check_paths()
+
+    def _check_tensor(
+        self,
+        where: str,
+        t: TensorEntry,
+        itemsize: int,
+        numel: int,
+        pipelines: dict[bytes, Pipeline],
+    ) -> None:
+        """The tensor's shards: vectorized over its table; where a rule is broken (or the
+        boxes form a grid), the per-shard checks name the shard and field."""
+        try:
+            table = t.table
+        except TableError:
+            self._check_shards(where, t, itemsize, numel, pipelines)
+            raise SchemaError(f"{where}.shards: cannot be packed") from None
+        broken = table.check(where, t.shape, itemsize, numel)
+        if broken is None:
+            broken = self._check_table_chains(where, t, table, pipelines)
+        if broken is None:
+            return
+        table_only = (
+            "nchunks add up",
+            "inline lengths",
+            "both inline",
+            "delta chain lengths",
+            "a negative count",
+            "codec: ",
+        )
+        if broken.startswith(table_only):  # counts that per-shard objects cannot express
+            raise SchemaError(
+                f"{where}.shards{'.' if broken.startswith('codec') else ': '}{broken}"
+            )
+        self._check_shards(where, t, itemsize, numel, pipelines)
+        if broken != "grid":
+            raise SchemaError(f"{where}.shards: {broken}")
+
+    @staticmethod
+    def _check_table_chains(
+        where: str, t: TensorEntry, table: ShardTable, pipelines: dict[bytes, Pipeline]
+    ) -> str | None:
+        """Each codec chain the table uses fits the dtype; delta chunks sit under lossless
+        chains with sound base chains (None when all hold)."""
+        used = np.unique(table.codec).tolist() if len(table) else []
+        lossless = {}
+        for i in used:
+            chain = table.chains[i]
+            try:
+                _check_chain(f"{where}.shards", chain, t.dtype, pipelines)
+            except (SchemaError, UnknownCodecError):
+                return "a codec chain that does not build or fit"
+            lossless[i] = pipelines[msgpack.packb(chain)].lossless
+        if table.nbases is None or not table.nbases.any():
+            return None
+        shard_of = np.repeat(np.arange(len(table)), table.nchunks)
+        at = table.base_at()
+        for c in np.flatnonzero(table.nbases).tolist():
+            if not lossless[int(table.codec[shard_of[c]])]:
+                return "a delta chunk under a lossy codec"
+            key = table.keys[c * 16 : (c + 1) * 16]
+            chain = [table.bases[x * 16 : (x + 1) * 16] for x in range(at[c], at[c + 1])]
+            if key in chain or len(set(chain)) != len(chain):
+                return "bad delta chain"
+        return None
+
+    def _check_shards(
+        self,
+        where: str,
+        t: TensorEntry,
+        itemsize: int,
+        numel: int,
+        pipelines: dict[bytes, Pipeline],
+    ) -> None:
+        """The per-shard checks of format 1, naming the first shard and field that break
+        a rule."""
+        for k, s in enumerate(t.shards):
+            sw = f"{where}.shards[{k}]"
+            _list(s.offsets, f"{sw}.offsets")
+            _list(s.sizes, f"{sw}.sizes")
+            if len(s.offsets) != len(t.shape) or len(s.sizes) != len(t.shape):
+                raise SchemaError(
+                    f"{sw}: box {s.offsets}+{s.sizes} has a rank unlike shape {t.shape}"
+                )
+            for d, (off, size, dim) in enumerate(zip(s.offsets, s.sizes, t.shape, strict=True)):
+                _int(off, f"{sw}.offsets[{d}]")
+                _int(size, f"{sw}.sizes[{d}]")
+                if off + size > dim:
+                    raise SchemaError(f"{sw}: box {s.offsets}+{s.sizes} exceeds {t.shape}")
+            expect = math.prod(s.sizes) * itemsize
+            if s.blob.nbytes != expect:
+                raise SchemaError(
+                    f"{sw}.nbytes: holds {s.blob.nbytes} bytes, expected {expect} "
+                    f"({s.sizes} of {t.dtype})"
+                )
+            rows = s.sizes[0] if s.sizes else 1
+            if s.blob.rows != rows and s.blob.nbytes:
+                raise SchemaError(f"{sw}.rows: {s.blob.rows} rows, expected {rows}")
+            self._check_blob(sw, s.blob, t.dtype, pipelines)
+            if s.blob.inline is None:
+                for i, c in enumerate(s.blob.chunks):
+                    _check_ref(f"{sw}.chunks[{i}]", c)
+            elif not isinstance(s.blob.inline, bytes):
+                raise SchemaError(f"{sw}.inline: expected bin")
+        _check_tiling(where, t.shape, t.shards, numel)
 
     @staticmethod
     def _check_blob(
@@ -625,7 +881,7 @@ class Manifest:
                 node = child
 
     @classmethod
-    def _from_dict(cls, d: dict[Any, Any]) -> Manifest:
+    def _from_dict(cls, d: dict[Any, Any], version: int = 1) -> Manifest:
         codecs = _list(_req(d, "codecs", "manifest"), "codecs")
         for i, chain in enumerate(codecs):
             for j, cfg in enumerate(_list(chain, f"codecs[{i}]")):
@@ -634,6 +890,18 @@ class Manifest:
         for fqn, t in _map(_req(d, "tensors", "manifest"), "tensors").items():
             where = f"tensors[{_q(fqn)}]"
             t = _map(t, where, str_keys=False)
+            dtype = _str(_req(t, "dtype", where), f"{where}.dtype")
+            shape = _ints(_req(t, "shape", where), f"{where}.shape")
+            requires_grad = _bool(_req(t, "requires_grad", where), f"{where}.requires_grad")
+            if version >= 2:
+                try:
+                    table = ShardTable.unpack(
+                        _req(t, "shards", where), len(shape), codecs, f"{where}.shards"
+                    )
+                except TableError as exc:
+                    raise SchemaError(str(exc)) from None
+                tensors[fqn] = TensorEntry(dtype, shape, None, requires_grad, table=table)
+                continue
             shards = []
             for k, sv in enumerate(_list(_req(t, "shards", where), f"{where}.shards")):
                 sw = f"{where}.shards[{k}]"
@@ -645,12 +913,7 @@ class Manifest:
                         Blob.unpack(sv, codecs, sw),
                     )
                 )
-            tensors[fqn] = TensorEntry(
-                _str(_req(t, "dtype", where), f"{where}.dtype"),
-                _ints(_req(t, "shape", where), f"{where}.shape"),
-                shards,
-                _bool(_req(t, "requires_grad", where), f"{where}.requires_grad"),
-            )
+            tensors[fqn] = TensorEntry(dtype, shape, shards, requires_grad)
         objects = {
             fqn: Blob.unpack(b, codecs, f"objects[{_q(fqn)}]")
             for fqn, b in _map(_req(d, "objects", "manifest"), "objects").items()
@@ -680,6 +943,17 @@ class Manifest:
             if int_keys is None
             else [_path(p, f"int_keys[{i}]") for i, p in enumerate(_list(int_keys, "int_keys"))],
         )
+
+
+def _check_ref(where: str, c: ChunkRef) -> None:
+    """A writer's chunk entry holds what the format allows (a reader's unpack checks the
+    same while decoding)."""
+    if not isinstance(c.key, bytes) or len(c.key) != 16:
+        raise SchemaError(f"{where}[0]: bad chunk key {c.key!r:.60}")
+    _int(c.row_start, f"{where}[1]")
+    _int(c.row_stop, f"{where}[2]")
+    _int(c.stored, f"{where}[3]")
+    _bool(c.new, f"{where}[4]")
 
 
 def _q(fqn: Any) -> str:

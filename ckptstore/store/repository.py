@@ -25,7 +25,7 @@ from ckptstore.errors import (
     StoreNotFoundError,
 )
 from ckptstore.knobs import Settings
-from ckptstore.store import catalog, layout, leases
+from ckptstore.store import catalog, layout, leases, refs
 from ckptstore.store.catalog import CheckpointSummary
 from ckptstore.store.manifest import Manifest, now
 from ckptstore.version import __version__
@@ -230,6 +230,9 @@ class Repository:
             if not matches:
                 raise CheckpointNotFoundError(f"no checkpoint of step {step} in {self.url}")
             return matches[-1]
+        pointed = self._pointed()
+        if pointed is not None:
+            return pointed
         found, bad = self.summaries()
         if bad:
             warnings.warn(
@@ -241,8 +244,23 @@ class Repository:
             raise CheckpointNotFoundError(f"no committed checkpoint in {self.url}")
         return found[-1].name
 
+    def _pointed(self) -> str | None:
+        """The newest checkpoint ``refs/latest/`` names whose manifest exists (one listing of
+        about one key, one existence check), or None: then the catalog decides."""
+        for name in refs.candidates(self.backend)[:2]:
+            if self.exists(name):
+                return name
+        return None
+
     def latest(self) -> CheckpointSummary | None:
-        """The newest committed checkpoint's summary (None in an empty store)."""
+        """The newest committed checkpoint's summary (None in an empty store): by
+        ``refs/latest/`` and the checkpoint's own catalog entry when they are there, else
+        from the whole catalog."""
+        name = self._pointed()
+        if name is not None:
+            entries = catalog.entries_by_name(self.backend.list(catalog.entry_prefix(name)))
+            if name in entries:
+                return entries[name][1]
         found, _ = self.summaries()
         return found[-1] if found else None
 

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgpack
+import numpy as np
 
 from ckptstore.errors import (
     CheckpointBusyError,
@@ -40,8 +41,9 @@ from ckptstore.errors import (
     CkptStoreError,
     ManifestError,
 )
-from ckptstore.store import layout, leases
+from ckptstore.store import layout, leases, refs
 from ckptstore.store.blobs import BlobReader
+from ckptstore.store.columns import ManifestColumns, gather_keys, ranges
 from ckptstore.store.manifest import Blob, Manifest, Shard
 from ckptstore.store.repository import Repository
 
@@ -71,25 +73,83 @@ class ParentChunk:
     """Its shard's box outside dim 0 (offsets then sizes): a delta needs the same."""
 
 
+class PackedChunks:
+    """Parent chunks as columns (what the coordinator's batched lookup hands a rank): one
+    entry per chunk, its tensor by index into ``fqns``, its rows global (dim 0 of the whole
+    tensor), its codec by index into ``specs``; every tensor here is a dim-0 slab, so the
+    box outside dim 0 is the tensor's own (``inners``)."""
+
+    def __init__(
+        self,
+        fqns: list[str],
+        inners: list[tuple[int, ...]],
+        fidx: np.ndarray,
+        keys: bytes,
+        row_start: np.ndarray,
+        row_stop: np.ndarray,
+        stored: np.ndarray,
+        spec: np.ndarray,
+        specs: list[bytes],
+        chains: dict[int, tuple[bytes, ...]],
+    ) -> None:
+        self.fqns, self.inners, self.fidx, self.keys = fqns, inners, fidx, keys
+        self.row_start, self.row_stop, self.stored = row_start, row_stop, stored
+        self.spec, self.specs, self.chains = spec, specs, chains
+
+    def __len__(self) -> int:
+        return len(self.fidx)
+
+    def key_list(self) -> list[bytes]:
+        k = self.keys
+        return [k[i : i + 16] for i in range(0, len(k), 16)]
+
+    def to_chunks(self) -> list[ParentChunk]:
+        keys = self.key_list()
+        rs, re, st = self.row_start.tolist(), self.row_stop.tolist(), self.stored.tolist()
+        sp, fi = self.spec.tolist(), self.fidx.tolist()
+        return [
+            ParentChunk(
+                self.fqns[fi[i]],
+                keys[i],
+                rs[i],
+                re[i],
+                st[i],
+                self.chains.get(i, ()),
+                self.specs[sp[i]],
+                self.inners[fi[i]],
+            )
+            for i in range(len(keys))
+        ]
+
+
 @dataclass
 class ParentIndex:
     """What the coordinator hands one rank: the parent's chunks overlapping that rank's
     share. ``token`` is the rank's own id of the save it was made for (the rank sent it with
     its local plan): a plan DCP cached from an earlier save — even one of the same name,
     overwritten or removed and saved again — carries another token, and a writer must then
-    ignore the index, which was not read under this save's lease."""
+    ignore the index, which was not read under this save's lease. The chunks come as
+    objects (``chunks``) and, from the batched lookup, as columns (``packed``)."""
 
     checkpoint: str
     parent: str | None
     chunks: list[ParentChunk] = field(default_factory=list)
     token: str = ""
+    packed: PackedChunks | None = None
     save: str = ""
     """The coordinator's id of this save, the same in every rank's index."""
     world: int = 1
     """How many ranks write this save."""
 
+    def all_chunks(self) -> list[ParentChunk]:
+        """Every chunk as an object (the packed ones built now)."""
+        return self.chunks + (self.packed.to_chunks() if self.packed is not None else [])
+
     def sizes(self) -> dict[bytes, int]:
-        return {c.key: c.stored for c in self.chunks}
+        out = {c.key: c.stored for c in self.chunks}
+        if self.packed is not None:
+            out.update(zip(self.packed.key_list(), self.packed.stored.tolist(), strict=True))
+        return out
 
     def bases_for(
         self, fqn: str, offsets: Sequence[int], sizes: Sequence[int], spec: bytes
@@ -100,7 +160,7 @@ class ParentIndex:
         by_fqn = self.__dict__.get("_by_fqn")
         if by_fqn is None:
             by_fqn = {}
-            for c in self.chunks:
+            for c in self.all_chunks():
                 by_fqn.setdefault(c.fqn, []).append(c)
             self.__dict__["_by_fqn"] = by_fqn
         inner = (*offsets[1:], *sizes[1:])
@@ -175,6 +235,61 @@ class ParentLookup:
                 if not shard.offsets or (a < hi and b > lo):
                     out.append(ParentChunk(fqn, c.key, a, b, c.stored, c.base, spec, inner))
         return out
+
+
+class _SlabChunks:
+    """The parent's chunks of dim-0 slab tensors sorted by (tensor, first global row):
+    a rank's row range of a tensor is then one searchsorted away."""
+
+    def __init__(self, cols: ManifestColumns) -> None:
+        self.cols = cols
+        top = int(cols.gstop.max()) + 1 if len(cols.gstop) else 1
+        self.scale = top
+        tid = cols.tid[cols.chunk_shard]
+        if len(cols.names) * top >= 1 << 62:  # rows too large to key together
+            self.scale = 0
+            return
+        key = tid * top + cols.gstart
+        self.order = np.argsort(key, kind="stable")
+        self.starts = key[self.order]
+        self.stops = (tid * top + cols.gstop)[self.order]
+        self.inners = [(*[0] * (len(s) - 1), *s[1:]) if s else () for s in cols.shapes]
+
+    def packed(self, tids: list[int], los: list[int], his: list[int]) -> PackedChunks:
+        cols = self.cols
+        t = np.asarray(tids, np.int64)
+        if self.scale:
+            a = np.searchsorted(self.stops, t * self.scale + np.asarray(los), "right")
+            b = np.searchsorted(self.starts, t * self.scale + np.asarray(his), "left")
+            ids = np.unique(self.order[ranges(a, b)])
+        else:  # per box: a mask over the tensor's chunks
+            found = []
+            for ti, lo, hi in zip(tids, los, his, strict=True):
+                sel = np.flatnonzero(
+                    (cols.tid[cols.chunk_shard] == ti) & (cols.gstart < hi) & (cols.gstop > lo)
+                )
+                found.append(sel)
+            ids = np.unique(np.concatenate(found))
+        shard = cols.chunk_shard[ids]
+        used, fidx = np.unique(cols.tid[shard], return_inverse=True)
+        chains: dict[int, tuple[bytes, ...]] = {}
+        if cols.nbases is not None:
+            for j in np.flatnonzero(cols.nbases[ids]).tolist():
+                c = int(ids[j])
+                a0, a1 = int(cols.base_at[c]), int(cols.base_at[c + 1])
+                chains[j] = tuple(cols.bases[x * 16 : (x + 1) * 16] for x in range(a0, a1))
+        return PackedChunks(
+            [cols.names[u] for u in used.tolist()],
+            [self.inners[u] for u in used.tolist()],
+            fidx.astype(np.int32),
+            gather_keys(cols.keys, ids),
+            cols.gstart[ids],
+            cols.gstop[ids],
+            cols.stored[ids],
+            cols.codec[shard].astype(np.int32),
+            cols.specs,
+            chains,
+        )
 
 
 class SaveSession:
@@ -319,6 +434,55 @@ class SaveSession:
                 chunks.setdefault((c.key, c.fqn, c.row_start, c.inner), c)
         return ParentIndex(self.name, parent.name if parent else None, list(chunks.values()), token)
 
+    def indexes_for(
+        self,
+        ranks: Sequence[
+            tuple[Sequence[tuple[str, Sequence[int] | None, Sequence[int] | None]], str]
+        ],
+    ) -> list[ParentIndex]:
+        """:meth:`index_for` of every rank at once (``ranks``: each rank's boxes and
+        token): boxes of dim-0 slab tensors are looked up with numpy over the parent's
+        columns, others one by one."""
+        parent = self.parent()
+        if parent is None:
+            return [ParentIndex(self.name, None, [], token) for _, token in ranks]
+        if self._lookup is None:
+            self._lookup = ParentLookup(parent)
+        cols = self.__dict__.get("_columns")
+        if cols is None:
+            cols = self.__dict__["_columns"] = _SlabChunks(ManifestColumns.of(parent))
+        out = []
+        tid_of = cols.cols.tid_of
+        slab_ndim = [  # per tensor: its rank when it is a dim-0 slab, else -1
+            int(n) if ok else -1
+            for n, ok in zip(cols.cols.ndims.tolist(), cols.cols.slabs.tolist(), strict=True)
+        ]
+        for boxes, token in ranks:
+            tids: list[int] = []
+            los: list[int] = []
+            his: list[int] = []
+            chunks: dict[tuple[object, ...], ParentChunk] = {}
+            for fqn, offsets, sizes in boxes:
+                t = tid_of.get(fqn) if offsets else None
+                if (
+                    t is not None
+                    and sizes is not None
+                    and len(offsets) == slab_ndim[t]
+                    and all(sizes)
+                ):
+                    tids.append(t)
+                    los.append(offsets[0])
+                    his.append(offsets[0] + sizes[0])
+                    continue
+                for c in self._lookup.chunks(fqn, offsets, sizes):
+                    chunks.setdefault((c.key, c.fqn, c.row_start, c.inner), c)
+            packed = cols.packed(tids, los, his) if tids else None
+            out.append(ParentIndex(self.name, parent.name, list(chunks.values()), token, packed))
+        # every rank has its share: free the parent (a later index_for reads it again)
+        del self.__dict__["_columns"]
+        self._parent, self._parent_read, self._lookup = None, False, None
+        return out
+
     def commit(self, manifest: Manifest, *, data: bytes | None = None) -> int:
         """S3–S4: commit check, create-only put of the manifest, catalog entry, release.
         Returns the manifest's size. The lease is released whatever happens. ``data``: the
@@ -337,7 +501,7 @@ class SaveSession:
             leases.check_commit(
                 self.repo.backend,
                 self.lease,
-                manifest.chunk_keys(),
+                manifest.chunk_keys,  # built only when a gc plan is to be compared
                 checkpoint=self.name,
                 wait=self.repo.settings.gc_wait if self.gc_wait is None else self.gc_wait,
             )
@@ -352,6 +516,7 @@ class SaveSession:
                 self.repo.write_catalog_entry(manifest)
             except CkptStoreError as exc:  # committed: ls reads its manifest until gc tidies
                 log.warning("checkpoint %r committed, its catalog entry not: %s", self.name, exc)
+            refs.point(self.repo.backend, manifest.name, manifest.created, manifest.step)
         finally:
             self.release()
         with _last_commit_lock:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from ckptstore.store import layout
+from ckptstore.store import layout, refs
 from ckptstore.store.manifest import Manifest
 from ckptstore.store.repository import Repository
 
@@ -21,6 +21,7 @@ def add_checkpoint(repo: Repository, manifest: Manifest) -> int:
     is taken."""
     size = repo.commit_manifest(manifest)
     repo.write_catalog_entry(manifest)
+    refs.point(repo.backend, manifest.name, manifest.created, manifest.step)
     return size
 
 
