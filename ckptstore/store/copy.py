@@ -250,12 +250,3 @@ def copy_checkpoints(
     report.seconds = time.monotonic() - t0
     return report
 
-
-def total_stored(manifests: Iterable[Manifest]) -> int:
-    """Stored bytes of the distinct chunks of ``manifests`` (a progress bar's total)."""
-    sizes: dict[bytes, int] = {}
-    for m in manifests:
-        for _, b in m.blobs():
-            for c in b.chunks:
-                sizes[c.key] = c.stored
-    return sum(sizes.values())
