@@ -249,4 +249,3 @@ def copy_checkpoints(
         )
     report.seconds = time.monotonic() - t0
     return report
-
