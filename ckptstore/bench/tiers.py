@@ -21,6 +21,7 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -174,7 +175,7 @@ def _line(label: str, r: dict[str, Any]) -> str:
 
 def render(res: dict[str, Any]) -> str:
     lines = [
-        "| series | checkpoints | (a) blocked, mirror ÷ none | (b) durable ÷ direct S3 "
+        "| series | checkpoints | (a) blocked, mirror ÷ none (sums) | (b) durable ÷ direct S3 "
         "| (b) durable ÷ DCP S3 | (c) bytes up ÷ new bytes | first checkpoint: (a) / (b) / (c) "
         "| stream=True: (a) / (b) direct |",
         "|---|---:|---:|---:|---:|---:|---|---|",
@@ -192,10 +193,13 @@ def render(res: dict[str, Any]) -> str:
             f"{f['durable_s'] / f.get('dcp_s3_s', float('nan')):.2f}× DCP / "
             f"{f['mirror_bytes_up'] / f['new_bytes']:.3f}×"
         )
+        med_a = statistics.median(r["blocked_mirror_s"] / r["blocked_plain_s"] for r in rows)
+        med_b = statistics.median(r["durable_s"] / r["direct_s3_s"] for r in rows)
         sa = sum(r["blocked_streamed_s"] for r in rows) / sum(r["blocked_plain_s"] for r in rows)
         sb = sum(r["durable_streamed_s"] for r in rows) / sum(r["direct_s3_s"] for r in rows)
         lines.append(
-            f"| {label} | {len(rows)} | {a:.2f}× | {b:.2f}× | {bd:.2f}× ({len(with_dcp)} ckpts) "
+            f"| {label} | {len(rows)} | {a:.2f}× (median {med_a:.2f}×) | {b:.2f}× (median "
+            f"{med_b:.2f}×) | {bd:.2f}× ({len(with_dcp)} ckpts) "
             f"| {c:.3f}× | {first} | {sa:.2f}× / {sb:.2f}× |"
         )
     return "\n".join(lines)

@@ -112,6 +112,7 @@ class MirrorJob:
     cancelled: str | None = None
     _feed: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
     _committed: threading.Event = field(default_factory=threading.Event, repr=False)
+    _closed: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +120,7 @@ class MirrorJob:
             self._feed.put([(k, k in self.new_keys, self.sizes.get(k, 0)) for k in self.keys])
             self._feed.put(None)
             self._committed.set()
+            self._closed.set()
 
     def add(self, entries: list[ChunkEntry]) -> None:
         """More chunks of this rank's share (from a writer thread)."""
@@ -135,6 +137,7 @@ class MirrorJob:
     def close(self) -> None:
         """Every chunk of the share has been added."""
         self._feed.put(None)
+        self._closed.set()
 
     def committed(self) -> None:
         """The coordinator's primary commit is done: the mirror commit may follow."""
@@ -147,6 +150,7 @@ class MirrorJob:
             self.cancelled = why
         self._feed.put(None)
         self._committed.set()
+        self._closed.set()
 
     def batches(self) -> Iterator[list[ChunkEntry]]:
         """The chunks as they are added, until closed or cancelled."""
@@ -158,6 +162,9 @@ class MirrorJob:
 
     def wait_committed(self, timeout: float) -> bool:
         return self._committed.wait(timeout)
+
+    def wait_closed(self, timeout: float) -> bool:
+        return self._closed.wait(timeout)
 
 
 class MirrorUploader:
@@ -317,6 +324,10 @@ class MirrorUploader:
         return self._mirror
 
     def _run(self, job: MirrorJob) -> MirrorReport:
+        if not self.config.stream:  # nothing of the upload competes with the save
+            self._wait_closed(job)
+            if job.coordinator:  # (its save ends with the commit)
+                self._wait_for_primary(job, _NO_LEASE)
         mirror = self._repo()
         report = MirrorReport(job.name, mirror.url, job.rank)
         session: SaveSession | None = None
@@ -379,6 +390,15 @@ class MirrorUploader:
         if session is not None and self.config.keep_last is not None:
             self._retain(mirror)
         return report
+
+    def _wait_closed(self, job: MirrorJob) -> None:
+        """Until the rank's share is written (or the save failed)."""
+        if not job.wait_closed(self.config.ranks_wait):
+            raise MirrorError(f"checkpoint {job.name!r}: its chunks were never all written")
+        if job.cancelled is not None:
+            raise MirrorError(
+                f"checkpoint {job.name!r} not mirrored to {self.config.url}: {job.cancelled}"
+            )
 
     def _wait_for_primary(self, job: MirrorJob, lease: leases.Lease) -> None:
         """The coordinator: until the primary commit is done (the manifest is read from
