@@ -107,15 +107,19 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> dict[str,
             fast_s = os.path.join(tmp, run_id, "fast-streamed")
             for i, state in states:
                 row: dict[str, Any] = {"checkpoint": i, "logical_bytes": logical_bytes(state)}
-                # the two saves alternate which goes first (the page cache, the allocator)
+                # the two saves alternate which goes first (the page cache, the allocator),
+                # and each starts after a pause: the S3 server settles after the uploads
                 if i % 2:
+                    time.sleep(args.settle)
                     row["blocked_plain_s"] = _timed(save, state, plain, i, settings)
                 counter.reset()
+                time.sleep(args.settle)
                 t0 = time.perf_counter()
                 info = save(state, fast, step=i, mirror=tier, settings=settings)
                 row["blocked_mirror_s"] = time.perf_counter() - t0
                 report = info.mirrored.result()
                 if not i % 2:
+                    time.sleep(args.settle)
                     row["blocked_plain_s"] = _timed(save, state, plain, i, settings)
                 snap = counter.snapshot()
                 row.update(
@@ -213,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--checkpoints", type=int, default=10, help="MiniLM series length")
     p.add_argument("--synthetic-checkpoints", type=int, default=3)
     p.add_argument("--dcp-checkpoints", type=int, default=3, help="DCP saves per series")
+    p.add_argument("--settle", type=float, default=1.0, help="pause before each local save")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     res = run(args)
