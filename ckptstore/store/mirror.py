@@ -252,7 +252,9 @@ class MirrorUploader:
     def paused(self) -> Iterator[None]:
         """Start no new upload inside the block (the one running finishes): a maintenance
         window, or a test of a queue that falls behind. Saves still queue (and wait or
-        skip when ``max_pending`` are pending)."""
+        skip when ``max_pending`` are pending: with ``when_behind="wait"`` a save in the
+        block that finds the queue full waits for the block to end, so save there from
+        another thread, or with ``"skip"``)."""
         with self._cond:
             self._paused += 1
         try:
