@@ -412,3 +412,18 @@ def test_gc_on_the_mirror_beside_an_upload_keeps_what_it_needs(tmp_path, monkeyp
     out = _template()
     ckptstore.load(out, str(mirror), step=2)
     assert torch.equal(out["w"], sd["w"])
+
+
+def test_gc_removes_upload_markers_left_by_a_crash_and_only_those(tmp_path):
+    mirror = tmp_path / "bucket"
+    ckptstore.save(_state(), str(mirror), step=1)
+    old = mirror / layout.upload_marker_key("step-000000000009", 1)
+    fresh = mirror / layout.upload_marker_key("step-000000000010", 1)
+    for marker in (old, fresh):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text('{"save": "x", "status": "done", "rank": 1, "world": 2}')
+    two_days = 2 * 86400
+    os.utime(old, (old.stat().st_atime - two_days, old.stat().st_mtime - two_days))
+    ckptstore.Store(str(mirror)).gc()
+    assert not old.exists() and fresh.exists()
+    assert [s.step for s in ckptstore.Store(str(mirror)).list()] == [1]

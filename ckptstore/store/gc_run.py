@@ -177,6 +177,7 @@ def execute(
     report = GcReport(url=repo.url, dropped=[], plan=plan)
     live = fresh(repo)
     _clean_temp(live.backend, plan.grace, plan.skew, report)
+    _clean_upload_markers(live.backend, plan.grace)
     lock = _acquire(live.backend, report, wait=wait, ttl=ttl, skew=plan.skew)
     return _run(repo, live, plan, lock, report, progress, t0, wait=wait, ttl=ttl)
 
@@ -199,6 +200,7 @@ def collect(
     live = fresh(repo)
     report = GcReport(url=repo.url, dropped=[])
     _clean_temp(live.backend, grace_s, leases.skew_of(live.backend, skew), report)
+    _clean_upload_markers(live.backend, grace_s)
     lock = _acquire(live.backend, report, wait=wait, ttl=ttl, skew=skew)
     try:
         made = make_plan(live, retention, grace_s, lock.skew)
@@ -226,6 +228,30 @@ def _clean_temp(backend: Backend, grace: float, skew: float, report: GcReport) -
     report.temp_held = len(t.held)
     report.temp_bytes_held = size_of(t.held)
     report.temp_held_until = t.held_until
+
+
+MARKER_AGE = 86400.0
+"""Mirror-upload markers (docs/format.md M6) older than this (and than the grace) are left
+by uploads that crashed: no upload in flight waits that long for them by default."""
+
+
+def _clean_upload_markers(backend: Backend, grace: float) -> None:
+    """Delete mirror-upload markers (``uploads/``) left by crashed uploads (M6). Nothing a
+    gc protects refers to them; an upload whose marker went would end without a commit."""
+    now = time.time()
+    oldest = now - max(grace, MARKER_AGE)
+    try:
+        stale = [
+            i.key
+            for i in backend.list_info(layout.UPLOADS + "/")
+            if i.mtime is not None and i.mtime < oldest
+        ]
+        backend.map(backend.delete, stale)
+    except CkptStoreError as exc:  # only tidiness is lost
+        log.info("stale upload markers not removed from %s: %s", backend.url, exc)
+        return
+    if stale:
+        log.info("removed %d stale upload marker(s) from %s", len(stale), backend.url)
 
 
 def _full_advice(report: GcReport, what: str, exc: BaseException) -> str:
