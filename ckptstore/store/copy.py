@@ -11,13 +11,14 @@ checkpoint whole or not at all, and a gc there is safe beside the copy. Used by
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from ckptstore.errors import CheckpointExistsError, CheckpointNotFoundError, ObjectNotFoundError
+from ckptstore.errors import CheckpointExistsError, ObjectNotFoundError
 from ckptstore.store import chunks, layout
 from ckptstore.store.manifest import Manifest
 from ckptstore.store.repository import Repository
@@ -54,17 +55,7 @@ class CopyReport:
         self.bytes_skipped += other.bytes_skipped
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "src": self.src,
-            "dst": self.dst,
-            "copied": self.copied,
-            "present": self.present,
-            "objects_sent": self.objects_sent,
-            "bytes_sent": self.bytes_sent,
-            "objects_skipped": self.objects_skipped,
-            "bytes_skipped": self.bytes_skipped,
-            "seconds": round(self.seconds, 3),
-        }
+        return {**dataclasses.asdict(self), "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -189,12 +180,7 @@ def copy_checkpoint(
     present; with other bytes it is a ``CheckpointExistsError``."""
     report = report if report is not None else CopyReport(src.url, dst.url)
     mkey = layout.manifest_key(name)
-    try:
-        data = src.backend.get(mkey)
-    except ObjectNotFoundError:
-        raise CheckpointNotFoundError(
-            f"checkpoint {name!r} not found in {src.url} (no {mkey})"
-        ) from None
+    data = src.manifest_data(name)
     manifest = Manifest.decode(data, src.backend.describe(mkey))
     if dst.exists(name):
         if dst.backend.get(mkey) == data:

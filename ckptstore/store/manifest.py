@@ -357,6 +357,22 @@ class TensorEntry:
         return total
 
 
+class _CodecTable:
+    """The codec chains a manifest names, each once, in first-use order: calling it with a
+    chain gives the chain's index in ``chains``."""
+
+    def __init__(self) -> None:
+        self.chains: list[list[dict[str, Any]]] = []
+        self._index: dict[bytes, int] = {}
+
+    def __call__(self, cfg: list[dict[str, Any]]) -> int:
+        k = msgpack.packb(cfg)
+        if k not in self._index:
+            self._index[k] = len(self.chains)
+            self.chains.append(cfg)
+        return self._index[k]
+
+
 @dataclass
 class Manifest:
     name: str
@@ -482,16 +498,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """The manifest as format-1 maps (one map per shard): what ckptstore 0.2 wrote,
         and what tests edit to build manifests a reader must refuse."""
-        codecs: list[list[dict[str, Any]]] = []
-        index: dict[bytes, int] = {}
-
-        def codec_index(cfg: list[dict[str, Any]]) -> int:
-            k = msgpack.packb(cfg)
-            if k not in index:
-                index[k] = len(codecs)
-                codecs.append(cfg)
-            return index[k]
-
+        codec_index = _CodecTable()
         tensors = {
             fqn: {
                 "dtype": t.dtype,
@@ -508,36 +515,12 @@ class Manifest:
             }
             for fqn, t in self.tensors.items()
         }
-        objects = {fqn: b.pack(codec_index(b.codec)) for fqn, b in self.objects.items()}
-        return {
-            "format": 1,
-            "name": self.name,
-            "step": self.step,
-            "created": self.created,
-            "writer": self.writer,
-            "dcp_version": self.dcp_version,
-            "seconds": self.seconds,
-            "planner_data": self.planner_data,
-            "user": self.user,
-            "int_keys": self.int_keys,
-            "codecs": codecs,
-            "tensors": tensors,
-            "objects": objects,
-        }
+        return self._maps(1, codec_index, tensors)
 
     def to_dict_packed(self) -> dict[str, Any]:
         """The manifest as format-2 maps: each tensor's shards as one shard table of
         packed columns (docs/format.md, "Shard tables")."""
-        codecs: list[list[dict[str, Any]]] = []
-        index: dict[bytes, int] = {}
-
-        def codec_index(cfg: list[dict[str, Any]]) -> int:
-            k = msgpack.packb(cfg)
-            if k not in index:
-                index[k] = len(codecs)
-                codecs.append(cfg)
-            return index[k]
-
+        codec_index = _CodecTable()
         tensors = {}
         for fqn, t in self.tensors.items():
             table = t.table
@@ -548,9 +531,14 @@ class Manifest:
                 "requires_grad": t.requires_grad,
                 "shards": table.pack(remap),
             }
-        objects = {fqn: b.pack(codec_index(b.codec)) for fqn, b in self.objects.items()}
+        return self._maps(MANIFEST_FORMAT, codec_index, tensors)
+
+    def _maps(self, format: int, codecs: _CodecTable, tensors: dict[str, Any]) -> dict[str, Any]:
+        """The top-level map of either format around its ``tensors`` (objects are packed
+        here, after the tensors, so codec indexes come in the same order)."""
+        objects = {fqn: b.pack(codecs(b.codec)) for fqn, b in self.objects.items()}
         return {
-            "format": MANIFEST_FORMAT,
+            "format": format,
             "name": self.name,
             "step": self.step,
             "created": self.created,
@@ -560,7 +548,7 @@ class Manifest:
             "planner_data": self.planner_data,
             "user": self.user,
             "int_keys": self.int_keys,
-            "codecs": codecs,
+            "codecs": codecs.chains,
             "tensors": tensors,
             "objects": objects,
         }

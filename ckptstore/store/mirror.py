@@ -362,7 +362,7 @@ class MirrorUploader:
                 if not alone:
                     self._wait_for_ranks(mirror, job, lease)
                 self._wait_for_primary(job, lease)
-                data = self.primary.backend.get(layout.manifest_key(job.name))
+                data = self.primary.manifest_data(job.name)
                 manifest = Manifest.decode(data, self.primary.backend.describe(job.name))
                 report.manifest_bytes = session.commit(manifest, data=data)
                 report.objects_sent += 1
@@ -418,7 +418,7 @@ class MirrorUploader:
     def _already(self, mirror: Repository, job: MirrorJob, report: MirrorReport) -> MirrorReport:
         """The mirror holds ``job.name`` already (a copy, or a retried upload)."""
         self._wait_for_primary(job, _NO_LEASE)
-        data = self.primary.backend.get(layout.manifest_key(job.name))
+        data = self.primary.manifest_data(job.name)
         if mirror.backend.get(layout.manifest_key(job.name)) != data:
             raise MirrorError(
                 f"checkpoint {job.name!r} exists in the mirror {mirror.url} with another "

@@ -130,12 +130,7 @@ class Repository:
         if hit is not None:
             return hit
         key = layout.manifest_key(name)
-        try:
-            data = self.backend.get(key)
-        except ObjectNotFoundError:
-            raise CheckpointNotFoundError(
-                f"checkpoint {name!r} not found in {self.url} (no {key})"
-            ) from None
+        data = self.manifest_data(name)
         m = Manifest.decode(data, self.backend.describe(key))
         if m.name != name:
             raise ManifestError(
@@ -145,6 +140,17 @@ class Repository:
         with self._lock:
             self._manifests[name] = m
         return m
+
+    def manifest_data(self, name: str) -> bytes:
+        """Checkpoint ``name``'s manifest as stored (a copy to another store puts these
+        bytes unchanged); CheckpointNotFoundError when there is none."""
+        key = layout.manifest_key(name)
+        try:
+            return self.backend.get(key)
+        except ObjectNotFoundError:
+            raise CheckpointNotFoundError(
+                f"checkpoint {name!r} not found in {self.url} (no {key})"
+            ) from None
 
     def manifests(self) -> list[Manifest]:
         """Every committed checkpoint, oldest first (by commit time, then step).
